@@ -1,0 +1,76 @@
+"""imgdiff: diffusion building blocks for image-to-image research.
+
+Ten lines to an image::
+
+    import torch, imgdiff
+    schedule = imgdiff.NoiseSchedule.linear()
+    model = imgdiff.GaussianDenoiser(schedule)          # or your network: model(x, t) -> eps
+    sampler = imgdiff.DDIM(schedule, eta=0.0)
+    x = sampler.sample(model, torch.randn(4, 3, 32, 32), num_steps=50)
+
+``import imgdiff`` loads torch, numpy and nothing heavier; optional parts (diffusers, CLIP,
+LPIPS, metrics) are imported only when used.
+"""
+
+from imgdiff.errors import ImgdiffError, InputTypeError, InputValueError
+from imgdiff.models import Model, infer_model_dtype, without_variance
+from imgdiff.noising import add_noise, training_target
+from imgdiff.oracles import EmpiricalDenoiser, GaussianDenoiser
+from imgdiff.prediction import PredictionType, convert_prediction
+from imgdiff.randomness import Generators, randn
+from imgdiff.samplers import (
+    DDIM,
+    DDPM,
+    DenoisingSampler,
+    Sampler,
+    StepCoefficients,
+    StepInfo,
+    StepOutput,
+)
+from imgdiff.schedules import NoiseSchedule, karras_sigmas, sigma_to_timestep
+from imgdiff.thresholding import Clip, DynamicThreshold, Thresholding
+from imgdiff.timesteps import (
+    SamplingPlan,
+    Spacing,
+    inference_timesteps,
+    respace_timesteps,
+    respaced_betas,
+)
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "DDIM",
+    "DDPM",
+    "Clip",
+    "DenoisingSampler",
+    "DynamicThreshold",
+    "EmpiricalDenoiser",
+    "GaussianDenoiser",
+    "Generators",
+    "ImgdiffError",
+    "InputTypeError",
+    "InputValueError",
+    "Model",
+    "NoiseSchedule",
+    "PredictionType",
+    "Sampler",
+    "SamplingPlan",
+    "Spacing",
+    "StepCoefficients",
+    "StepInfo",
+    "StepOutput",
+    "Thresholding",
+    "__version__",
+    "add_noise",
+    "convert_prediction",
+    "infer_model_dtype",
+    "inference_timesteps",
+    "karras_sigmas",
+    "randn",
+    "respace_timesteps",
+    "respaced_betas",
+    "sigma_to_timestep",
+    "training_target",
+    "without_variance",
+]

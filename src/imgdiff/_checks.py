@@ -1,0 +1,166 @@
+"""Argument validation shared by the public entry points (internal).
+
+Each helper raises an :mod:`imgdiff.errors` exception whose message names the argument, what was
+expected and what came. None of these helpers is meant to run inside a sampling loop.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TypeVar
+
+import torch
+from torch import Tensor
+
+from imgdiff.errors import InputTypeError, InputValueError
+
+__all__ = [
+    "check_choice",
+    "check_float",
+    "check_int",
+    "check_same_shape",
+    "check_tensor",
+    "check_timestep_tensor",
+    "describe",
+]
+
+_S = TypeVar("_S", bound=str)
+
+
+def describe(value: object) -> str:
+    """A short description of ``value`` for error messages."""
+    if isinstance(value, Tensor):
+        return f"tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, (int, float, bool)) or value is None:
+        return f"{value!r} ({type(value).__name__})"
+    return f"object of type {type(value).__name__}"
+
+
+def check_tensor(
+    name: str,
+    value: object,
+    *,
+    ndim: int | None = None,
+    min_ndim: int | None = None,
+    floating: bool = False,
+) -> Tensor:
+    """Check that ``value`` is a tensor with the given rank and, if asked, a floating dtype."""
+    if not isinstance(value, Tensor):
+        raise InputTypeError(f"{name}: expected a torch.Tensor, got {describe(value)}")
+    if ndim is not None and value.ndim != ndim:
+        raise InputValueError(
+            f"{name}: expected a tensor with {ndim} dimensions, got shape {tuple(value.shape)}"
+        )
+    if min_ndim is not None and value.ndim < min_ndim:
+        raise InputValueError(
+            f"{name}: expected a tensor with at least {min_ndim} dimensions (batch first), "
+            f"got shape {tuple(value.shape)}"
+        )
+    if floating and not value.dtype.is_floating_point:
+        raise InputTypeError(f"{name}: expected a floating-point tensor, got dtype {value.dtype}")
+    return value
+
+
+def check_same_shape(name: str, value: Tensor, ref_name: str, ref: Tensor) -> None:
+    """Check that ``value`` has exactly the shape of ``ref`` (no broadcasting)."""
+    if value.shape != ref.shape:
+        raise InputValueError(
+            f"{name}: expected shape {tuple(ref.shape)} (the shape of {ref_name}), "
+            f"got {tuple(value.shape)}"
+        )
+
+
+def check_choice(name: str, value: object, choices: Sequence[_S]) -> _S:
+    """Check that ``value`` is one of the string ``choices`` and return it."""
+    for choice in choices:
+        if value == choice:
+            return choice
+    allowed = ", ".join(repr(c) for c in choices)
+    raise InputValueError(f"{name}: expected one of {allowed}, got {describe(value)}")
+
+
+def check_int(name: str, value: object, *, min: int | None = None, max: int | None = None) -> int:
+    """Check that ``value`` is an int (not a bool) within ``[min, max]``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InputTypeError(f"{name}: expected an int, got {describe(value)}")
+    if min is not None and value < min:
+        raise InputValueError(f"{name}: expected an int >= {min}, got {value}")
+    if max is not None and value > max:
+        raise InputValueError(f"{name}: expected an int <= {max}, got {value}")
+    return value
+
+
+def check_float(
+    name: str,
+    value: object,
+    *,
+    min: float | None = None,
+    max: float | None = None,
+    min_open: bool = False,
+    max_open: bool = False,
+) -> float:
+    """Check that ``value`` is a finite real number within the given (open or closed) bounds."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InputTypeError(f"{name}: expected a float, got {describe(value)}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise InputValueError(f"{name}: expected a finite float, got {v}")
+    if min is not None and (v < min or (min_open and v == min)):
+        raise InputValueError(
+            f"{name}: expected a float {'>' if min_open else '>='} {min}, got {v}"
+        )
+    if max is not None and (v > max or (max_open and v == max)):
+        raise InputValueError(
+            f"{name}: expected a float {'<' if max_open else '<='} {max}, got {v}"
+        )
+    return v
+
+
+def check_timestep_tensor(
+    name: str,
+    t: object,
+    *,
+    batch: int,
+    num_train_timesteps: int,
+    device: torch.device,
+    allow_final: bool = False,
+) -> Tensor:
+    """Return ``t`` as a ``(batch,)`` int64 tensor of training timesteps on ``device``.
+
+    ``t`` may be a Python int (used for every sample), a 0-d tensor, or a ``(batch,)`` tensor of
+    integers. With ``allow_final`` the value ``-1`` (the clean level after the last step) is
+    accepted too. This check reads the values, so it synchronises with the device: it is for
+    entry points outside sampling loops.
+    """
+    low = -1 if allow_final else 0
+    if isinstance(t, bool):
+        raise InputTypeError(f"{name}: expected an int or an integer tensor, got {describe(t)}")
+    if isinstance(t, int):
+        if not low <= t < num_train_timesteps:
+            raise InputValueError(
+                f"{name}: expected a timestep in [{low}, {num_train_timesteps - 1}], got {t}"
+            )
+        return torch.full((batch,), t, dtype=torch.int64, device=device)
+    if not isinstance(t, Tensor):
+        raise InputTypeError(f"{name}: expected an int or an integer tensor, got {describe(t)}")
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise InputTypeError(
+            f"{name}: expected an integer tensor of timesteps, got dtype {t.dtype}"
+        )
+    if t.ndim == 0:
+        t = t.reshape(1).expand(batch)
+    elif t.ndim != 1 or t.shape[0] != batch:
+        raise InputValueError(
+            f"{name}: expected shape ({batch},) to match the batch size {batch}, "
+            f"got shape {tuple(t.shape)}"
+        )
+    t = t.to(device=device, dtype=torch.int64)
+    if t.numel() and (int(t.min()) < low or int(t.max()) >= num_train_timesteps):
+        raise InputValueError(
+            f"{name}: expected timesteps in [{low}, {num_train_timesteps - 1}], "
+            f"got values from {int(t.min())} to {int(t.max())}"
+        )
+    return t

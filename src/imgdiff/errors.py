@@ -1,0 +1,23 @@
+"""The imgdiff error hierarchy.
+
+Every error raised for bad input is a subclass of both :class:`ImgdiffError` and the built-in
+``ValueError`` or ``TypeError``, so ``except ValueError`` keeps working while
+``except imgdiff.ImgdiffError`` catches only what imgdiff raised. Messages name the argument,
+what was expected and what came.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ImgdiffError", "InputTypeError", "InputValueError"]
+
+
+class ImgdiffError(Exception):
+    """Base class of all errors raised by imgdiff."""
+
+
+class InputValueError(ImgdiffError, ValueError):
+    """An argument has the right type but a wrong value, shape, range or size."""
+
+
+class InputTypeError(ImgdiffError, TypeError):
+    """An argument has the wrong type or dtype."""

@@ -1,0 +1,23 @@
+"""Training losses. ``imgdiff.losses.denoising``: L_simple, min-SNR weights, improved DDPM's hybrid VLB."""
+
+from imgdiff.losses.denoising import (
+    LOSS_NORMS,
+    LossNorm,
+    denoising_loss,
+    discretized_gaussian_log_likelihood,
+    hybrid_loss,
+    min_snr_weight,
+    normal_kl,
+    vlb_term,
+)
+
+__all__ = [
+    "LOSS_NORMS",
+    "LossNorm",
+    "denoising_loss",
+    "discretized_gaussian_log_likelihood",
+    "hybrid_loss",
+    "min_snr_weight",
+    "normal_kl",
+    "vlb_term",
+]

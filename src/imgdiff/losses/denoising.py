@@ -1,0 +1,197 @@
+"""Denoising training losses: L_simple (L1/L2), min-SNR weighting, and improved DDPM's hybrid VLB.
+
+All losses are per sample, shape ``(B,)``: the mean over every non-batch element ("mean_flat",
+as improved-diffusion), so they are per-pixel losses. Average over the batch yourself.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, get_args
+
+import torch
+from torch import Tensor
+
+from imgdiff._checks import (
+    check_choice,
+    check_float,
+    check_same_shape,
+    check_tensor,
+    check_timestep_tensor,
+)
+from imgdiff.errors import InputValueError
+from imgdiff.noising import training_target
+from imgdiff.prediction import PREDICTION_TYPES, PredictionType
+from imgdiff.samplers.ddpm import DDPM
+from imgdiff.schedules import NoiseSchedule
+from imgdiff.timesteps import SamplingPlan
+
+__all__ = [
+    "LOSS_NORMS",
+    "LossNorm",
+    "denoising_loss",
+    "discretized_gaussian_log_likelihood",
+    "hybrid_loss",
+    "min_snr_weight",
+    "normal_kl",
+    "vlb_term",
+]
+
+LossNorm = Literal["l2", "l1"]
+LOSS_NORMS: tuple[LossNorm, ...] = get_args(LossNorm)
+
+
+def _mean_flat(x: Tensor) -> Tensor:
+    return x.reshape(x.shape[0], -1).mean(dim=1)
+
+
+def denoising_loss(model_output: Tensor, target: Tensor, *, norm: LossNorm = "l2") -> Tensor:
+    """``mean_flat(|model_output - target|^p)`` per sample, ``p = 2`` (``"l2"``) or 1 (``"l1"``).
+
+    Shapes: both ``(B, ...)``; returns ``(B,)``. Build ``target`` with
+    :func:`imgdiff.training_target` for the model's prediction type (DDPM's L_simple for eps).
+    """
+    norm = check_choice("norm", norm, LOSS_NORMS)
+    check_tensor("model_output", model_output, floating=True, min_ndim=1)
+    check_tensor("target", target, floating=True)
+    check_same_shape("target", target, "model_output", model_output)
+    diff = model_output - target
+    return _mean_flat(diff.square() if norm == "l2" else diff.abs())
+
+
+def min_snr_weight(
+    schedule: NoiseSchedule,
+    t: Tensor,
+    prediction: PredictionType,
+    gamma: float = 5.0,
+) -> Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023), shape ``(B,)`` float32 on ``t``'s device.
+
+    Makes the weighted loss equal ``min(SNR, gamma) |x0 - x0_hat|^2``: the weight is
+    ``min(SNR, gamma) / SNR`` for eps targets, ``min(SNR, gamma) / (SNR + 1)`` for v targets
+    and ``min(SNR, gamma)`` for x0 targets.
+    """
+    prediction = check_choice("prediction", prediction, PREDICTION_TYPES)
+    gamma = check_float("gamma", gamma, min=0.0, min_open=True)
+    check_tensor("t", t, ndim=1)
+    ab = schedule.alpha_bar_at(t)
+    snr = ab / (1.0 - ab)
+    clipped = torch.clamp(snr, max=gamma)
+    if prediction == "epsilon":
+        w = clipped / snr
+    elif prediction == "v":
+        w = clipped / (snr + 1.0)
+    else:
+        w = clipped
+    return w.to(torch.float32)
+
+
+def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor | float) -> Tensor:
+    """``KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2)))`` elementwise, in nats."""
+    lv2 = torch.as_tensor(logvar2, dtype=mean1.dtype, device=mean1.device)
+    return 0.5 * (
+        -1.0 + lv2 - logvar1 + torch.exp(logvar1 - lv2) + (mean1 - mean2).square() * torch.exp(-lv2)
+    )
+
+
+def _approx_standard_normal_cdf(x: Tensor) -> Tensor:
+    # Page 1976's tanh approximation of the Gaussian CDF, as used by improved DDPM.
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+
+
+def discretized_gaussian_log_likelihood(x: Tensor, means: Tensor, log_scales: Tensor) -> Tensor:
+    """Log-likelihood (nats) of 8-bit data ``x`` in ``[-1, 1]`` under a Gaussian discretised to bins.
+
+    Bins have half-width ``1/255``; the outermost bins (``x < -0.999``, ``x > 0.999``) extend to
+    infinity (DDPM Sec. 3.3). Elementwise; all shapes equal.
+    """
+    centered = x - means
+    inv_std = torch.exp(-log_scales)
+    cdf_plus = _approx_standard_normal_cdf(inv_std * (centered + 1.0 / 255.0))
+    cdf_min = _approx_standard_normal_cdf(inv_std * (centered - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+    return torch.where(
+        x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta)
+    )
+
+
+def vlb_term(
+    schedule: NoiseSchedule,
+    model_output: Tensor,
+    x0: Tensor,
+    x_t: Tensor,
+    t: Tensor,
+    *,
+    prediction: PredictionType = "epsilon",
+    variance: Literal["learned", "learned_range"] = "learned_range",
+    detach_mean: bool = True,
+) -> Tensor:
+    """The variational bound term ``L_t`` in bits per dimension, shape ``(B,)`` (improved DDPM Sec. 3.1).
+
+    For ``t > 0``: ``KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)) / log 2``; for ``t = 0``: the
+    negative discretised-Gaussian log-likelihood of ``x0`` under ``p(x_0 | x_1)``. The model's
+    ``p`` comes from ``model_output`` ``(B, 2C, ...)`` through :meth:`imgdiff.DDPM.posterior`;
+    with ``detach_mean`` (default) its mean half is detached, so this term trains only the
+    variance (the ``stop_gradient`` of improved DDPM's hybrid loss).
+    """
+    check_tensor("x0", x0, floating=True, min_ndim=2)
+    check_tensor("x_t", x_t, floating=True)
+    check_same_shape("x_t", x_t, "x0", x0)
+    check_tensor("model_output", model_output, floating=True)
+    C = x0.shape[1]
+    expected = (x0.shape[0], 2 * C, *x0.shape[2:])
+    if tuple(model_output.shape) != expected:
+        raise InputValueError(
+            f"model_output: expected shape {expected} (mean and variance channels), "
+            f"got {tuple(model_output.shape)}"
+        )
+    idx = check_timestep_tensor(
+        "t", t, batch=x0.shape[0], num_train_timesteps=len(schedule), device=x0.device
+    )
+    if detach_mean:
+        model_output = torch.cat([model_output[:, :C].detach(), model_output[:, C:]], dim=1)
+    ddpm = DDPM(schedule, prediction=prediction, variance=variance)
+    plan = SamplingPlan(idx, idx - 1, schedule.alpha_bar_at(idx), schedule.alpha_bar_at(idx - 1))
+    coeffs = ddpm.coefficients(plan).per_sample(x0.ndim, x0.dtype)
+    model_mean, model_log_var, _ = ddpm.posterior(x_t, model_output, coeffs)
+    assert isinstance(model_log_var, Tensor)  # learned variances are per element
+    true_mean = coeffs.mean_x0 * x0 + coeffs.mean_x * x_t
+    kl = _mean_flat(
+        normal_kl(
+            true_mean,
+            torch.as_tensor(coeffs.log_beta_tilde).expand_as(x0),
+            model_mean,
+            model_log_var,
+        )
+    )
+    nll = -_mean_flat(discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_log_var))
+    return torch.where(idx == 0, nll, kl) / math.log(2.0)
+
+
+def hybrid_loss(
+    schedule: NoiseSchedule,
+    model_output: Tensor,
+    x0: Tensor,
+    x_t: Tensor,
+    noise: Tensor,
+    t: Tensor,
+    *,
+    prediction: PredictionType = "epsilon",
+    vlb_weight: float = 0.001,
+) -> Tensor:
+    """Improved DDPM's ``L_hybrid = L_simple + lambda L_vlb`` per sample, shape ``(B,)``.
+
+    ``L_vlb`` is estimated as ``T L_t`` for the sampled ``t``, so the VLB part is
+    ``vlb_weight * T * vlb_term(...)``: for ``T = 1000`` and ``lambda = 0.001`` this is
+    improved-diffusion's ``RESCALED_MSE`` weighting. The model must return ``(B, 2C, ...)``
+    with a ``learned_range`` variance; the VLB only trains the variance half.
+    """
+    w = check_float("vlb_weight", vlb_weight, min=0.0)
+    check_tensor("model_output", model_output, floating=True, min_ndim=2)
+    C = x0.shape[1]
+    target = training_target(schedule, x0, noise, t, prediction)
+    simple = denoising_loss(model_output[:, :C], target)
+    vlb = vlb_term(schedule, model_output, x0, x_t, t, prediction=prediction)
+    return simple + w * len(schedule) * vlb

@@ -1,0 +1,53 @@
+"""The model contract and small adapters that make networks fit it.
+
+A model is any callable ``model(x, t, **cond) -> Tensor`` with ``x`` of shape ``(B, C, H, W)``
+(or any ``(B, ...)``) and ``t`` an int64 tensor of shape ``(B,)`` holding training timesteps
+(0-based). What it outputs (``epsilon``, ``sample`` or ``v``) is declared once on the sampler as
+its ``prediction``, never guessed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from imgdiff._checks import check_tensor
+
+__all__ = ["Model", "infer_model_dtype", "without_variance"]
+
+Model = Callable[..., Tensor]
+"""``model(x: (B, ...), t: (B,) int64, **cond) -> Tensor`` of ``x``'s shape (``2C`` channels
+for a learned-variance model)."""
+
+
+def infer_model_dtype(model: object) -> torch.dtype | None:
+    """The dtype of the first floating-point parameter of an ``nn.Module``, else ``None``."""
+    if isinstance(model, torch.nn.Module):
+        for p in model.parameters():
+            if p.dtype.is_floating_point:
+                return p.dtype
+    return None
+
+
+class _WithoutVariance:
+    def __init__(self, model: Model) -> None:
+        self.model = model
+
+    def __call__(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
+        out = check_tensor("model output", self.model(x, t, **cond), min_ndim=2)
+        return out[:, : x.shape[1]]
+
+    def __repr__(self) -> str:
+        return f"without_variance({self.model!r})"
+
+
+def without_variance(model: Model) -> Model:
+    """Adapt a learned-variance model (output ``(B, 2C, ...)``, improved DDPM) to output ``(B, C, ...)``.
+
+    Keeps the mean half (the first ``C`` channels) so the model can drive samplers that do not
+    use a learned variance, such as DDIM.
+    """
+    return _WithoutVariance(model)

@@ -1,0 +1,55 @@
+"""The forward (noising) process and the training target for each prediction type."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from imgdiff._checks import check_choice, check_same_shape, check_tensor, check_timestep_tensor
+from imgdiff.prediction import PREDICTION_TYPES, PredictionType
+from imgdiff.schedules import NoiseSchedule
+
+__all__ = ["add_noise", "training_target"]
+
+
+def _gathered(
+    schedule: NoiseSchedule, x0: Tensor, noise: Tensor, t: Tensor | int
+) -> tuple[Tensor, Tensor]:
+    check_tensor("x0", x0, floating=True, min_ndim=1)
+    check_tensor("noise", noise, floating=True)
+    check_same_shape("noise", noise, "x0", x0)
+    idx = check_timestep_tensor(
+        "t", t, batch=x0.shape[0], num_train_timesteps=len(schedule), device=x0.device
+    )
+    ab = schedule.alpha_bar_at(idx).reshape(-1, *([1] * (x0.ndim - 1)))
+    return ab.sqrt().to(x0.dtype), (1.0 - ab).sqrt().to(x0.dtype)
+
+
+def add_noise(schedule: NoiseSchedule, x0: Tensor, noise: Tensor, t: Tensor | int) -> Tensor:
+    """DDPM eq. 4: ``x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise``.
+
+    Shapes: ``x0`` and ``noise`` ``(B, ...)``; ``t`` an int or an integer tensor ``(B,)`` of
+    training timesteps (one per sample). Returns ``x_t`` of ``x0``'s shape and dtype.
+    """
+    a, s = _gathered(schedule, x0, noise, t)
+    return a * x0 + s * noise
+
+
+def training_target(
+    schedule: NoiseSchedule,
+    x0: Tensor,
+    noise: Tensor,
+    t: Tensor | int,
+    prediction: PredictionType,
+) -> Tensor:
+    """What a model of type ``prediction`` should output for ``x_t = add_noise(schedule, x0, noise, t)``.
+
+    ``epsilon``: ``noise``; ``sample``: ``x0``; ``v``: ``sqrt(alpha_bar) noise - sqrt(1 - alpha_bar) x0``
+    (Salimans & Ho 2022). Shapes as in :func:`add_noise`.
+    """
+    prediction = check_choice("prediction", prediction, PREDICTION_TYPES)
+    a, s = _gathered(schedule, x0, noise, t)
+    if prediction == "epsilon":
+        return noise.clone()
+    if prediction == "sample":
+        return x0.clone()
+    return a * noise - s * x0

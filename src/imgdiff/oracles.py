@@ -1,0 +1,101 @@
+"""Exact denoisers for known data distributions: models without weights, for tests and demos.
+
+For data whose distribution is known, ``E[x0 | x_t]`` has a closed form, so these are the
+optimal models a network could learn. A correct sampler driven by them must reproduce the data
+distribution (Gaussian) or the data set itself (empirical).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from imgdiff._checks import check_choice, check_float, check_tensor
+from imgdiff.errors import InputValueError
+from imgdiff.prediction import PREDICTION_TYPES, PredictionType
+from imgdiff.schedules import NoiseSchedule
+
+__all__ = ["EmpiricalDenoiser", "GaussianDenoiser"]
+
+
+def _express(x0: Tensor, x_t: Tensor, ab: Tensor, prediction: PredictionType) -> Tensor:
+    """Express the exact ``x0`` as the requested prediction type (``ab`` broadcastable)."""
+    if prediction == "sample":
+        return x0
+    a, s = ab.sqrt(), (1.0 - ab).sqrt()
+    eps = (x_t - a * x0) / s
+    return eps if prediction == "epsilon" else a * eps - s * x0
+
+
+def _levels(schedule: NoiseSchedule, x: Tensor, t: Tensor) -> Tensor:
+    check_tensor("x", x, floating=True, min_ndim=2)
+    check_tensor("t", t, ndim=1)
+    if t.shape[0] != x.shape[0]:
+        raise InputValueError(
+            f"t: expected shape ({x.shape[0]},) to match the batch, got {tuple(t.shape)}"
+        )
+    table = schedule.alphas_cumprod.to(device=x.device, dtype=x.dtype)
+    return table[t.long()].reshape(-1, *([1] * (x.ndim - 1)))
+
+
+@dataclass(frozen=True)
+class GaussianDenoiser:
+    """The exact denoiser for i.i.d. data ``x0 ~ N(mean, std^2)`` per element.
+
+    ``E[x0 | x_t] = mean + std^2 sqrt(ab) (x_t - sqrt(ab) mean) / (ab std^2 + 1 - ab)``, so
+    ``eps* = sqrt(1 - ab) (x_t - sqrt(ab) mean) / (ab std^2 + 1 - ab)``. Call it as a model:
+    ``denoiser(x, t)`` with ``x`` ``(B, ...)`` and ``t`` ``(B,)``; it returns ``prediction``.
+    """
+
+    schedule: NoiseSchedule
+    mean: float = 0.5
+    std: float = 0.3
+    prediction: PredictionType = "epsilon"
+
+    def __post_init__(self) -> None:
+        check_float("mean", self.mean)
+        check_float("std", self.std, min=0.0, min_open=True)
+        check_choice("prediction", self.prediction, PREDICTION_TYPES)
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        ab = _levels(self.schedule, x, t)
+        a = ab.sqrt()
+        var = ab * self.std**2 + 1.0 - ab
+        x0 = self.mean + self.std**2 * a * (x - a * self.mean) / var
+        return _express(x0, x, ab, self.prediction)
+
+
+@dataclass(frozen=True)
+class EmpiricalDenoiser:
+    """The exact denoiser for data drawn uniformly from a finite set ``data`` of shape ``(K, ...)``.
+
+    ``E[x0 | x_t] = sum_k w_k data_k`` with ``w = softmax_k(-|x_t - sqrt(ab) data_k|^2 / (2 (1 - ab)))``
+    (Karras et al. 2022, "ideal denoiser"). Sampling with it returns members of ``data``. Call it
+    as a model: ``denoiser(x, t)`` with ``x`` ``(B, ...)`` of ``data``'s item shape.
+    """
+
+    schedule: NoiseSchedule
+    data: Tensor
+    prediction: PredictionType = "epsilon"
+
+    def __post_init__(self) -> None:
+        check_tensor("data", self.data, floating=True, min_ndim=2)
+        check_choice("prediction", self.prediction, PREDICTION_TYPES)
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        if x.shape[1:] != self.data.shape[1:]:
+            raise InputValueError(
+                f"x: expected items of shape {tuple(self.data.shape[1:])} like data, "
+                f"got {tuple(x.shape[1:])}"
+            )
+        ab = _levels(self.schedule, x, t)
+        data = self.data.to(device=x.device, dtype=x.dtype)
+        flat_x = x.reshape(x.shape[0], -1)
+        flat_d = data.reshape(data.shape[0], -1)
+        a = ab.reshape(-1, 1).sqrt()
+        dist2 = torch.cdist(flat_x / a.clamp_min(1e-30), flat_d).square() * ab.reshape(-1, 1)
+        logits = -dist2 / (2.0 * (1.0 - ab.reshape(-1, 1)).clamp_min(1e-30))
+        x0 = (torch.softmax(logits, dim=1) @ flat_d).reshape(x.shape)
+        return _express(x0, x, ab, self.prediction)

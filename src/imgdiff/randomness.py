@@ -1,0 +1,68 @@
+"""Reproducible Gaussian noise with one generator per sample.
+
+A ``generator`` argument throughout imgdiff is ``None`` (torch's global RNG), one
+``torch.Generator`` for the whole batch, or a sequence with one generator per sample. With a
+sequence, sample ``b``'s noise depends only on ``generator[b]``, so it is the same alone or in
+any batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from imgdiff._checks import describe
+from imgdiff.errors import InputTypeError, InputValueError
+
+__all__ = ["Generators", "check_generators", "randn"]
+
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def check_generators(generator: object, batch: int) -> Generators:
+    """Validate ``generator`` for a batch of ``batch`` samples and return it."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return generator
+    if isinstance(generator, Sequence) and not isinstance(generator, (str, bytes)):
+        gens = list(generator)
+        if not all(isinstance(g, torch.Generator) for g in gens):
+            raise InputTypeError(
+                "generator: expected a torch.Generator or a sequence of them, got a sequence "
+                f"containing {describe(next(g for g in gens if not isinstance(g, torch.Generator)))}"
+            )
+        if len(gens) != batch:
+            raise InputValueError(
+                f"generator: expected one generator per sample ({batch}), got {len(gens)}"
+            )
+        return gens
+    raise InputTypeError(
+        f"generator: expected None, a torch.Generator or a sequence of them, got {describe(generator)}"
+    )
+
+
+def randn(
+    shape: Sequence[int],
+    *,
+    generator: Generators = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Standard normal noise of ``shape = (B, ...)``, drawn per sample when given a generator list.
+
+    Each generator draws on its own device; the result is moved to ``device``.
+    """
+    shape = tuple(int(s) for s in shape)
+    if not shape:
+        raise InputValueError("shape: expected at least a batch dimension, got ()")
+    gens = check_generators(generator, shape[0])
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if gens is None:
+        return torch.randn(shape, device=dev, dtype=dtype)
+    if isinstance(gens, torch.Generator):
+        return torch.randn(shape, generator=gens, device=gens.device, dtype=dtype).to(dev)
+    parts = [
+        torch.randn(shape[1:], generator=g, device=g.device, dtype=dtype).to(dev) for g in gens
+    ]
+    return torch.stack(parts)

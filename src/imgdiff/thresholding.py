@@ -1,0 +1,60 @@
+"""Processing of the predicted clean sample ``x0_hat``: static clipping and dynamic thresholding.
+
+Both make a sampling step non-invertible, so inversion and EDICT refuse them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from imgdiff._checks import check_float
+
+__all__ = ["Clip", "DynamicThreshold", "Thresholding"]
+
+
+@dataclass(frozen=True)
+class Thresholding:
+    """Base class: a deterministic map applied to ``x0_hat`` of shape ``(B, ...)``."""
+
+    def __call__(self, x0: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Clip(Thresholding):
+    """Static clipping ``x0_hat <- clamp(x0_hat, -limit, limit)`` (diffusers ``clip_sample``)."""
+
+    limit: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_float("limit", self.limit, min=0.0, min_open=True)
+
+    def __call__(self, x0: Tensor) -> Tensor:
+        return x0.clamp(-self.limit, self.limit)
+
+
+@dataclass(frozen=True)
+class DynamicThreshold(Thresholding):
+    """Imagen's dynamic thresholding (Saharia et al. 2022, Sec. 2.3), per sample.
+
+    ``s = quantile(|x0_hat|, ratio)`` over all non-batch elements, ``s <- clamp(s, 1, max_value)``,
+    ``x0_hat <- clamp(x0_hat, -s, s) / s``. With the default ``max_value = 1`` it equals
+    :class:`Clip` (as in diffusers); pixel-space models that want Imagen's behaviour need
+    ``max_value > 1`` (e.g. 1.5). The quantile is computed in float32 (or float64).
+    """
+
+    ratio: float = 0.995
+    max_value: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_float("ratio", self.ratio, min=0.0, max=1.0)
+        check_float("max_value", self.max_value, min=1.0)
+
+    def __call__(self, x0: Tensor) -> Tensor:
+        flat = x0.reshape(x0.shape[0], -1)
+        work = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
+        s = torch.quantile(work.abs(), self.ratio, dim=1).clamp(1.0, self.max_value).unsqueeze(1)
+        return (torch.clamp(work, -s, s) / s).to(x0.dtype).reshape(x0.shape)

@@ -1,0 +1,279 @@
+"""Inference timesteps (spacing), guided-diffusion respacing, and sampling plans.
+
+A *sampling plan* is the list of transitions a sampler makes: for step ``k`` the model is called
+at training timestep ``timesteps[k]`` and the state moves from noise level ``alpha_bar[k]`` to
+``alpha_bar_next[k]``. The "previous timestep" of a step is always the next entry of the list,
+never ``t - T // N`` (which is wrong for ``linspace`` spacing and for ``trailing`` spacing when
+``N`` does not divide ``T``; algorithms spec 1.4).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from imgdiff._checks import check_choice, check_float, check_int, describe
+from imgdiff.errors import InputTypeError, InputValueError
+from imgdiff.schedules import NoiseSchedule
+
+__all__ = [
+    "FINAL_ALPHA_BARS",
+    "SPACINGS",
+    "FinalAlphaBar",
+    "SamplingPlan",
+    "Spacing",
+    "inference_timesteps",
+    "respace_timesteps",
+    "respaced_betas",
+    "truncate_for_strength",
+    "validate_timesteps",
+]
+
+Spacing = Literal["leading", "trailing", "linspace"]
+"""How ``N`` inference timesteps are picked from ``T`` training timesteps (Lin et al. 2023, Table 2).
+
+* ``"leading"``: ``k * (T // N)`` for k = 0..N-1, descending, plus the offset (diffusers' default;
+  never reaches ``T-1``). T=1000, N=10: 900, 800, ..., 0.
+* ``"trailing"``: ``round(T - k T/N) - 1``: 999, 899, ..., 99. Starts at ``T-1`` (needed for
+  zero terminal SNR).
+* ``"linspace"``: ``round(linspace(0, T-1, N))`` descending: 999, 888, ..., 111, 0.
+"""
+SPACINGS: tuple[Spacing, ...] = get_args(Spacing)
+
+FinalAlphaBar = Literal["one", "first"]
+"""The noise level after the last step of a deterministic sampler (DDIM, EDICT).
+
+``"one"``: ``alpha_bar_{-1} = 1``, the clean level (diffusers ``set_alpha_to_one=True``).
+``"first"``: ``alpha_bar_{-1} = alpha_bar_0`` (``set_alpha_to_one=False``, Stable Diffusion).
+"""
+FINAL_ALPHA_BARS: tuple[FinalAlphaBar, ...] = get_args(FinalAlphaBar)
+
+
+def validate_timesteps(timesteps: object, num_train_timesteps: int) -> tuple[int, ...]:
+    """Check an explicit timestep list: non-empty, integers, strictly descending, in ``[0, T-1]``.
+
+    Accepts a sequence of ints or a 1-d integer tensor; returns a tuple of ints.
+    """
+    if isinstance(timesteps, Tensor):
+        if timesteps.ndim != 1 or timesteps.dtype.is_floating_point:
+            raise InputValueError(
+                f"timesteps: expected a 1-d integer tensor, got {describe(timesteps)}"
+            )
+        values: list[object] = list(timesteps.tolist())
+    elif isinstance(timesteps, (str, bytes)) or not isinstance(timesteps, Sequence):
+        raise InputTypeError(f"timesteps: expected a sequence of ints, got {describe(timesteps)}")
+    else:
+        values = list(timesteps)
+    if not values:
+        raise InputValueError("timesteps: expected at least one timestep, got an empty sequence")
+    out: list[int] = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise InputTypeError(f"timesteps: expected ints, got {describe(v)}")
+        out.append(int(v))
+    T = num_train_timesteps
+    if min(out) < 0 or max(out) > T - 1:
+        raise InputValueError(
+            f"timesteps: expected values in [0, {T - 1}] (T = {T} training timesteps), "
+            f"got values from {min(out)} to {max(out)}"
+        )
+    for a, b in itertools.pairwise(out):
+        if not b < a:
+            raise InputValueError(
+                "timesteps: expected a strictly descending list without duplicates "
+                f"(noisiest first), got {a} followed by {b}"
+            )
+    return tuple(out)
+
+
+def inference_timesteps(
+    num_train_timesteps: int,
+    num_steps: int,
+    spacing: Spacing = "leading",
+    offset: int = 0,
+) -> tuple[int, ...]:
+    """``num_steps`` descending training timesteps picked with ``spacing``, each shifted by ``offset``.
+
+    Identical to diffusers' ``set_timesteps`` for ``leading`` with ``steps_offset = offset``, and
+    for ``trailing`` / ``linspace`` with ``offset = 0`` (diffusers ignores ``steps_offset`` for
+    those; imgdiff applies it to every spacing). Raises if a shifted timestep leaves
+    ``[0, T-1]``.
+    """
+    T = check_int("num_train_timesteps", num_train_timesteps, min=1)
+    N = check_int("num_steps", num_steps, min=1, max=T)
+    spacing = check_choice("spacing", spacing, SPACINGS)
+    offset = check_int("offset", offset)
+    if spacing == "leading":
+        ts = np.arange(N, dtype=np.int64)[::-1] * (T // N)
+    elif spacing == "trailing":
+        ts = np.round(np.arange(T, 0, -T / N)).astype(np.int64)[:N] - 1
+    else:
+        ts = np.linspace(0, T - 1, N).round()[::-1].astype(np.int64)
+    ts = ts + offset
+    if ts.min() < 0 or ts.max() > T - 1:
+        raise InputValueError(
+            f"offset: expected a shift that keeps every timestep in [0, {T - 1}], got {offset} "
+            f"({spacing} spacing with {N} steps gives {int(ts.min())}..{int(ts.max())})"
+        )
+    return validate_timesteps([int(v) for v in ts], T)
+
+
+def respace_timesteps(
+    num_train_timesteps: int, section_counts: str | Sequence[int]
+) -> tuple[int, ...]:
+    """guided-diffusion's ``space_timesteps`` (Nichol & Dhariwal 2021), as a descending tuple.
+
+    ``section_counts`` is ``"ddimN"`` (the integer stride ``s`` with ``len(range(0, T, s)) == N``),
+    a comma-separated string such as ``"10,15,20"``, or a sequence of ints: ``[0, T)`` is cut into
+    that many equal sections and each section gets its count of timesteps with a fractional
+    stride (so every section includes its first and last timestep). Use the result as the
+    explicit ``timesteps`` of any sampler; the model always receives original timesteps.
+    """
+    T = check_int("num_train_timesteps", num_train_timesteps, min=1)
+    if isinstance(section_counts, str):
+        if section_counts.startswith("ddim"):
+            try:
+                desired = int(section_counts[len("ddim") :])
+            except ValueError:
+                raise InputValueError(
+                    f"section_counts: expected 'ddimN' with an integer N, got {section_counts!r}"
+                ) from None
+            for stride in range(1, T):
+                if len(range(0, T, stride)) == desired:
+                    return tuple(sorted(range(0, T, stride), reverse=True))
+            raise InputValueError(
+                f"section_counts: no integer stride gives exactly {desired} of {T} timesteps"
+            )
+        try:
+            counts = [int(c) for c in section_counts.split(",")]
+        except ValueError:
+            raise InputValueError(
+                f"section_counts: expected 'ddimN' or comma-separated ints, got {section_counts!r}"
+            ) from None
+    else:
+        counts = [check_int("section_counts[i]", c, min=0) for c in section_counts]
+    if not counts:
+        raise InputValueError("section_counts: expected at least one section")
+    size_per = T // len(counts)
+    extra = T % len(counts)
+    start = 0
+    kept: set[int] = set()
+    for i, count in enumerate(counts):
+        size = size_per + (1 if i < extra else 0)
+        if count > size:
+            raise InputValueError(
+                f"section_counts: section {i} has {size} timesteps, cannot take {count}"
+            )
+        frac_stride = 1.0 if count <= 1 else (size - 1) / (count - 1)
+        cur = 0.0
+        for _ in range(count):
+            kept.add(start + round(cur))
+            cur += frac_stride
+        start += size
+    if not kept:
+        raise InputValueError("section_counts: expected a positive total count, got 0")
+    return tuple(sorted(kept, reverse=True))
+
+
+def respaced_betas(schedule: NoiseSchedule, timesteps: Sequence[int]) -> Tensor:
+    """Betas of the schedule restricted to ``timesteps`` (guided-diffusion respacing).
+
+    ``beta'_k = 1 - alpha_bar_{S_k} / alpha_bar_{S_{k-1}}`` over the kept set ``S`` in ascending
+    order, with ``alpha_bar_{S_{-1}} = 1``; float64 of shape ``(len(S),)``. Their cumulative
+    product equals ``alpha_bar`` at the kept timesteps. Strided DDPM in imgdiff uses exactly
+    these betas per step without building a new schedule.
+    """
+    kept = sorted(validate_timesteps(sorted(set(timesteps), reverse=True), len(schedule)))
+    ab = schedule.alphas_cumprod[kept]
+    prev = torch.cat([ab.new_ones(1), ab[:-1]])
+    return 1.0 - ab / prev
+
+
+@dataclass(frozen=True)
+class SamplingPlan:
+    """The transitions of one sampling (or inversion) run; float64 tables on the CPU.
+
+    Attributes:
+        timesteps: ``(N,)`` int64, the training timestep the model sees at step ``k``.
+        next_timesteps: ``(N,)`` int64, the timestep of the level after step ``k``; ``-1`` is
+            the final level (clean data, or ``alpha_bar_0`` under ``final_alpha_bar="first"``).
+        alpha_bar: ``(N,)`` float64, the level of the state before step ``k``.
+        alpha_bar_next: ``(N,)`` float64, the level after step ``k``.
+    """
+
+    timesteps: Tensor
+    next_timesteps: Tensor
+    alpha_bar: Tensor
+    alpha_bar_next: Tensor
+
+    def __len__(self) -> int:
+        return int(self.timesteps.shape[0])
+
+    @staticmethod
+    def _final_level(schedule: NoiseSchedule, final_alpha_bar: FinalAlphaBar) -> float:
+        final_alpha_bar = check_choice("final_alpha_bar", final_alpha_bar, FINAL_ALPHA_BARS)
+        return 1.0 if final_alpha_bar == "one" else float(schedule.alphas_cumprod[0])
+
+    @classmethod
+    def denoising(
+        cls,
+        schedule: NoiseSchedule,
+        timesteps: Sequence[int],
+        final_alpha_bar: FinalAlphaBar = "one",
+    ) -> SamplingPlan:
+        """Plan for generation over descending ``timesteps``: each step goes to the next entry."""
+        ts = validate_timesteps(timesteps, len(schedule))
+        ab = schedule.alphas_cumprod
+        final = cls._final_level(schedule, final_alpha_bar)
+        nxt = (*ts[1:], -1)
+        return cls(
+            timesteps=torch.tensor(ts, dtype=torch.int64),
+            next_timesteps=torch.tensor(nxt, dtype=torch.int64),
+            alpha_bar=ab[list(ts)],
+            alpha_bar_next=torch.tensor(
+                [float(ab[s]) if s >= 0 else final for s in nxt], dtype=torch.float64
+            ),
+        )
+
+    @classmethod
+    def inversion(
+        cls,
+        schedule: NoiseSchedule,
+        timesteps: Sequence[int],
+        final_alpha_bar: FinalAlphaBar = "one",
+    ) -> SamplingPlan:
+        """Plan that runs the generation plan of ``timesteps`` backwards (DDIM inversion).
+
+        Step ``k`` walks the ascending list ``u = reversed(timesteps)``: it moves from the level
+        of ``u[k-1]`` (the final level for ``k = 0``) to the level of ``u[k]`` and calls the model
+        at ``u[k]``, the target timestep, as diffusers' ``DDIMInverseScheduler`` does.
+        """
+        ts = validate_timesteps(timesteps, len(schedule))
+        fwd = cls.denoising(schedule, ts, final_alpha_bar)
+        return cls(
+            timesteps=fwd.timesteps.flip(0),
+            next_timesteps=fwd.timesteps.flip(0),
+            alpha_bar=fwd.alpha_bar_next.flip(0),
+            alpha_bar_next=fwd.alpha_bar.flip(0),
+        )
+
+
+def truncate_for_strength(timesteps: tuple[int, ...], strength: float) -> tuple[int, ...]:
+    """Keep the last ``int(N * strength)`` timesteps (SDEdit / EDICT ``strength``).
+
+    ``strength = 1`` keeps all of them; smaller values start from a less noisy level.
+    """
+    s = check_float("strength", strength, min=0.0, max=1.0, min_open=True)
+    keep = int(len(timesteps) * s)
+    if keep < 1:
+        raise InputValueError(
+            f"strength: {s} keeps int({len(timesteps)} * {s}) = 0 of {len(timesteps)} steps; "
+            "expected a strength that keeps at least one step"
+        )
+    return timesteps[len(timesteps) - keep :]
