@@ -1,0 +1,225 @@
+"""DDPM: spec tests DDPM-1, 3..9 (DDPM-2 is in test_prediction.py) and the per-sample noise mask."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from imgdiff import (
+    DDPM,
+    GaussianDenoiser,
+    NoiseSchedule,
+    add_noise,
+    convert_prediction,
+    training_target,
+)
+from imgdiff.losses import denoising_loss, hybrid_loss, vlb_term
+from imgdiff.timesteps import SamplingPlan
+
+from .conftest import TanhModel
+
+
+def test_ddpm1_forward_marginal() -> None:
+    """DDPM-1: q_sample of a constant has mean sqrt(ab) c (4 s.e.) and variance 1 - ab (2 %)."""
+    s = NoiseSchedule.linear()
+    g = torch.Generator().manual_seed(0)
+    c = 0.7
+    x0 = torch.full((20000, 1, 4, 4), c, dtype=torch.float64)
+    for t in (0, 250, 999):
+        x_t = add_noise(s, x0, torch.randn(x0.shape, generator=g, dtype=torch.float64), t)
+        ab = float(s.alphas_cumprod[t])
+        se = math.sqrt((1 - ab) / x_t.numel())
+        assert abs(float(x_t.mean()) - math.sqrt(ab) * c) < 4 * se
+        assert abs(float(x_t.var()) / (1 - ab) - 1) < 0.02
+
+
+@pytest.mark.parametrize(("spacing", "n"), [("leading", 1000), ("leading", 50), ("trailing", 37)])
+def test_ddpm3_posterior_identities_per_step(spacing: str, n: int) -> None:
+    """DDPM-3 on the sampler's coefficients: c1 + c2 sqrt(ab_t) = sqrt(ab_s); c2^2 (1-ab_t) + var = 1 - ab_s."""
+    s = NoiseSchedule.linear()
+    sampler = DDPM(s, spacing=spacing)  # type: ignore[arg-type]
+    plan = sampler.plan(n)
+    c = sampler.coefficients(plan)
+    ab, ab_s = plan.alpha_bar, plan.alpha_bar_next
+    torch.testing.assert_close(c.mean_x0 + c.mean_x * ab.sqrt(), ab_s.sqrt(), rtol=0, atol=1e-12)
+    var = torch.exp(c.log_variance)  # type: ignore[arg-type]
+    var = torch.where(plan.next_timesteps >= 0, var, torch.zeros_like(var))  # floor at the end
+    torch.testing.assert_close(c.mean_x**2 * (1 - ab) + var, 1 - ab_s, rtol=0, atol=1e-12)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
+def test_ddpm4_gaussian_oracle(variance: str) -> None:
+    """DDPM-4: 1000 ancestral steps with the exact denoiser of N(0.5, 0.3^2) reproduce it."""
+    s = NoiseSchedule.linear()
+    model = GaussianDenoiser(s, mean=0.5, std=0.3)
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(2000, 1, 10, 10, generator=g, dtype=torch.float64)
+    x = DDPM(s, variance=variance).sample(model, noise, generator=g, progress=False)  # type: ignore[arg-type]
+    assert abs(float(x.mean()) - 0.5) < 0.01
+    assert abs(float(x.std()) / 0.3 - 1) < 0.03
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "sample", "v"])
+def test_ddpm5_point_mass_returns_the_point_exactly(prediction: str) -> None:
+    """DDPM-5: with the exact denoiser of a point mass, fixed-small DDPM returns x0* (1e-8)."""
+    s = NoiseSchedule.linear()
+    x_star = torch.linspace(-1, 1, 16, dtype=torch.float64).reshape(1, 1, 4, 4)
+
+    def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        ab = s.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+        eps = (x - ab.sqrt() * x_star) / (1 - ab).sqrt()
+        return convert_prediction(eps, x, s.alphas_cumprod[t], source="epsilon", target=prediction)  # type: ignore[arg-type]
+
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(3, 1, 4, 4, generator=g, dtype=torch.float64)
+    out = DDPM(s, prediction=prediction).sample(model, noise, generator=g, progress=False)  # type: ignore[arg-type]
+    assert float((out - x_star).abs().max()) < 1e-8
+
+
+def test_ddpm6_oracle_loss_and_v_weighting() -> None:
+    """DDPM-6: the true eps has loss 0; the v-loss is (1 + 1/SNR) times the eps-loss (1e-10)."""
+    s = NoiseSchedule.linear()
+    g = torch.Generator().manual_seed(0)
+    x0, eps, eps_hat = (torch.randn(6, 3, 4, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    t = torch.tensor([0, 1, 100, 500, 900, 999])
+    x_t = add_noise(s, x0, eps, t)
+    assert torch.equal(
+        denoising_loss(eps, training_target(s, x0, eps, t, "epsilon")),
+        torch.zeros(6, dtype=torch.float64),
+    )
+    ab = s.alphas_cumprod[t]
+    v_hat = convert_prediction(eps_hat, x_t, ab, source="epsilon", target="v")
+    loss_eps = denoising_loss(eps_hat, eps)
+    loss_v = denoising_loss(v_hat, training_target(s, x0, eps, t, "v"))
+    torch.testing.assert_close(loss_v, (1 + (1 - ab) / ab) * loss_eps, rtol=1e-10, atol=0)
+    l1 = denoising_loss(eps_hat, eps, norm="l1")
+    torch.testing.assert_close(l1, (eps_hat - eps).abs().mean((1, 2, 3)))
+
+
+def test_ddpm7_learned_range_endpoints() -> None:
+    """DDPM-7: v_raw = -1 gives log beta_tilde (clipped), v_raw = +1 gives log beta (1e-12)."""
+    s = NoiseSchedule.linear()
+    sampler = DDPM(s, variance="learned_range")
+    t = torch.tensor([0, 1, 500, 999])
+    plan = SamplingPlan(t, t - 1, s.alphas_cumprod[t], s.alphas_cumprod_prev[t])
+    c = sampler.coefficients(plan).per_sample(4, torch.float64)
+    x = torch.zeros(4, 2, 3, 3, dtype=torch.float64)
+    for v_raw, want in ((-1.0, s.posterior_log_variance_clipped[t]), (1.0, torch.log(s.betas[t]))):
+        out = torch.cat([torch.zeros_like(x), torch.full_like(x, v_raw)], dim=1)
+        _, log_var, _ = sampler.posterior(x, out, c)
+        assert isinstance(log_var, torch.Tensor)
+        torch.testing.assert_close(log_var[:, 0, 0, 0], want, rtol=0, atol=1e-12)
+    # "learned" reads the extra channels as log-variance directly.
+    learned = DDPM(s, variance="learned")
+    out = torch.cat([torch.zeros_like(x), torch.full_like(x, -3.25)], dim=1)
+    _, log_var, _ = learned.posterior(x, out, c)
+    assert torch.equal(log_var, torch.full_like(x, -3.25))  # type: ignore[arg-type]
+
+
+def test_ddpm8_vlb_trains_only_the_variance() -> None:
+    """DDPM-8: the gradient of the VLB term w.r.t. the mean half of the output is exactly zero."""
+    s = NoiseSchedule.linear()
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(4, 3, 4, 4, generator=g, dtype=torch.float64) * 2 - 1
+    eps = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    t = torch.tensor([0, 3, 400, 999])
+    x_t = add_noise(s, x0, eps, t)
+    out = torch.randn(4, 6, 4, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    vlb = vlb_term(s, out, x0, x_t, t)
+    assert torch.isfinite(vlb).all()
+    assert bool((vlb > 0).all())
+    (grad,) = torch.autograd.grad(vlb.sum(), out)
+    assert torch.equal(grad[:, :3], torch.zeros_like(grad[:, :3]))
+    assert float(grad[:, 3:].abs().sum()) > 0
+    # In the hybrid loss the mean half is trained by L_simple alone.
+    (g_hybrid,) = torch.autograd.grad(hybrid_loss(s, out, x0, x_t, eps, t).sum(), out)
+    (g_simple,) = torch.autograd.grad(denoising_loss(out[:, :3], eps).sum(), out)
+    torch.testing.assert_close(g_hybrid[:, :3], g_simple[:, :3], rtol=0, atol=0)
+
+
+def test_vlb_is_zero_for_the_true_posterior() -> None:
+    """With the exact x0 and v_raw = -1 (variance beta_tilde), the KL term vanishes for t > 0."""
+    s = NoiseSchedule.linear()
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.rand(3, 2, 4, 4, generator=g, dtype=torch.float64) * 2 - 1
+    eps = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    t = torch.tensor([1, 500, 999])
+    x_t = add_noise(s, x0, eps, t)
+    out = torch.cat([x0, -torch.ones_like(x0)], dim=1)
+    vlb = vlb_term(s, out, x0, x_t, t, prediction="sample")
+    assert float(vlb.abs().max()) < 1e-10
+
+
+@pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
+def test_ddpm9_strided_with_all_steps_is_the_full_sampler(variance: str) -> None:
+    """DDPM-9: every way of asking for all T steps gives the same run, equal to a textbook loop.
+
+    The textbook loop uses the schedule's own posterior tables (DDPM eq. 6-7); the sampler's
+    strided form recomputes beta = 1 - ab_t/ab_{t-1}, which agrees to float64 rounding.
+    """
+    T = 100
+    s = NoiseSchedule.linear(T, 1e-3, 0.1)
+    model = TanhModel((2, 3, 3), scale=0.5)
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(2, 2, 3, 3, generator=g, dtype=torch.float64)
+    z = torch.randn(T, 2, 2, 3, 3, generator=g, dtype=torch.float64)
+    sampler = DDPM(s, variance=variance)  # type: ignore[arg-type]
+    a = sampler.sample(model, noise, step_noise=z, progress=False)
+    b = sampler.sample(
+        model, noise, timesteps=list(range(T - 1, -1, -1)), step_noise=z, progress=False
+    )
+    c = DDPM(s, variance=variance, spacing="linspace").sample(
+        model, noise, num_steps=T, step_noise=z, progress=False
+    )  # type: ignore[arg-type]
+    assert torch.equal(a, b)
+    assert torch.equal(a, c)
+    # Textbook DDPM (Algorithm 2) with the schedule's tables.
+    x = noise.clone()
+    ab, var = s.alphas_cumprod, (s.posterior_variance if variance == "fixed_small" else s.betas)
+    for i, t in enumerate(range(T - 1, -1, -1)):
+        eps = model(x, torch.full((2,), t))
+        x0 = (x - (1 - ab[t]).sqrt() * eps) / ab[t].sqrt()
+        mean = s.posterior_mean_coef1[t] * x0 + s.posterior_mean_coef2[t] * x
+        x = mean + (var[t].sqrt() * z[i] if t > 0 else 0)
+    torch.testing.assert_close(a, x, rtol=1e-10, atol=1e-10)
+
+
+def test_noise_mask_is_per_sample() -> None:
+    """A batch with t = (5, 0, 3): only the sample whose step reaches the clean level gets no noise."""
+    s = NoiseSchedule.linear()
+    sampler = DDPM(s, variance="fixed_large")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64)
+    out = torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64)
+    z = torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64)
+    t = torch.tensor([5, 0, 3])
+    noisy = sampler.step_at(out, x, t, noise=z).state
+    clean = sampler.step_at(out, x, t, noise=torch.zeros_like(z)).state
+    assert torch.equal(noisy[1], clean[1])
+    assert not torch.allclose(noisy[0], clean[0])
+    assert not torch.allclose(noisy[2], clean[2])
+    # Per-sample steps equal the loop's step for each sample alone.
+    for b in range(3):
+        alone = sampler.step_at(out[b : b + 1], x[b : b + 1], int(t[b]), noise=z[b : b + 1]).state
+        torch.testing.assert_close(alone, noisy[b : b + 1], rtol=0, atol=0)
+
+
+def test_learned_range_sampling_uses_the_predicted_variance() -> None:
+    """A learned-range model with v_raw = -1 samples like fixed-small with the same noise."""
+    s = NoiseSchedule.linear(200)
+    mean_model = TanhModel((2, 3, 3), scale=0.3)
+
+    def learned(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([mean_model(x, t), -torch.ones_like(x)], dim=1)
+
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(2, 2, 3, 3, generator=g, dtype=torch.float64)
+    z = torch.randn(20, 2, 2, 3, 3, generator=g, dtype=torch.float64)
+    a = DDPM(s, variance="learned_range").sample(
+        learned, noise, num_steps=20, step_noise=z, progress=False
+    )
+    b = DDPM(s).sample(mean_model, noise, num_steps=20, step_noise=z, progress=False)
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -1,0 +1,345 @@
+"""The sampler contract of DESIGN.md: explicit state, reuse, per-sample generators, dtypes, no syncs."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from typing import ClassVar
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import imgdiff
+from imgdiff import DDIM, DDPM, GaussianDenoiser, NoiseSchedule
+
+from .conftest import TanhModel, TimeOnlyModel
+
+SAMPLERS = {
+    "ddim": lambda s: DDIM(s),
+    "ddim_eta": lambda s: DDIM(s, eta=0.7),
+    "ddpm": lambda s: DDPM(s),
+    "ddpm_large": lambda s: DDPM(s, variance="fixed_large"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_batch_invariance_with_per_sample_generators(name: str) -> None:
+    """A sample drawn inside a batch with one generator per sample equals the same sample alone."""
+    s = NoiseSchedule.linear()
+    sampler = SAMPLERS[name](s)
+    model = GaussianDenoiser(s)  # elementwise: no batch-size-dependent BLAS rounding
+
+    def gens(seeds: list[int]) -> list[torch.Generator]:
+        return [torch.Generator().manual_seed(k) for k in seeds]
+
+    seeds = [11, 22, 33]
+    noise = imgdiff.randn((3, 2, 4, 4), generator=gens(seeds), dtype=torch.float64)
+    batch = sampler.sample(model, noise, num_steps=20, generator=gens(seeds), progress=False)
+    for b, seed in enumerate(seeds):
+        alone_noise = imgdiff.randn((1, 2, 4, 4), generator=gens([seed]), dtype=torch.float64)
+        assert torch.equal(alone_noise, noise[b : b + 1])
+        alone = sampler.sample(
+            model, alone_noise, num_steps=20, generator=gens([seed]), progress=False
+        )
+        assert torch.equal(alone, batch[b : b + 1])
+
+
+def test_batch_invariance_with_a_network_model() -> None:
+    """Same with a matmul model: equal up to BLAS rounding (float64)."""
+    s = NoiseSchedule.linear()
+    model = TanhModel((2, 3, 3))
+    g = [torch.Generator().manual_seed(k) for k in (5, 6)]
+    noise = imgdiff.randn((2, 2, 3, 3), generator=g, dtype=torch.float64)
+    g = [torch.Generator().manual_seed(k) for k in (5, 6)]
+    batch = DDPM(s).sample(model, noise, num_steps=30, generator=g, progress=False)
+    alone = DDPM(s).sample(
+        model, noise[1:], num_steps=30, generator=[torch.Generator().manual_seed(6)], progress=False
+    )
+    torch.testing.assert_close(alone, batch[1:], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_reuse_across_batch_sizes_and_step_counts(name: str) -> None:
+    """One sampler object used with batch sizes 1, 3, 8 and step counts 10, 25, 50 equals fresh objects."""
+    s = NoiseSchedule.scaled_linear()
+    shared = SAMPLERS[name](s)
+    model = TanhModel((2, 3, 3))
+    for batch, steps in ((1, 10), (3, 25), (8, 50), (1, 25)):
+        x = torch.randn(batch, 2, 3, 3, generator=torch.Generator().manual_seed(batch))
+        a = shared.sample(
+            model,
+            x,
+            num_steps=steps,
+            generator=torch.Generator().manual_seed(steps),
+            progress=False,
+        )
+        b = SAMPLERS[name](s).sample(
+            model,
+            x,
+            num_steps=steps,
+            generator=torch.Generator().manual_seed(steps),
+            progress=False,
+        )
+        assert torch.equal(a, b)
+
+
+def test_samplers_are_frozen() -> None:
+    """Options cannot change after construction; there is no hidden mutable state to reset."""
+    sampler = DDIM(NoiseSchedule.linear())
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        sampler.eta = 1.0  # type: ignore[misc]
+    assert dataclasses.replace(sampler, eta=0.5).eta == 0.5
+
+
+def test_inputs_are_not_modified() -> None:
+    """sample, invert and step_at leave their input tensors untouched."""
+    s = NoiseSchedule.linear()
+    model = TanhModel((2, 3, 3))
+    x = torch.randn(2, 2, 3, 3)
+    keep = x.clone()
+    DDPM(s).sample(model, x, num_steps=5, progress=False)
+    DDIM(s, eta=1.0).sample(model, x, num_steps=5, progress=False)
+    DDIM(s).invert(model, x, num_steps=5, progress=False)
+    out = torch.randn(2, 2, 3, 3)
+    out_keep = out.clone()
+    DDPM(s).step_at(out, x, torch.tensor([3, 4]))
+    assert torch.equal(x, keep)
+    assert torch.equal(out, out_keep)
+
+
+def test_callback_sees_each_step_and_can_replace_the_state() -> None:
+    """The callback gets index, timestep, state and a lazily computed x0_hat; a returned tensor replaces the state."""
+    s = NoiseSchedule.linear()
+    model = TanhModel((2, 3, 3))
+    x = torch.randn(1, 2, 3, 3, dtype=torch.float64)
+    sampler = DDIM(s)
+    infos: list[imgdiff.StepInfo[torch.Tensor]] = []
+    final = sampler.sample(model, x, num_steps=10, callback=infos.append, progress=False)
+    assert [i.index for i in infos] == list(range(10))
+    assert [i.timestep for i in infos] == list(sampler.timesteps(10))
+    assert all(i.num_steps == 10 for i in infos)
+    assert torch.equal(infos[-1].state, final)
+    # x0_hat equals the model's prediction converted at that step's input.
+    prev = x
+    for info in infos[:3]:
+        eps = model(prev, torch.full((1,), info.timestep))
+        ab = s.alphas_cumprod[info.timestep]
+        torch.testing.assert_close(info.x0_hat, (prev - (1 - ab).sqrt() * eps) / ab.sqrt())
+        prev = info.state
+
+    def zero_at_five(info: imgdiff.StepInfo[torch.Tensor]) -> torch.Tensor | None:
+        return torch.zeros_like(info.state) if info.index == 5 else None
+
+    replaced = sampler.sample(model, x, num_steps=10, callback=zero_at_five, progress=False)
+    restart = sampler.sample(
+        model, torch.zeros_like(x), timesteps=list(sampler.timesteps(10))[6:], progress=False
+    )
+    torch.testing.assert_close(replaced, restart, rtol=0, atol=0)
+
+
+class _RecordingNet(torch.nn.Module):
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(0.1, dtype=dtype))
+        self.seen: list[torch.dtype] = []
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.dtype)
+        return torch.tanh(x) * self.scale
+
+
+def test_sampler_dtype_is_independent_of_the_model_dtype() -> None:
+    """The model runs in its parameters' dtype; the state stays in the sampler's dtype."""
+    s = NoiseSchedule.linear()
+    net = _RecordingNet(torch.float32)
+    x = torch.randn(2, 2, 3, 3)
+    out = DDIM(s, dtype=torch.float64).sample(net, x, num_steps=4, progress=False)
+    assert out.dtype == torch.float64
+    assert set(net.seen) == {torch.float32}
+    net64 = _RecordingNet(torch.float64)
+    out32 = DDIM(s).sample(net64, x, num_steps=4, progress=False)
+    assert out32.dtype == torch.float32
+    assert set(net64.seen) == {torch.float64}
+    fn_seen: list[torch.dtype] = []
+
+    def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        fn_seen.append(x.dtype)
+        return torch.zeros_like(x)
+
+    DDIM(s, dtype=torch.float64).sample(
+        fn, x, num_steps=3, model_dtype=torch.bfloat16, progress=False
+    )
+    assert set(fn_seen) == {torch.bfloat16}
+    # Half-precision inputs are computed in float32 by default.
+    assert DDIM(s).sample(fn, x.half(), num_steps=2, progress=False).dtype == torch.float32
+
+
+def test_injected_noise_equals_generated_noise() -> None:
+    """step_noise as a tensor or a function reproduces a generator's per-step draws."""
+    s = NoiseSchedule.linear()
+    model = TanhModel((2, 3, 3))
+    x = torch.randn(2, 2, 3, 3)
+    sampler = DDPM(s)
+    n = 12
+    a = sampler.sample(
+        model, x, num_steps=n, generator=torch.Generator().manual_seed(3), progress=False
+    )
+    g = torch.Generator().manual_seed(3)
+    z = torch.stack(
+        [torch.randn(2, 2, 3, 3, generator=g) for _ in range(n - 1)] + [torch.zeros(2, 2, 3, 3)]
+    )
+    b = sampler.sample(model, x, num_steps=n, step_noise=z, progress=False)
+    c = sampler.sample(model, x, num_steps=n, step_noise=lambda i: z[i], progress=False)
+    assert torch.equal(a, b)
+    assert torch.equal(a, c)
+
+
+def test_model_kwargs_reach_the_model() -> None:
+    """Conditioning passed as model_kwargs arrives at every call."""
+    s = NoiseSchedule.linear()
+    got: list[float] = []
+
+    def model(x: torch.Tensor, t: torch.Tensor, *, cond: float) -> torch.Tensor:
+        got.append(cond)
+        return torch.zeros_like(x)
+
+    DDIM(s).sample(
+        model, torch.randn(1, 1, 2, 2), num_steps=3, model_kwargs={"cond": 2.5}, progress=False
+    )
+    assert got == [2.5, 2.5, 2.5]
+
+
+class _SyncCounter(TorchDispatchMode):
+    """Counts ops that read tensor values on the host (what .item(), bool(t) and nonzero do)."""
+
+    SYNCING: ClassVar[set[object]] = {
+        torch.ops.aten._local_scalar_dense.default,
+        torch.ops.aten.nonzero.default,
+        torch.ops.aten.equal.default,
+    }
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func in self.SYNCING:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_no_host_reads_inside_the_loop(name: str) -> None:
+    """No step reads a tensor value on the host: the count does not grow with the number of steps."""
+    s = NoiseSchedule.linear()
+    sampler = SAMPLERS[name](s)
+    model = TanhModel((2, 3, 3))
+    x = torch.randn(2, 2, 3, 3)
+    counts = []
+    for n in (5, 40):
+        with _SyncCounter() as counter:
+            sampler.sample(
+                model, x, num_steps=n, generator=torch.Generator().manual_seed(0), progress=False
+            )
+        counts.append(counter.count)
+    assert counts[0] == counts[1]
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_loop_runs_on_a_device_that_forbids_host_reads(name: str) -> None:
+    """On the meta device any .item() or host-table indexing raises: the whole loop still runs."""
+    s = NoiseSchedule.linear()
+    sampler = SAMPLERS[name](s)
+
+    def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x) * 0.5 + t.to(x.dtype).reshape(-1, 1, 1, 1) * 1e-3
+
+    x = torch.empty(2, 3, 8, 8, device="meta")
+    out = sampler.sample(model, x, num_steps=10, progress=False)
+    assert out.device.type == "meta"
+    assert out.shape == x.shape
+    if isinstance(sampler, DDIM) and sampler.eta == 0:
+        assert sampler.invert(model, x, num_steps=10, progress=False).device.type == "meta"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_no_cuda_sync_in_the_loop(name: str) -> None:  # pragma: no cover - GPU only
+    """With torch's sync debug mode set to error, a CUDA sampling loop never synchronises."""
+    s = NoiseSchedule.linear()
+    sampler = SAMPLERS[name](s)
+    model = GaussianDenoiser(s)
+    x = torch.randn(2, 3, 16, 16, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        sampler.run(
+            model,
+            x,
+            sampler.plan(20),
+            sampler.coefficients(sampler.plan(20)),
+            generator=g,
+            progress=False,
+        )
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_import_is_light() -> None:
+    """import imgdiff loads no optional heavy package."""
+    code = (
+        "import sys, imgdiff; heavy = {'diffusers', 'open_clip', 'lpips', 'torchmetrics', 'peft', "
+        "'transformers', 'torchvision'}; print(sorted(heavy & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    shape=st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(1, 5), st.integers(1, 5)),
+    spacing=st.sampled_from(["leading", "trailing", "linspace"]),
+    steps=st.integers(1, 60),
+    final=st.sampled_from(["one", "first"]),
+    strength=st.sampled_from([1.0, 0.6]),
+)
+def test_inversion_round_trip_property(
+    shape: tuple[int, ...], spacing: str, steps: int, final: str, strength: float
+) -> None:
+    """Any shape, spacing, step count, final level and strength: exact round trip in float64."""
+    s = NoiseSchedule.linear()
+    if int(steps * strength) < 1:
+        return
+    model = TimeOnlyModel(shape[1:])
+    x0 = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    sampler = DDIM(s, spacing=spacing, final_alpha_bar=final)  # type: ignore[arg-type]
+    x_T = sampler.invert(model, x0, num_steps=steps, strength=strength, progress=False)
+    rec = sampler.sample(model, x_T, num_steps=steps, strength=strength, progress=False)
+    assert x_T.shape == x0.shape
+    assert x_T.dtype == torch.float64
+    assert float((rec - x0).abs().max()) < 1e-9
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    variance=st.sampled_from(["fixed_small", "fixed_large"]),
+    prediction=st.sampled_from(["epsilon", "sample", "v"]),
+    steps=st.integers(1, 40),
+)
+def test_ddpm_property(dtype: torch.dtype, variance: str, prediction: str, steps: int) -> None:
+    """DDPM of any configuration returns a finite sample of the input's shape in the state dtype."""
+    s = NoiseSchedule.cosine()
+    model = GaussianDenoiser(s, prediction=prediction)  # type: ignore[arg-type]
+    x = torch.randn(2, 1, 3, 3, dtype=dtype)
+    out = DDPM(s, variance=variance, prediction=prediction).sample(
+        model, x, num_steps=steps, progress=False
+    )  # type: ignore[arg-type]
+    assert out.shape == x.shape
+    assert out.dtype == dtype
+    assert torch.isfinite(out).all()
