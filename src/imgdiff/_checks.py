@@ -18,6 +18,7 @@ from imgdiff.errors import InputTypeError, InputValueError
 __all__ = [
     "check_choice",
     "check_float",
+    "check_floating_dtype",
     "check_int",
     "check_same_shape",
     "check_tensor",
@@ -34,6 +35,8 @@ def describe(value: object) -> str:
         return f"tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
     if isinstance(value, str):
         return repr(value)
+    if isinstance(value, torch.dtype):
+        return str(value)
     if isinstance(value, (int, float, bool)) or value is None:
         return f"{value!r} ({type(value).__name__})"
     return f"object of type {type(value).__name__}"
@@ -80,6 +83,16 @@ def check_choice(name: str, value: object, choices: Sequence[_S]) -> _S:
             return choice
     allowed = ", ".join(repr(c) for c in choices)
     raise InputValueError(f"{name}: expected one of {allowed}, got {describe(value)}")
+
+
+def check_floating_dtype(name: str, value: object, *, optional: bool = False) -> torch.dtype | None:
+    """Check that ``value`` is a floating ``torch.dtype`` (or ``None`` when ``optional``)."""
+    if value is None and optional:
+        return None
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        what = "None or a floating torch.dtype" if optional else "a floating torch.dtype"
+        raise InputTypeError(f"{name}: expected {what}, got {describe(value)}")
+    return value
 
 
 def check_int(name: str, value: object, *, min: int | None = None, max: int | None = None) -> int:

@@ -6,7 +6,7 @@ from torch import Tensor
 
 from imgdiff._checks import check_choice, check_same_shape, check_tensor, check_timestep_tensor
 from imgdiff.prediction import PREDICTION_TYPES, PredictionType
-from imgdiff.schedules import NoiseSchedule
+from imgdiff.schedules import NoiseSchedule, check_schedule
 
 __all__ = ["add_noise", "training_target"]
 
@@ -14,6 +14,7 @@ __all__ = ["add_noise", "training_target"]
 def _gathered(
     schedule: NoiseSchedule, x0: Tensor, noise: Tensor, t: Tensor | int
 ) -> tuple[Tensor, Tensor]:
+    check_schedule("schedule", schedule)
     check_tensor("x0", x0, floating=True, min_ndim=1)
     check_tensor("noise", noise, floating=True)
     check_same_shape("noise", noise, "x0", x0)

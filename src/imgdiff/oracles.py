@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from imgdiff._checks import check_choice, check_float, check_tensor
+from imgdiff._checks import check_choice, check_float, check_tensor, check_timestep_tensor
 from imgdiff.errors import InputValueError
 from imgdiff.prediction import PREDICTION_TYPES, PredictionType
-from imgdiff.schedules import NoiseSchedule
+from imgdiff.schedules import NoiseSchedule, check_schedule
 
 __all__ = ["EmpiricalDenoiser", "GaussianDenoiser"]
 
@@ -30,14 +30,21 @@ def _express(x0: Tensor, x_t: Tensor, ab: Tensor, prediction: PredictionType) ->
 
 
 def _levels(schedule: NoiseSchedule, x: Tensor, t: Tensor) -> Tensor:
+    """``alpha_bar_t`` as ``(B, 1, ..., 1)`` in ``x``'s dtype.
+
+    Validates ``t`` (a host read): these oracles are test and demo models, not fast networks.
+    """
     check_tensor("x", x, floating=True, min_ndim=2)
     check_tensor("t", t, ndim=1)
     if t.shape[0] != x.shape[0]:
         raise InputValueError(
             f"t: expected shape ({x.shape[0]},) to match the batch, got {tuple(t.shape)}"
         )
+    idx = check_timestep_tensor(
+        "t", t, batch=x.shape[0], num_train_timesteps=len(schedule), device=x.device
+    )
     table = schedule.alphas_cumprod.to(device=x.device, dtype=x.dtype)
-    return table[t.long()].reshape(-1, *([1] * (x.ndim - 1)))
+    return table[idx].reshape(-1, *([1] * (x.ndim - 1)))
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,7 @@ class GaussianDenoiser:
     prediction: PredictionType = "epsilon"
 
     def __post_init__(self) -> None:
+        check_schedule("schedule", self.schedule)
         check_float("mean", self.mean)
         check_float("std", self.std, min=0.0, min_open=True)
         check_choice("prediction", self.prediction, PREDICTION_TYPES)
@@ -81,6 +89,7 @@ class EmpiricalDenoiser:
     prediction: PredictionType = "epsilon"
 
     def __post_init__(self) -> None:
+        check_schedule("schedule", self.schedule)
         check_tensor("data", self.data, floating=True, min_ndim=2)
         check_choice("prediction", self.prediction, PREDICTION_TYPES)
 
@@ -92,10 +101,13 @@ class EmpiricalDenoiser:
             )
         ab = _levels(self.schedule, x, t)
         data = self.data.to(device=x.device, dtype=x.dtype)
-        flat_x = x.reshape(x.shape[0], -1)
-        flat_d = data.reshape(data.shape[0], -1)
-        a = ab.reshape(-1, 1).sqrt()
-        dist2 = torch.cdist(flat_x / a.clamp_min(1e-30), flat_d).square() * ab.reshape(-1, 1)
-        logits = -dist2 / (2.0 * (1.0 - ab.reshape(-1, 1)).clamp_min(1e-30))
-        x0 = (torch.softmax(logits, dim=1) @ flat_d).reshape(x.shape)
+        flat_x = x.reshape(x.shape[0], 1, -1)
+        flat_d = data.reshape(1, data.shape[0], -1)
+        ab_b = ab.reshape(-1, 1, 1)
+        # |x_t - sqrt(ab) d_k|^2 per sample, without the matmul expansion (it cancels badly).
+        dist2 = torch.cdist(
+            flat_x, ab_b.sqrt() * flat_d, compute_mode="donot_use_mm_for_euclid_dist"
+        ).square()
+        logits = -dist2.squeeze(1) / (2.0 * (1.0 - ab.reshape(-1, 1)))
+        x0 = (torch.softmax(logits, dim=1) @ flat_d.squeeze(0)).reshape(x.shape)
         return _express(x0, x, ab, self.prediction)

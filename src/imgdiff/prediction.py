@@ -62,7 +62,9 @@ def linear_prediction_coefficients(
     (``timesteps``, of ``alpha_bar``'s shape, only improves the message).
     """
     prediction = check_choice("prediction", prediction, PREDICTION_TYPES)
+    check_tensor("alpha_bar", alpha_bar)
     ab = alpha_bar.to(torch.float64)
+    _check_unit_range(ab, alpha_bar)
     a = torch.sqrt(ab)
     s = torch.sqrt(1.0 - ab)
     if prediction == "epsilon":
@@ -103,9 +105,19 @@ def _alpha_bar_like(alpha_bar: object, x: Tensor) -> Tensor:
             f"alpha_bar: expected a float, a 0-d tensor or shape ({x.shape[0]},) to match the "
             f"batch, got shape {tuple(ab.shape)}"
         )
-    if bool(((ab < 0) | (ab > 1) | torch.isnan(ab)).any()):
-        raise InputValueError("alpha_bar: expected values in [0, 1]")
+    _check_unit_range(ab, alpha_bar)
     return ab
+
+
+def _check_unit_range(ab: Tensor, given: object) -> None:
+    bad = (ab < 0) | (ab > 1) | torch.isnan(ab)
+    if bool(bad.any()):
+        got = (
+            f"{given}"
+            if not isinstance(given, Tensor) or given.ndim == 0
+            else f"values from {float(ab.min())} to {float(ab.max())}"
+        )
+        raise InputValueError(f"alpha_bar: expected values in [0, 1], got {got}")
 
 
 def _pair(name_a: str, a: object, name_b: str, b: object) -> tuple[Tensor, Tensor]:
@@ -184,6 +196,7 @@ def convert_prediction(
     source = check_choice("source", source, PREDICTION_TYPES)
     target = check_choice("target", target, PREDICTION_TYPES)
     x_t, output = _pair("x_t", x_t, "output", output)
+    _alpha_bar_like(alpha_bar, x_t)  # validated even when nothing is converted
     if source == target:
         return output
     if source == "epsilon":

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from imgdiff._checks import describe
+from imgdiff._checks import check_floating_dtype, describe
 from imgdiff.errors import InputTypeError, InputValueError
 
 __all__ = ["Generators", "check_generators", "randn"]
@@ -53,9 +53,17 @@ def randn(
 
     Each generator draws on its own device; the result is moved to ``device``.
     """
-    shape = tuple(int(s) for s in shape)
+    if isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence):
+        raise InputTypeError(f"shape: expected a sequence of ints, got {describe(shape)}")
+    for dim in shape:
+        if isinstance(dim, bool) or not isinstance(dim, int):
+            raise InputTypeError(f"shape: expected ints, got {describe(dim)} in {tuple(shape)}")
+        if dim < 0:
+            raise InputValueError(f"shape: expected sizes >= 0, got {dim} in {tuple(shape)}")
+    shape = tuple(shape)
     if not shape:
         raise InputValueError("shape: expected at least a batch dimension, got ()")
+    check_floating_dtype("dtype", dtype)
     gens = check_generators(generator, shape[0])
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if gens is None:

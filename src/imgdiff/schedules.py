@@ -14,10 +14,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from imgdiff._checks import check_float, check_int, check_tensor, check_timestep_tensor
-from imgdiff.errors import InputValueError
+from imgdiff._checks import (
+    check_float,
+    check_int,
+    check_tensor,
+    check_timestep_tensor,
+    describe,
+)
+from imgdiff.errors import InputTypeError, InputValueError
 
-__all__ = ["NoiseSchedule", "karras_sigmas", "sigma_to_timestep"]
+__all__ = ["NoiseSchedule", "check_schedule", "karras_sigmas", "sigma_to_timestep"]
 
 ArrayLike = Tensor | np.ndarray | Sequence[float]
 
@@ -83,10 +89,22 @@ class NoiseSchedule:
                 f"betas: expected values in (0, 1], got min {float(b.min())} and max {float(b.max())}"
             )
         if bool((b[:-1] >= 1).any()):
+            k = int(torch.nonzero(b[:-1] >= 1)[0])
             raise InputValueError(
-                "betas: expected beta < 1 before the last timestep (alpha_bar would reach 0 early)"
+                "betas: expected beta < 1 before the last timestep (alpha_bar would reach 0 "
+                f"early), got {float(b[k])} at timestep {k}"
             )
-        return cls(b, torch.cumprod(1.0 - b, dim=0))
+        ab = torch.cumprod(1.0 - b, dim=0)
+        bad = (ab[:-1] <= 0) | (ab[1:] >= ab[:-1])
+        if bool(bad.any()):
+            k = int(torch.nonzero(bad)[0])
+            raise InputValueError(
+                f"betas: alpha_bar = cumprod(1 - beta) stops decreasing or underflows to 0 at "
+                f"timestep {k} of {b.numel()} (alpha_bar = {float(ab[k]):.3g}); expected "
+                "alpha_bar > 0 and strictly decreasing before the last timestep (smaller betas "
+                "or fewer timesteps)"
+            )
+        return cls(b, ab)
 
     @classmethod
     def from_alphas_cumprod(cls, alphas_cumprod: ArrayLike) -> NoiseSchedule:
@@ -101,7 +119,11 @@ class NoiseSchedule:
                 f"got first {float(ab[0])} and last {float(ab[-1])}"
             )
         if not bool((ab[1:] < ab[:-1]).all()):
-            raise InputValueError("alphas_cumprod: expected a strictly decreasing sequence")
+            k = int(torch.nonzero(ab[1:] >= ab[:-1])[0])
+            raise InputValueError(
+                "alphas_cumprod: expected a strictly decreasing sequence, got "
+                f"{float(ab[k])} followed by {float(ab[k + 1])} at timestep {k + 1}"
+            )
         prev = torch.cat([ab.new_ones(1), ab[:-1]])
         return cls(1.0 - ab / prev, ab)
 
@@ -185,6 +207,11 @@ class NoiseSchedule:
         v_start = torch.sigmoid(torch.tensor(s / tau, dtype=torch.float64))
         v_end = torch.sigmoid(torch.tensor(e / tau, dtype=torch.float64))
         ab = (v_end - torch.sigmoid((u * (e - s) + s) / tau)) / (v_end - v_start)
+        if not bool(torch.isfinite(ab).all()) or not bool((ab[1:-1] < ab[:-2]).all()):
+            raise InputValueError(
+                f"tau: {tau} saturates the sigmoid over [start, end] = [{s}, {e}] so alpha_bar "
+                "is not strictly decreasing in float64; expected a larger tau or a narrower range"
+            )
         return cls.from_betas(torch.clamp(1.0 - ab[1:] / ab[:-1], min=0.0, max=cap))
 
     def rescale_zero_terminal_snr(self) -> NoiseSchedule:
@@ -341,6 +368,13 @@ class NoiseSchedule:
         return (NoiseSchedule, (self._betas, self._alphas_cumprod))
 
 
+def check_schedule(name: str, value: object) -> NoiseSchedule:
+    """Check that ``value`` is a :class:`NoiseSchedule` and return it."""
+    if not isinstance(value, NoiseSchedule):
+        raise InputTypeError(f"{name}: expected an imgdiff.NoiseSchedule, got {describe(value)}")
+    return value
+
+
 def karras_sigmas(
     schedule: NoiseSchedule,
     num_steps: int,
@@ -356,6 +390,7 @@ def karras_sigmas(
     default to the schedule's smallest and largest finite VE sigma; a zero-terminal-SNR schedule
     has an infinite largest sigma, so pass ``sigma_max`` explicitly for it.
     """
+    schedule = check_schedule("schedule", schedule)
     N = check_int("num_steps", num_steps, min=2)
     rho = check_float("rho", rho, min=0.0, min_open=True)
     sig = schedule.sigmas
@@ -384,9 +419,13 @@ def sigma_to_timestep(sigmas: Tensor, schedule: NoiseSchedule) -> Tensor:
     ``[0, T-1]``. This is how Karras-spaced levels are fed to a model trained on discrete ``t``.
     """
     check_tensor("sigmas", sigmas, floating=True)
+    schedule = check_schedule("schedule", schedule)
     s = sigmas.detach().to(device="cpu", dtype=torch.float64)
-    if not bool((s > 0).all()) or not bool(torch.isfinite(s).all()):
-        raise InputValueError("sigmas: expected positive finite noise levels")
+    bad = ~((s > 0) & torch.isfinite(s))
+    if bool(bad.any()):
+        raise InputValueError(
+            f"sigmas: expected positive finite noise levels, got {float(s[bad].reshape(-1)[0])}"
+        )
     log_table = torch.log(schedule.sigmas)  # increasing in t
     finite = torch.isfinite(log_table)
     log_table = log_table[finite]

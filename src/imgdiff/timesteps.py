@@ -20,7 +20,7 @@ from torch import Tensor
 
 from imgdiff._checks import check_choice, check_float, check_int, describe
 from imgdiff.errors import InputTypeError, InputValueError
-from imgdiff.schedules import NoiseSchedule
+from imgdiff.schedules import NoiseSchedule, check_schedule
 
 __all__ = [
     "FINAL_ALPHA_BARS",
@@ -61,7 +61,11 @@ def validate_timesteps(timesteps: object, num_train_timesteps: int) -> tuple[int
     Accepts a sequence of ints or a 1-d integer tensor; returns a tuple of ints.
     """
     if isinstance(timesteps, Tensor):
-        if timesteps.ndim != 1 or timesteps.dtype.is_floating_point:
+        if timesteps.dtype.is_floating_point or timesteps.dtype == torch.bool:
+            raise InputTypeError(
+                f"timesteps: expected a 1-d integer tensor, got {describe(timesteps)}"
+            )
+        if timesteps.ndim != 1:
             raise InputValueError(
                 f"timesteps: expected a 1-d integer tensor, got {describe(timesteps)}"
             )
@@ -151,13 +155,19 @@ def respace_timesteps(
                 f"section_counts: no integer stride gives exactly {desired} of {T} timesteps"
             )
         try:
-            counts = [int(c) for c in section_counts.split(",")]
+            parsed = [int(c) for c in section_counts.split(",")]
         except ValueError:
             raise InputValueError(
                 f"section_counts: expected 'ddimN' or comma-separated ints, got {section_counts!r}"
             ) from None
+        counts = [check_int(f"section_counts[{i}]", c, min=0) for i, c in enumerate(parsed)]
+    elif isinstance(section_counts, Sequence):
+        counts = [check_int(f"section_counts[{i}]", c, min=0) for i, c in enumerate(section_counts)]
     else:
-        counts = [check_int("section_counts[i]", c, min=0) for c in section_counts]
+        raise InputTypeError(
+            "section_counts: expected 'ddimN', comma-separated ints or a sequence of ints, "
+            f"got {describe(section_counts)}"
+        )
     if not counts:
         raise InputValueError("section_counts: expected at least one section")
     size_per = T // len(counts)
@@ -189,6 +199,7 @@ def respaced_betas(schedule: NoiseSchedule, timesteps: Sequence[int]) -> Tensor:
     product equals ``alpha_bar`` at the kept timesteps. Strided DDPM in imgdiff uses exactly
     these betas per step without building a new schedule.
     """
+    schedule = check_schedule("schedule", schedule)
     kept = sorted(validate_timesteps(sorted(set(timesteps), reverse=True), len(schedule)))
     ab = schedule.alphas_cumprod[kept]
     prev = torch.cat([ab.new_ones(1), ab[:-1]])
@@ -228,17 +239,15 @@ class SamplingPlan:
         final_alpha_bar: FinalAlphaBar = "one",
     ) -> SamplingPlan:
         """Plan for generation over descending ``timesteps``: each step goes to the next entry."""
-        ts = validate_timesteps(timesteps, len(schedule))
-        ab = schedule.alphas_cumprod
-        final = cls._final_level(schedule, final_alpha_bar)
-        nxt = (*ts[1:], -1)
+        ts = torch.tensor(validate_timesteps(timesteps, len(schedule)), dtype=torch.int64)
+        final = torch.tensor([cls._final_level(schedule, final_alpha_bar)], dtype=torch.float64)
+        levels = torch.cat([final, schedule.alphas_cumprod])  # levels[t + 1] is alpha_bar_t
+        nxt = torch.cat([ts[1:], ts.new_full((1,), -1)])
         return cls(
-            timesteps=torch.tensor(ts, dtype=torch.int64),
-            next_timesteps=torch.tensor(nxt, dtype=torch.int64),
-            alpha_bar=ab[list(ts)],
-            alpha_bar_next=torch.tensor(
-                [float(ab[s]) if s >= 0 else final for s in nxt], dtype=torch.float64
-            ),
+            timesteps=ts,
+            next_timesteps=nxt,
+            alpha_bar=levels[ts + 1],
+            alpha_bar_next=levels[nxt + 1],
         )
 
     @classmethod

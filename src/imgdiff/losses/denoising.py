@@ -23,7 +23,7 @@ from imgdiff.errors import InputValueError
 from imgdiff.noising import training_target
 from imgdiff.prediction import PREDICTION_TYPES, PredictionType
 from imgdiff.samplers.ddpm import DDPM
-from imgdiff.schedules import NoiseSchedule
+from imgdiff.schedules import NoiseSchedule, check_schedule
 from imgdiff.timesteps import SamplingPlan
 
 __all__ = [
@@ -71,14 +71,19 @@ def min_snr_weight(
     ``min(SNR, gamma) / SNR`` for eps targets, ``min(SNR, gamma) / (SNR + 1)`` for v targets
     and ``min(SNR, gamma)`` for x0 targets.
     """
+    schedule = check_schedule("schedule", schedule)
     prediction = check_choice("prediction", prediction, PREDICTION_TYPES)
     gamma = check_float("gamma", gamma, min=0.0, min_open=True)
     check_tensor("t", t, ndim=1)
-    ab = schedule.alpha_bar_at(t)
+    idx = check_timestep_tensor(
+        "t", t, batch=t.shape[0], num_train_timesteps=len(schedule), device=t.device
+    )
+    ab = schedule.alpha_bar_at(idx)
     snr = ab / (1.0 - ab)
     clipped = torch.clamp(snr, max=gamma)
     if prediction == "epsilon":
-        w = clipped / snr
+        # min(SNR, gamma) / SNR -> 1 as SNR -> 0 (zero terminal SNR).
+        w = torch.where(snr > 0, clipped / snr.clamp_min(1e-300), torch.ones_like(snr))
     elif prediction == "v":
         w = clipped / (snr + 1.0)
     else:
@@ -87,7 +92,15 @@ def min_snr_weight(
 
 
 def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor | float) -> Tensor:
-    """``KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2)))`` elementwise, in nats."""
+    """``KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2)))`` elementwise, in nats.
+
+    All tensors share ``mean1``'s shape; ``logvar2`` may also be a float.
+    """
+    check_tensor("mean1", mean1, floating=True)
+    for name, value in (("logvar1", logvar1), ("mean2", mean2), ("logvar2", logvar2)):
+        if name == "logvar2" and isinstance(value, float):
+            continue
+        check_same_shape(name, check_tensor(name, value, floating=True), "mean1", mean1)
     lv2 = torch.as_tensor(logvar2, dtype=mean1.dtype, device=mean1.device)
     return 0.5 * (
         -1.0 + lv2 - logvar1 + torch.exp(logvar1 - lv2) + (mean1 - mean2).square() * torch.exp(-lv2)
@@ -105,6 +118,9 @@ def discretized_gaussian_log_likelihood(x: Tensor, means: Tensor, log_scales: Te
     Bins have half-width ``1/255``; the outermost bins (``x < -0.999``, ``x > 0.999``) extend to
     infinity (DDPM Sec. 3.3). Elementwise; all shapes equal.
     """
+    check_tensor("x", x, floating=True)
+    check_same_shape("means", check_tensor("means", means, floating=True), "x", x)
+    check_same_shape("log_scales", check_tensor("log_scales", log_scales, floating=True), "x", x)
     centered = x - means
     inv_std = torch.exp(-log_scales)
     cdf_plus = _approx_standard_normal_cdf(inv_std * (centered + 1.0 / 255.0))
@@ -136,6 +152,8 @@ def vlb_term(
     with ``detach_mean`` (default) its mean half is detached, so this term trains only the
     variance (the ``stop_gradient`` of improved DDPM's hybrid loss).
     """
+    schedule = check_schedule("schedule", schedule)
+    variance = check_choice("variance", variance, ("learned", "learned_range"))
     check_tensor("x0", x0, floating=True, min_ndim=2)
     check_tensor("x_t", x_t, floating=True)
     check_same_shape("x_t", x_t, "x0", x0)
@@ -188,7 +206,9 @@ def hybrid_loss(
     improved-diffusion's ``RESCALED_MSE`` weighting. The model must return ``(B, 2C, ...)``
     with a ``learned_range`` variance; the VLB only trains the variance half.
     """
+    schedule = check_schedule("schedule", schedule)
     w = check_float("vlb_weight", vlb_weight, min=0.0)
+    check_tensor("x0", x0, floating=True, min_ndim=2)
     check_tensor("model_output", model_output, floating=True, min_ndim=2)
     C = x0.shape[1]
     target = training_target(schedule, x0, noise, t, prediction)

@@ -23,8 +23,15 @@ from typing import Any, Generic, Self, TypeVar, cast
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
-from imgdiff._checks import check_choice, check_int, check_tensor, describe
+from imgdiff._checks import (
+    check_choice,
+    check_floating_dtype,
+    check_int,
+    check_tensor,
+    describe,
+)
 from imgdiff.errors import InputTypeError, InputValueError
 from imgdiff.models import Model, infer_model_dtype
 from imgdiff.prediction import PREDICTION_TYPES, PredictionType
@@ -67,12 +74,15 @@ class StepCoefficients:
     def unbind(self) -> list[Self]:
         """Split a table into one set of Python-float coefficients per step."""
         names = [f.name for f in dataclasses.fields(self)]
-        columns = [cast(Tensor, getattr(self, n)).tolist() for n in names]
-        count = len(columns[0]) if columns else 0
-        return [
-            type(self)(**{n: float(col[i]) for n, col in zip(names, columns, strict=True)})
-            for i in range(count)
-        ]
+        columns = [cast(Tensor, getattr(self, n)).to(torch.float64).tolist() for n in names]
+        steps = []
+        for row in zip(*columns, strict=True):
+            # Bypass the frozen __init__ (one object.__setattr__ per field): this runs once per
+            # step of every run, and the values are already validated floats.
+            step = object.__new__(type(self))
+            step.__dict__.update(zip(names, row, strict=True))
+            steps.append(step)
+        return steps
 
     def per_sample(self, ndim: int, dtype: torch.dtype) -> Self:
         """Reshape a table of ``(B,)`` entries to ``(B, 1, ..., 1)`` tensors of ``dtype``."""
@@ -163,13 +173,15 @@ class BoundModel:
         self.kwargs = dict(kwargs or {})
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
-        out = self.model(x.to(self.model_dtype), t, **self.kwargs)
+        if x.dtype != self.model_dtype:
+            x = x.to(self.model_dtype)
+        out = self.model(x, t, **self.kwargs)
         if not isinstance(out, Tensor):
             raise InputTypeError(
                 f"model: expected the model to return a torch.Tensor, got {describe(out)}; wrap "
                 "networks that return objects, e.g. lambda x, t, **c: unet(x, t, **c).sample"
             )
-        return out.to(self.state_dtype)
+        return out if out.dtype == self.state_dtype else out.to(self.state_dtype)
 
 
 @dataclass(frozen=True)
@@ -203,12 +215,7 @@ class Sampler(ABC, Generic[StateT, CoeffT]):
         check_choice("prediction", self.prediction, PREDICTION_TYPES)
         check_choice("spacing", self.spacing, SPACINGS)
         check_int("steps_offset", self.steps_offset, min=0)
-        if self.dtype is not None and (
-            not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point
-        ):
-            raise InputTypeError(
-                f"dtype: expected None or a floating torch.dtype, got {describe(self.dtype)}"
-            )
+        check_floating_dtype("dtype", self.dtype, optional=True)
 
     # ------------------------------------------------------------------ to implement
 
@@ -282,7 +289,13 @@ class Sampler(ABC, Generic[StateT, CoeffT]):
         else:
             n = self.default_num_steps if num_steps is None else num_steps
             n = check_int("num_steps", n, min=1, max=T)
-            ts = inference_timesteps(T, n, self.spacing, self.steps_offset)
+            ts = inference_timesteps(T, n, self.spacing)
+            if ts[0] + self.steps_offset > T - 1:
+                raise InputValueError(
+                    f"steps_offset: expected an offset that keeps every timestep <= {T - 1}, got "
+                    f"{self.steps_offset} ({self.spacing} spacing with {n} steps starts at {ts[0]})"
+                )
+            ts = tuple(t + self.steps_offset for t in ts)
         return truncate_for_strength(ts, strength)
 
     def plan(
@@ -380,11 +393,22 @@ class Sampler(ABC, Generic[StateT, CoeffT]):
             )
         if isinstance(step_noise, Tensor):
             expected = (len(plan), *x.shape)
+            check_tensor("step_noise", step_noise, floating=True)
             if tuple(step_noise.shape) != expected:
                 raise InputValueError(
                     f"step_noise: expected shape {expected} (steps, *sample shape), "
                     f"got {tuple(step_noise.shape)}"
                 )
+        elif step_noise is not None and not callable(step_noise):
+            raise InputTypeError(
+                "step_noise: expected None, a tensor (steps, *sample shape) or a function of the "
+                f"step index, got {describe(step_noise)}"
+            )
+        if model_kwargs is not None and not isinstance(model_kwargs, Mapping):
+            raise InputTypeError(
+                f"model_kwargs: expected a mapping of keyword arguments, got {describe(model_kwargs)}"
+            )
+        check_floating_dtype("model_dtype", model_dtype, optional=True)
         if callback is not None and not callable(callback):
             raise InputTypeError(f"callback: expected a callable, got {describe(callback)}")
         dtype = self.state_dtype(x)
@@ -400,8 +424,6 @@ class Sampler(ABC, Generic[StateT, CoeffT]):
         t_all = plan.timesteps.to(device).reshape(-1, 1).expand(num, batch).contiguous()
         timesteps = plan.timesteps.tolist()
 
-        from tqdm.auto import tqdm  # imported here: keeps `import imgdiff` light
-
         state = self.init_state(x.to(dtype))
         with torch.no_grad():
             for i in tqdm(range(num), desc=desc, disable=not progress, leave=False):
@@ -414,7 +436,7 @@ class Sampler(ABC, Generic[StateT, CoeffT]):
                 if callback is not None:
                     replaced = callback(StepInfo(i, num, int(timesteps[i]), out))
                     if replaced is not None:
-                        state = replaced
+                        state = _checked_replacement(replaced, state)
         return self.final_sample(state)
 
     @staticmethod
@@ -434,4 +456,39 @@ class Sampler(ABC, Generic[StateT, CoeffT]):
                 f"step_noise: expected a tensor of shape {tuple(x.shape)} for step {i}, "
                 f"got {describe(z)}"
             )
+        if not z.dtype.is_floating_point:
+            raise InputTypeError(
+                f"step_noise: expected a floating-point tensor for step {i}, got dtype {z.dtype}"
+            )
         return z.to(device=device, dtype=dtype)
+
+
+def _checked_replacement(replaced: object, state: StateT) -> StateT:
+    """Validate a state returned by a callback against the current state and cast it alike."""
+    if isinstance(state, Tensor):
+        if not isinstance(replaced, Tensor):
+            raise InputTypeError(
+                "callback: expected the callback to return None or a tensor of shape "
+                f"{tuple(state.shape)}, got {describe(replaced)}"
+            )
+        if replaced.shape != state.shape:
+            raise InputValueError(
+                f"callback: expected a returned state of shape {tuple(state.shape)}, "
+                f"got {tuple(replaced.shape)}"
+            )
+        return cast(StateT, replaced.to(device=state.device, dtype=state.dtype))
+    if isinstance(state, tuple):
+        if not isinstance(replaced, tuple) or len(replaced) != len(state):
+            raise InputTypeError(
+                f"callback: expected None or a tuple of {len(state)} tensors like the state, "
+                f"got {describe(replaced)}"
+            )
+        return cast(
+            StateT, tuple(_checked_replacement(r, s) for r, s in zip(replaced, state, strict=True))
+        )
+    if type(replaced) is not type(state):
+        raise InputTypeError(
+            f"callback: expected None or a state of type {type(state).__name__}, "
+            f"got {describe(replaced)}"
+        )
+    return replaced

@@ -118,7 +118,7 @@ class DenoisingSampler(Sampler[Tensor, DCoeffT]):
         self._check_output(out, state)
         return self.update(state, out, coeffs, noise)
 
-    def _check_output(self, out: Tensor, x: Tensor) -> None:
+    def _check_output(self, out: Tensor, x: Tensor, name: str = "model output") -> None:
         factor = self.output_channels_factor
         expected = (x.shape[0], x.shape[1] * factor, *x.shape[2:])
         if out.shape != expected:
@@ -129,7 +129,7 @@ class DenoisingSampler(Sampler[Tensor, DCoeffT]):
                     "imgdiff.without_variance(model) or use DDPM(variance='learned_range')"
                 )
             raise InputValueError(
-                f"model output: expected shape {expected} for a sample of shape "
+                f"{name}: expected shape {expected} for a sample of shape "
                 f"{tuple(x.shape)}, got {tuple(out.shape)}{hint}"
             )
 
@@ -177,9 +177,18 @@ class DenoisingSampler(Sampler[Tensor, DCoeffT]):
                 device=x.device,
                 allow_final=True,
             )
-            if bool((prev_idx >= t_idx).any()):
-                raise InputValueError("prev_t: expected every prev_t < t (a denoising step)")
-        self._check_output(model_output, x)
+            bad = prev_idx >= t_idx
+            if bool(bad.any()):
+                b = int(torch.nonzero(bad)[0])
+                raise InputValueError(
+                    "prev_t: expected every prev_t < t (a denoising step), got prev_t "
+                    f"{int(prev_idx[b])} for t {int(t_idx[b])} at sample {b}"
+                )
+        self._check_output(model_output, x, "model_output")
+        if noise is not None and generator is not None:
+            raise InputValueError(
+                "noise: expected None when a generator is given (one source of noise), got both"
+            )
         dtype = self.state_dtype(x)
         final = 1.0 if self.final_alpha_bar == "one" else float(self.schedule.alphas_cumprod[0])
         ab_next = torch.where(
