@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 
 from imgdiff._checks import check_choice, check_float, check_tensor
-from imgdiff._ops import Scalar, add_scaled_, lincomb
-from imgdiff.errors import InputValueError
+from imgdiff._ops import Scalar, add_scaled_, fusable, lincomb
+from imgdiff.errors import InputTypeError, InputValueError
 from imgdiff.models import Model
 from imgdiff.samplers.base import Callback, StepOutput
 from imgdiff.samplers.denoising import DenoiserCoefficients, DenoisingSampler
@@ -27,7 +27,8 @@ class DDIMCoefficients(DenoiserCoefficients):
     ``x_s = sqrt_alpha_bar_next x0_hat + direction eps_hat + sigma z`` where
     ``sigma = eta sqrt((1 - ab_s)/(1 - ab_t)) sqrt(1 - ab_t/ab_s)`` (eq. 16) and
     ``direction = sqrt(1 - ab_s - sigma^2)``. Without thresholding the step is the single
-    combination ``x_s = x_coef x + out_coef out + sigma z``.
+    combination ``x_s = x_coef x + out_coef out + sigma z``, used when both coefficients are
+    moderate (:data:`imgdiff._ops.FUSE_LIMIT`); otherwise ``x0_hat`` is formed first.
     """
 
     sqrt_alpha_bar: Scalar
@@ -73,7 +74,7 @@ class DDIM(DenoisingSampler[DDIMCoefficients]):
         check_float("eta", self.eta, min=0.0)
         check_choice("final_alpha_bar", self.final_alpha_bar, FINAL_ALPHA_BARS)
         if not isinstance(self.rederive_eps, bool):
-            raise InputValueError(f"rederive_eps: expected a bool, got {self.rederive_eps!r}")
+            raise InputTypeError(f"rederive_eps: expected a bool, got {self.rederive_eps!r}")
 
     def coefficients(self, plan: SamplingPlan) -> DDIMCoefficients:
         pred = self.prediction_fields(plan)
@@ -103,7 +104,7 @@ class DDIM(DenoisingSampler[DDIMCoefficients]):
         self, x: Tensor, out: Tensor, coeffs: DDIMCoefficients, noise: Tensor | None
     ) -> StepOutput[Tensor]:
         c = coeffs
-        if self.thresholding is None:
+        if self.thresholding is None and fusable(c.x_coef, c.out_coef):
             x_next = lincomb(x, c.x_coef, out, c.out_coef)
             x0: Tensor | Callable[[], Tensor] = lambda: c.x0_hat(x, out)  # noqa: E731 - lazy
         else:

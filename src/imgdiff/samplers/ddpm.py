@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from imgdiff._checks import check_choice
-from imgdiff._ops import Scalar, add_scaled_, lincomb
+from imgdiff._ops import Scalar, add_scaled_, fusable, lincomb
 from imgdiff.samplers.base import StepOutput
 from imgdiff.samplers.denoising import DenoiserCoefficients, DenoisingSampler
 from imgdiff.schedules import POSTERIOR_VARIANCE_FLOOR
@@ -119,10 +119,10 @@ class DDPM(DenoisingSampler[DDPMCoefficients]):
         if self.output_channels_factor == 2:
             C = x.shape[1]
             mean_out, v = out[:, :C], out[:, C:]
-        if self.thresholding is None:
+        if self.thresholding is None and fusable(c.x_coef, c.out_coef):
             mean = lincomb(x, c.x_coef, mean_out, c.out_coef)
             x0 = None
-        else:
+        else:  # thresholding, or large coefficients that would cancel in one combination
             x0 = self.x0_hat(x, mean_out, c)
             mean = lincomb(x0, c.mean_x0, x, c.mean_x)
         log_var: Scalar
