@@ -23,21 +23,25 @@ import torch
 from torch import Tensor
 
 import imgdiff
-from imgdiff.samplers import BoundModel, DenoiserCoefficients, DenoisingSampler, StepOutput
+from imgdiff.samplers import (
+    BoundModel,
+    DenoiserCoefficients,
+    DenoisingSampler,
+    Scalar,
+    StepContext,
+    StepOutput,
+)
 from imgdiff.timesteps import SamplingPlan
-
-Scalar = float | Tensor
 
 
 @dataclass(frozen=True)
 class VECoefficients(DenoiserCoefficients):
-    """Per step: the scales of x at t and s, the VE noise levels, and the next timestep."""
+    """Per step: the scales of x at t and s, and the VE noise levels."""
 
     sqrt_alpha_bar: Scalar
     sqrt_alpha_bar_next: Scalar
     sigma: Scalar
     sigma_next: Scalar
-    next_timestep: Scalar
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,7 +56,6 @@ class EulerVE(DenoisingSampler[VECoefficients]):
             sqrt_alpha_bar_next=ab_s.sqrt(),
             sigma=((1 - ab) / ab).sqrt(),
             sigma_next=((1 - ab_s) / ab_s).sqrt(),
-            next_timestep=plan.next_timesteps.to(torch.float64),
         )
 
     def update(
@@ -61,7 +64,7 @@ class EulerVE(DenoisingSampler[VECoefficients]):
         c = coeffs
         eps = c.eps_hat(x, out)
         x_ve = x / c.sqrt_alpha_bar + (c.sigma_next - c.sigma) * eps
-        return StepOutput(x_ve * c.sqrt_alpha_bar_next, lambda: c.x0_hat(x, out))
+        return StepOutput(x_ve * c.sqrt_alpha_bar_next, lambda: c.raw_x0_hat(x, out))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,34 +80,30 @@ class HeunVE(EulerVE):
         model: BoundModel,
         state: Tensor,
         coeffs: VECoefficients,
-        t: Tensor,
+        ctx: StepContext,
         noise: Tensor | None,
     ) -> StepOutput[Tensor]:
-        c = coeffs
-        x = state
-        out = model(x, t)
+        c, x = coeffs, state
+        out = model(x, ctx.t)
         eps = c.eps_hat(x, out)
         d_sigma = c.sigma_next - c.sigma
-        x_ve_next = x / c.sqrt_alpha_bar + d_sigma * eps
-        if isinstance(c.next_timestep, float) and c.next_timestep < 0:
-            return StepOutput(x_ve_next * c.sqrt_alpha_bar_next, lambda: c.x0_hat(x, out))
-        # Python float -> device tensor by a fill: no host-device synchronisation.
-        t_next = torch.full_like(t, int(c.next_timestep))
-        x_next = x_ve_next * c.sqrt_alpha_bar_next
-        out_next = model(x_next, t_next)
-        # eps at the next level, from the model output there (prediction-type aware).
-        a, s = c.sqrt_alpha_bar_next, (1 - c.sqrt_alpha_bar_next**2) ** 0.5
-        x0_next = self._x0_at(x_next, out_next, a, s)
-        eps_next = (x_next - a * x0_next) / s
+        x_next = (x / c.sqrt_alpha_bar + d_sigma * eps) * c.sqrt_alpha_bar_next
+        if ctx.next_timestep < 0:  # a Python int: no device read
+            return StepOutput(x_next, lambda: c.raw_x0_hat(x, out))
+        # Correct with eps at the Euler estimate, from the model at the next listed timestep.
+        out_next = model(x_next, ctx.t_next)
+        a = c.sqrt_alpha_bar_next
+        eps_next = self._eps_at(x_next, out_next, a, (1 - a**2) ** 0.5)
         x_ve = x / c.sqrt_alpha_bar + d_sigma * 0.5 * (eps + eps_next)
-        return StepOutput(x_ve * c.sqrt_alpha_bar_next, lambda: c.x0_hat(x, out))
+        return StepOutput(x_ve * c.sqrt_alpha_bar_next, lambda: c.raw_x0_hat(x, out))
 
-    def _x0_at(self, x: Tensor, out: Tensor, a: Scalar, s: Scalar) -> Tensor:
+    def _eps_at(self, x: Tensor, out: Tensor, a: Scalar, s: Scalar) -> Tensor:
+        """eps from a model output at the level with sqrt(alpha_bar) = a, sqrt(1 - alpha_bar) = s."""
         if self.prediction == "epsilon":
-            return (x - s * out) / a
-        if self.prediction == "sample":
             return out
-        return a * x - s * out
+        if self.prediction == "sample":
+            return (x - a * out) / s
+        return s * x + a * out
 
 
 def exact_gaussian_flow(

@@ -1562,7 +1562,7 @@ def test_invert_leaves_input_unchanged():
 # ====================================================================== step_at
 
 
-def _step_at(sampler=None, model_output=None, x=None, t=5, prev_t=None, **kw):
+def _step_at(sampler=None, model_output=None, x=None, t=5, prev_t=-1, **kw):
     sampler = DDPM(SCHEDULE) if sampler is None else sampler
     x = _randn(*SHAPE) if x is None else x
     model_output = _randn(*SHAPE, seed=1) if model_output is None else model_output

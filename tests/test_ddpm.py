@@ -44,7 +44,7 @@ def test_ddpm3_posterior_identities_per_step(spacing: str, n: int) -> None:
     c = sampler.coefficients(plan)
     ab, ab_s = plan.alpha_bar, plan.alpha_bar_next
     torch.testing.assert_close(c.mean_x0 + c.mean_x * ab.sqrt(), ab_s.sqrt(), rtol=0, atol=1e-12)
-    var = torch.exp(c.log_variance)  # type: ignore[arg-type]
+    var = torch.exp(c.log_beta_tilde)  # type: ignore[arg-type]
     var = torch.where(plan.next_timesteps >= 0, var, torch.zeros_like(var))  # floor at the end
     torch.testing.assert_close(c.mean_x**2 * (1 - ab) + var, 1 - ab_s, rtol=0, atol=1e-12)
 
@@ -80,17 +80,24 @@ def test_ddpm5_point_mass_returns_the_point_exactly(prediction: str) -> None:
 
 
 def test_ddpm6_oracle_loss_and_v_weighting() -> None:
-    """DDPM-6: the true eps has loss 0; the v-loss is (1 + 1/SNR) times the eps-loss (1e-10)."""
+    """DDPM-6: an oracle that knows x0 has loss 0 for every target; v-loss = (1 + 1/SNR) eps-loss.
+
+    The oracle recovers the noise from x_t alone (eps = (x_t - sqrt(ab) x0) / sqrt(1 - ab)) and
+    expresses it as each prediction type, so the zero loss checks add_noise, training_target and
+    the conversions against each other.
+    """
     s = NoiseSchedule.linear()
     g = torch.Generator().manual_seed(0)
     x0, eps, eps_hat = (torch.randn(6, 3, 4, 4, generator=g, dtype=torch.float64) for _ in range(3))
     t = torch.tensor([0, 1, 100, 500, 900, 999])
     x_t = add_noise(s, x0, eps, t)
-    assert torch.equal(
-        denoising_loss(eps, training_target(s, x0, eps, t, "epsilon")),
-        torch.zeros(6, dtype=torch.float64),
-    )
     ab = s.alphas_cumprod[t]
+    a, sg = ab.sqrt().reshape(-1, 1, 1, 1), (1 - ab).sqrt().reshape(-1, 1, 1, 1)
+    eps_oracle = (x_t - a * x0) / sg
+    for prediction in ("epsilon", "sample", "v"):
+        oracle = convert_prediction(eps_oracle, x_t, ab, source="epsilon", target=prediction)  # type: ignore[arg-type]
+        loss = denoising_loss(oracle, training_target(s, x0, eps, t, prediction))  # type: ignore[arg-type]
+        assert float(loss.max()) < 1e-20, prediction
     v_hat = convert_prediction(eps_hat, x_t, ab, source="epsilon", target="v")
     loss_eps = denoising_loss(eps_hat, eps)
     loss_v = denoising_loss(v_hat, training_target(s, x0, eps, t, "v"))
@@ -100,14 +107,19 @@ def test_ddpm6_oracle_loss_and_v_weighting() -> None:
 
 
 def test_ddpm7_learned_range_endpoints() -> None:
-    """DDPM-7: v_raw = -1 gives log beta_tilde (clipped), v_raw = +1 gives log beta (1e-12)."""
+    """DDPM-7: v_raw = -1 gives log beta_tilde (clipped), v_raw = +1 gives log beta (1e-12).
+
+    The sampler floors beta_tilde_0 = 0 at 1e-20 as diffusers does (only the noise-free last
+    step reads it); the variational bound uses improved DDPM's beta_tilde_1 there (tested below).
+    """
     s = NoiseSchedule.linear()
     sampler = DDPM(s, variance="learned_range")
     t = torch.tensor([0, 1, 500, 999])
     plan = SamplingPlan(t, t - 1, s.alphas_cumprod[t], s.alphas_cumprod_prev[t])
     c = sampler.coefficients(plan).per_sample(4, torch.float64)
     x = torch.zeros(4, 2, 3, 3, dtype=torch.float64)
-    for v_raw, want in ((-1.0, s.posterior_log_variance_clipped[t]), (1.0, torch.log(s.betas[t]))):
+    floored = torch.log(s.posterior_variance.clamp(min=1e-20))
+    for v_raw, want in ((-1.0, floored[t]), (1.0, torch.log(s.betas[t]))):
         out = torch.cat([torch.zeros_like(x), torch.full_like(x, v_raw)], dim=1)
         _, log_var, _ = sampler.posterior(x, out, c)
         assert isinstance(log_var, torch.Tensor)
@@ -138,6 +150,36 @@ def test_ddpm8_vlb_trains_only_the_variance() -> None:
     (g_hybrid,) = torch.autograd.grad(hybrid_loss(s, out, x0, x_t, eps, t).sum(), out)
     (g_simple,) = torch.autograd.grad(denoising_loss(out[:, :3], eps).sum(), out)
     torch.testing.assert_close(g_hybrid[:, :3], g_simple[:, :3], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("v_raw", [-1.0, 0.0, 1.0])
+def test_vlb_decoder_term_at_t0(v_raw: float) -> None:
+    """At t = 0 the VLB is the discretised-Gaussian NLL of x0, with improved DDPM's variance.
+
+    The decoder's log-variance is frac log beta_0 + (1 - frac) log beta_tilde_1 (beta_tilde_0 = 0
+    is replaced, not floored); the bin probability is computed here with the exact Gaussian CDF
+    (erf), an independent check of the tanh approximation and of the variance convention.
+    """
+    s = NoiseSchedule.linear()
+    g = torch.Generator().manual_seed(3)
+    x0 = (torch.randint(0, 256, (2, 3, 4, 4), generator=g).double() / 127.5 - 1).clamp(-0.99, 0.99)
+    t = torch.zeros(2, dtype=torch.int64)
+    x_t = add_noise(s, x0, torch.randn(x0.shape, generator=g, dtype=torch.float64), t)
+    out = torch.cat([x0, torch.full_like(x0, v_raw)], dim=1)  # exact x0, chosen variance
+    nll_bits = vlb_term(s, out, x0, x_t, t, prediction="sample")
+    frac = (v_raw + 1) / 2
+    log_var = frac * math.log(float(s.betas[0])) + (1 - frac) * math.log(
+        float(s.posterior_variance[1])
+    )
+    std = math.exp(0.5 * log_var)
+    mean = float(s.posterior_mean_coef1[0]) * x0 + float(s.posterior_mean_coef2[0]) * x_t
+    normal = torch.distributions.Normal(mean, std)
+    p_bin = normal.cdf(x0 + 1 / 255) - normal.cdf(x0 - 1 / 255)
+    want = (-torch.log(p_bin)).mean(dim=(1, 2, 3)) / math.log(2)
+    torch.testing.assert_close(nll_bits, want, rtol=2e-3, atol=0)
+    assert (
+        0.5 < float(want.mean()) < 3.0
+    )  # a useful number of bits, not the 1e-20 floor's ~0 or ~40
 
 
 def test_vlb_is_zero_for_the_true_posterior() -> None:
@@ -196,14 +238,15 @@ def test_noise_mask_is_per_sample() -> None:
     out = torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64)
     z = torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64)
     t = torch.tensor([5, 0, 3])
-    noisy = sampler.step_at(out, x, t, noise=z).state
-    clean = sampler.step_at(out, x, t, noise=torch.zeros_like(z)).state
+    noisy = sampler.step_at(out, x, t, t - 1, noise=z).state
+    clean = sampler.step_at(out, x, t, t - 1, noise=torch.zeros_like(z)).state
     assert torch.equal(noisy[1], clean[1])
     assert not torch.allclose(noisy[0], clean[0])
     assert not torch.allclose(noisy[2], clean[2])
-    # Per-sample steps equal the loop's step for each sample alone.
+    # Each sample's step in the batch equals the same step taken for that sample alone.
     for b in range(3):
-        alone = sampler.step_at(out[b : b + 1], x[b : b + 1], int(t[b]), noise=z[b : b + 1]).state
+        tb = int(t[b])
+        alone = sampler.step_at(out[b : b + 1], x[b : b + 1], tb, tb - 1, noise=z[b : b + 1]).state
         torch.testing.assert_close(alone, noisy[b : b + 1], rtol=0, atol=0)
 
 

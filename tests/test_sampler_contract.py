@@ -9,12 +9,12 @@ from typing import ClassVar
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import imgdiff
-from imgdiff import DDIM, DDPM, GaussianDenoiser, NoiseSchedule
+from imgdiff import DDIM, DDPM, Clip, DynamicThreshold, GaussianDenoiser, NoiseSchedule
 
 from .conftest import TanhModel, TimeOnlyModel
 
@@ -106,7 +106,7 @@ def test_inputs_are_not_modified() -> None:
     DDIM(s).invert(model, x, num_steps=5, progress=False)
     out = torch.randn(2, 2, 3, 3)
     out_keep = out.clone()
-    DDPM(s).step_at(out, x, torch.tensor([3, 4]))
+    DDPM(s).step_at(out, x, torch.tensor([3, 4]), torch.tensor([2, -1]))
     assert torch.equal(x, keep)
     assert torch.equal(out, out_keep)
 
@@ -232,62 +232,100 @@ class _SyncCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("name", sorted(SAMPLERS))
-def test_no_host_reads_inside_the_loop(name: str) -> None:
+# Every option that changes the loop's code path: thresholding, rederived eps, learned variance.
+LOOP_CONFIGS = {
+    **SAMPLERS,
+    "ddim_clip_rederive": lambda s: DDIM(s, thresholding=Clip(1.0), rederive_eps=True),
+    "ddim_dynamic": lambda s: DDIM(s, eta=1.0, thresholding=DynamicThreshold(0.9, 1.5)),
+    "ddpm_clip": lambda s: DDPM(s, thresholding=Clip(1.0)),
+    "ddpm_learned_range": lambda s: DDPM(s, variance="learned_range"),
+}
+NOISE_SOURCES = ("generator", "generator_list", "step_noise")
+
+
+class SyncFreeModel:
+    """A model that never reads device values: ``0.5 tanh(x) + 1e-3 t`` (plus variance channels)."""
+
+    def __init__(self, learned_variance: bool) -> None:
+        self.learned_variance = learned_variance
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out = torch.tanh(x) * 0.5 + t.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1))) * 1e-3
+        return torch.cat([out, torch.zeros_like(out)], dim=1) if self.learned_variance else out
+
+
+def _noise_kwargs(
+    source: str, sampler: imgdiff.Sampler, n: int, x: torch.Tensor
+) -> dict[str, object]:
+    if source == "generator":
+        return {"generator": torch.Generator(device=x.device).manual_seed(0)}
+    if source == "generator_list":
+        return {
+            "generator": [
+                torch.Generator(device=x.device).manual_seed(k) for k in range(x.shape[0])
+            ]
+        }
+    return {"step_noise": torch.zeros(n, *x.shape, device=x.device)}
+
+
+@pytest.mark.parametrize("source", NOISE_SOURCES)
+@pytest.mark.parametrize("name", sorted(LOOP_CONFIGS))
+def test_no_host_reads_inside_the_loop(name: str, source: str) -> None:
     """No step reads a tensor value on the host: the count does not grow with the number of steps."""
     s = NoiseSchedule.linear()
-    sampler = SAMPLERS[name](s)
-    model = TanhModel((2, 3, 3))
+    sampler = LOOP_CONFIGS[name](s)
+    model = SyncFreeModel(isinstance(sampler, DDPM) and sampler.output_channels_factor == 2)
     x = torch.randn(2, 2, 3, 3)
     counts = []
     for n in (5, 40):
         with _SyncCounter() as counter:
             sampler.sample(
-                model, x, num_steps=n, generator=torch.Generator().manual_seed(0), progress=False
-            )
+                model, x, num_steps=n, progress=False, **_noise_kwargs(source, sampler, n, x)
+            )  # type: ignore[arg-type]
         counts.append(counter.count)
     assert counts[0] == counts[1]
 
 
-@pytest.mark.parametrize("name", sorted(SAMPLERS))
+@pytest.mark.parametrize("name", sorted(set(LOOP_CONFIGS) - {"ddim_dynamic"}))
 def test_loop_runs_on_a_device_that_forbids_host_reads(name: str) -> None:
-    """On the meta device any .item() or host-table indexing raises: the whole loop still runs."""
+    """On the meta device any .item() or host-table indexing raises: the whole loop still runs.
+
+    (Dynamic thresholding is left out: torch.quantile has no meta kernel; the dispatch-mode test
+    above covers it.)
+    """
     s = NoiseSchedule.linear()
-    sampler = SAMPLERS[name](s)
-
-    def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(x) * 0.5 + t.to(x.dtype).reshape(-1, 1, 1, 1) * 1e-3
-
+    sampler = LOOP_CONFIGS[name](s)
+    model = SyncFreeModel(isinstance(sampler, DDPM) and sampler.output_channels_factor == 2)
     x = torch.empty(2, 3, 8, 8, device="meta")
     out = sampler.sample(model, x, num_steps=10, progress=False)
     assert out.device.type == "meta"
     assert out.shape == x.shape
-    if isinstance(sampler, DDIM) and sampler.eta == 0:
+    if isinstance(sampler, DDIM) and sampler.eta == 0 and sampler.thresholding is None:
         assert sampler.invert(model, x, num_steps=10, progress=False).device.type == "meta"
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("name", sorted(SAMPLERS))
-def test_no_cuda_sync_in_the_loop(name: str) -> None:  # pragma: no cover - GPU only
-    """With torch's sync debug mode set to error, a CUDA sampling loop never synchronises."""
+@pytest.mark.parametrize("source", NOISE_SOURCES)
+@pytest.mark.parametrize("name", sorted(LOOP_CONFIGS))
+def test_no_cuda_sync_in_the_loop(name: str, source: str) -> None:  # pragma: no cover - GPU only
+    """With torch's sync debug mode set to error, a whole CUDA sampling call never synchronises.
+
+    Noise comes from CUDA generators or a CUDA step_noise tensor (a CPU generator for a CUDA
+    sample copies each step's noise, which is a synchronisation by design).
+    """
     s = NoiseSchedule.linear()
-    sampler = SAMPLERS[name](s)
-    model = GaussianDenoiser(s)
+    sampler = LOOP_CONFIGS[name](s)
+    model = SyncFreeModel(isinstance(sampler, DDPM) and sampler.output_channels_factor == 2)
     x = torch.randn(2, 3, 16, 16, device="cuda")
-    g = torch.Generator(device="cuda").manual_seed(0)
+    kwargs = _noise_kwargs(source, sampler, 20, x)
+    torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        sampler.run(
-            model,
-            x,
-            sampler.plan(20),
-            sampler.coefficients(sampler.plan(20)),
-            generator=g,
-            progress=False,
-        )
+        out = sampler.sample(model, x, num_steps=20, progress=False, **kwargs)  # type: ignore[arg-type]
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    assert out.device.type == "cuda"
 
 
 def test_import_is_light() -> None:
@@ -313,8 +351,7 @@ def test_inversion_round_trip_property(
 ) -> None:
     """Any shape, spacing, step count, final level and strength: exact round trip in float64."""
     s = NoiseSchedule.linear()
-    if int(steps * strength) < 1:
-        return
+    assume(int(steps * strength) >= 1)
     model = TimeOnlyModel(shape[1:])
     x0 = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     sampler = DDIM(s, spacing=spacing, final_alpha_bar=final)  # type: ignore[arg-type]

@@ -224,7 +224,10 @@ def test_posterior_tables() -> None:
         atol=1e-12,
     )
     assert float(s.posterior_variance[0]) == 0.0
-    assert float(s.posterior_log_variance_clipped[0]) == pytest.approx(math.log(1e-20))
+    # improved DDPM's clipped log-variance substitutes beta_tilde_1 at t = 0.
+    clipped = s.posterior_log_variance_clipped
+    assert float(clipped[0]) == float(clipped[1]) == math.log(float(s.posterior_variance[1]))
+    torch.testing.assert_close(clipped[1:], torch.log(s.posterior_variance[1:]), rtol=0, atol=0)
 
 
 def test_schedule_is_immutable() -> None:

@@ -13,7 +13,7 @@ LPIPS, metrics) are imported only when used.
 """
 
 from imgdiff.errors import ImgdiffError, InputTypeError, InputValueError
-from imgdiff.models import Model, infer_model_dtype, without_variance
+from imgdiff.models import BoundModel, Model, infer_model_dtype, without_variance
 from imgdiff.noising import add_noise, training_target
 from imgdiff.oracles import EmpiricalDenoiser, GaussianDenoiser
 from imgdiff.prediction import PredictionType, convert_prediction
@@ -24,6 +24,7 @@ from imgdiff.samplers import (
     DenoisingSampler,
     Sampler,
     StepCoefficients,
+    StepContext,
     StepInfo,
     StepOutput,
 )
@@ -42,6 +43,7 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "DDIM",
     "DDPM",
+    "BoundModel",
     "Clip",
     "DenoisingSampler",
     "DynamicThreshold",
@@ -58,6 +60,7 @@ __all__ = [
     "SamplingPlan",
     "Spacing",
     "StepCoefficients",
+    "StepContext",
     "StepInfo",
     "StepOutput",
     "Thresholding",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["FUSE_LIMIT", "Scalar", "add_scaled_", "fusable", "lincomb"]
+__all__ = ["FUSE_LIMIT", "Scalar", "add_scaled_", "fusable", "lincomb", "per_sample"]
 
 Scalar = float | Tensor
 """A per-step coefficient: a Python float, or a tensor broadcastable to the sample."""
@@ -63,3 +63,13 @@ def add_scaled_(out: Tensor, y: Tensor, b: Scalar) -> Tensor:
     if isinstance(b, Tensor):
         return out.addcmul_(y, b)
     return out.add_(y, alpha=b)
+
+
+def per_sample(values: Tensor, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """Per-sample values ``(B,)`` as ``(B, 1, ..., 1)`` on ``like``'s device, in ``dtype`` (``like``'s).
+
+    The one place imgdiff broadcasts a per-sample scalar against a sample: never ``(B,)``
+    against ``(B, C, H, W)`` directly, which broadcasts along W when B == W.
+    """
+    out = values.to(device=like.device, dtype=dtype or like.dtype)
+    return out.reshape((-1,) + (1,) * (like.ndim - 1))

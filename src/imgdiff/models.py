@@ -8,15 +8,16 @@ its ``prediction``, never guessed.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from imgdiff._checks import check_tensor
+from imgdiff._checks import check_tensor, describe
+from imgdiff.errors import InputTypeError
 
-__all__ = ["Model", "infer_model_dtype", "without_variance"]
+__all__ = ["BoundModel", "Model", "infer_model_dtype", "without_variance"]
 
 Model = Callable[..., Tensor]
 """``model(x: (B, ...), t: (B,) int64, **cond) -> Tensor`` of ``x``'s shape (``2C`` channels
@@ -51,3 +52,39 @@ def without_variance(model: Model) -> Model:
     use a learned variance, such as DDIM.
     """
     return _WithoutVariance(model)
+
+
+class BoundModel:
+    """The user's model bound to its keyword conditions, with the dtype boundary.
+
+    ``bound(x, t)`` casts ``x`` (``(B, ...)``, state dtype) to ``model_dtype``, calls
+    ``model(x, t, **kwargs)`` with ``t`` ``(B,)`` int64, and returns the output in
+    ``state_dtype``. Samplers call this, never the raw model.
+    """
+
+    __slots__ = ("kwargs", "model", "model_dtype", "state_dtype")
+
+    def __init__(
+        self,
+        model: Model,
+        *,
+        model_dtype: torch.dtype,
+        state_dtype: torch.dtype,
+        kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.model = model
+        self.model_dtype = model_dtype
+        self.state_dtype = state_dtype
+        self.kwargs = dict(kwargs or {})
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        """The model's output at ``(x, t)``, ``(B, ...)`` in the state dtype."""
+        if x.dtype != self.model_dtype:
+            x = x.to(self.model_dtype)
+        out = self.model(x, t, **self.kwargs)
+        if not isinstance(out, Tensor):
+            raise InputTypeError(
+                f"model: expected the model to return a torch.Tensor, got {describe(out)}; wrap "
+                "networks that return objects, e.g. lambda x, t, **c: unet(x, t, **c).sample"
+            )
+        return out if out.dtype == self.state_dtype else out.to(self.state_dtype)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from imgdiff._checks import check_choice, check_same_shape, check_tensor, check_timestep_tensor
+from imgdiff._ops import per_sample
 from imgdiff.prediction import PREDICTION_TYPES, PredictionType
 from imgdiff.schedules import NoiseSchedule, check_schedule
 
@@ -21,8 +22,8 @@ def _gathered(
     idx = check_timestep_tensor(
         "t", t, batch=x0.shape[0], num_train_timesteps=len(schedule), device=x0.device
     )
-    ab = schedule.alpha_bar_at(idx).reshape(-1, *([1] * (x0.ndim - 1)))
-    return ab.sqrt().to(x0.dtype), (1.0 - ab).sqrt().to(x0.dtype)
+    ab = schedule.alpha_bar_at(idx)  # float64 until the cast: 1 - ab near 1 needs it
+    return per_sample(ab.sqrt(), x0), per_sample((1.0 - ab).sqrt(), x0)
 
 
 def add_noise(schedule: NoiseSchedule, x0: Tensor, noise: Tensor, t: Tensor | int) -> Tensor:
@@ -53,4 +54,4 @@ def training_target(
         return noise.clone()
     if prediction == "sample":
         return x0.clone()
-    return a * noise - s * x0
+    return a * noise - s * x0  # v_from_x0_eps with the (B, 1, ...) scales already gathered

@@ -13,20 +13,17 @@ import torch
 from torch import Tensor
 
 from imgdiff._checks import check_choice, check_float, check_tensor, check_timestep_tensor
+from imgdiff._ops import per_sample
 from imgdiff.errors import InputValueError
-from imgdiff.prediction import PREDICTION_TYPES, PredictionType
+from imgdiff.prediction import PREDICTION_TYPES, PredictionType, convert_prediction
 from imgdiff.schedules import NoiseSchedule, check_schedule
 
 __all__ = ["EmpiricalDenoiser", "GaussianDenoiser"]
 
 
 def _express(x0: Tensor, x_t: Tensor, ab: Tensor, prediction: PredictionType) -> Tensor:
-    """Express the exact ``x0`` as the requested prediction type (``ab`` broadcastable)."""
-    if prediction == "sample":
-        return x0
-    a, s = ab.sqrt(), (1.0 - ab).sqrt()
-    eps = (x_t - a * x0) / s
-    return eps if prediction == "epsilon" else a * eps - s * x0
+    """Express the exact ``x0`` as the requested prediction type (``ab`` is ``(B, 1, ..., 1)``)."""
+    return convert_prediction(x0, x_t, ab.reshape(-1), source="sample", target=prediction)
 
 
 def _levels(schedule: NoiseSchedule, x: Tensor, t: Tensor) -> Tensor:
@@ -44,7 +41,7 @@ def _levels(schedule: NoiseSchedule, x: Tensor, t: Tensor) -> Tensor:
         "t", t, batch=x.shape[0], num_train_timesteps=len(schedule), device=x.device
     )
     table = schedule.alphas_cumprod.to(device=x.device, dtype=x.dtype)
-    return table[idx].reshape(-1, *([1] * (x.ndim - 1)))
+    return per_sample(table[idx], x)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from imgdiff._checks import check_choice, check_same_shape, check_tensor, describe
+from imgdiff._ops import per_sample
 from imgdiff.errors import InputTypeError, InputValueError
 
 __all__ = [
@@ -99,7 +100,7 @@ def _alpha_bar_like(alpha_bar: object, x: Tensor) -> Tensor:
         )
     ab = torch.as_tensor(alpha_bar, dtype=torch.float64, device=x.device)
     if ab.ndim == 1 and ab.shape[0] == x.shape[0]:
-        ab = ab.reshape(-1, *([1] * (x.ndim - 1)))
+        ab = per_sample(ab, x, torch.float64)
     elif ab.ndim != 0:
         raise InputValueError(
             f"alpha_bar: expected a float, a 0-d tensor or shape ({x.shape[0]},) to match the "

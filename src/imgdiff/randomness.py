@@ -16,9 +16,10 @@ from torch import Tensor
 from imgdiff._checks import check_floating_dtype, describe
 from imgdiff.errors import InputTypeError, InputValueError
 
-__all__ = ["Generators", "check_generators", "randn"]
+__all__ = ["Generators", "check_generators", "draw_normal", "randn"]
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
+"""``None`` (torch's global RNG), one generator for the batch, or one generator per sample."""
 
 
 def check_generators(generator: object, batch: int) -> Generators:
@@ -66,11 +67,21 @@ def randn(
     check_floating_dtype("dtype", dtype)
     gens = check_generators(generator, shape[0])
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    if gens is None:
-        return torch.randn(shape, device=dev, dtype=dtype)
-    if isinstance(gens, torch.Generator):
-        return torch.randn(shape, generator=gens, device=gens.device, dtype=dtype).to(dev)
+    return draw_normal(shape, gens, dev, dtype)
+
+
+def draw_normal(
+    shape: Sequence[int], generator: Generators, device: torch.device, dtype: torch.dtype
+) -> Tensor:
+    """:func:`randn` without validation, for loops whose arguments were checked once."""
+    if generator is None:
+        return torch.randn(tuple(shape), device=device, dtype=dtype)
+    if isinstance(generator, torch.Generator):
+        return torch.randn(
+            tuple(shape), generator=generator, device=generator.device, dtype=dtype
+        ).to(device)
+    item = tuple(shape[1:])
     parts = [
-        torch.randn(shape[1:], generator=g, device=g.device, dtype=dtype).to(dev) for g in gens
+        torch.randn(item, generator=g, device=g.device, dtype=dtype).to(device) for g in generator
     ]
     return torch.stack(parts)

@@ -22,13 +22,11 @@ from imgdiff._checks import (
     describe,
 )
 from imgdiff.errors import InputTypeError, InputValueError
+from imgdiff.posterior import posterior_coefficients
 
 __all__ = ["NoiseSchedule", "check_schedule", "karras_sigmas", "sigma_to_timestep"]
 
 ArrayLike = Tensor | np.ndarray | Sequence[float]
-
-#: Clamp used before taking ``log`` of the posterior variance (which is 0 at t = 0), as diffusers.
-POSTERIOR_VARIANCE_FLOOR = 1e-20
 
 
 def _as_float64(name: str, values: ArrayLike) -> Tensor:
@@ -131,7 +129,12 @@ class NoiseSchedule:
     def linear(
         cls, num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02
     ) -> NoiseSchedule:
-        """DDPM's linear betas (Ho et al. 2020): ``beta_i = linspace(beta_start, beta_end, T)[i]``."""
+        """DDPM's linear betas (Ho et al. 2020): ``beta_i = linspace(beta_start, beta_end, T)[i]``.
+
+        The ends are used as given for any ``T`` (as diffusers). improved-diffusion instead scales
+        both by ``1000 / T`` so other ``T`` keep the same total noise: pass
+        ``beta_start=1e-4 * 1000 / T, beta_end=0.02 * 1000 / T`` for that.
+        """
         T = check_int("num_train_timesteps", num_train_timesteps, min=2)
         start = check_float("beta_start", beta_start, min=0.0, max=1.0, min_open=True)
         end = check_float("beta_end", beta_end, min=0.0, max=1.0, min_open=True)
@@ -298,30 +301,29 @@ class NoiseSchedule:
 
         Variance of ``q(x_{t-1} | x_t, x_0)`` (DDPM eq. 7), shape ``(T,)``.
         """
-        return self._betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self._alphas_cumprod)
+        return posterior_coefficients(self._alphas_cumprod, self.alphas_cumprod_prev).beta_tilde
 
     @property
     def posterior_log_variance_clipped(self) -> Tensor:
-        """``log(max(beta_tilde_t, 1e-20))``, shape ``(T,)``, as diffusers clamps it.
+        """``log beta_tilde_t`` with ``t = 0`` replaced by ``t = 1`` (improved DDPM), shape ``(T,)``.
 
-        improved-diffusion substitutes ``beta_tilde_1`` at ``t = 0`` instead; the two differ only
-        at t = 0, where sampling adds no noise.
+        ``beta_tilde_0 = 0``; improved-diffusion substitutes ``beta_tilde_1`` there, which is what
+        the decoder term of the variational bound at ``t = 0`` uses. (diffusers instead clamps at
+        ``1e-20``, as imgdiff's DDPM sampler does; that value is only read on the step to the
+        clean level, which adds no noise.)
         """
-        return torch.log(torch.clamp(self.posterior_variance, min=POSTERIOR_VARIANCE_FLOOR))
+        beta_tilde = self.posterior_variance
+        return torch.log(torch.cat([beta_tilde[1:2], beta_tilde[1:]]))
 
     @property
     def posterior_mean_coef1(self) -> Tensor:
         """``c1_t = sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t)``: weight of ``x_0`` in DDPM eq. 7."""
-        return torch.sqrt(self.alphas_cumprod_prev) * self._betas / (1.0 - self._alphas_cumprod)
+        return posterior_coefficients(self._alphas_cumprod, self.alphas_cumprod_prev).mean_x0
 
     @property
     def posterior_mean_coef2(self) -> Tensor:
         """``c2_t = sqrt(alpha_t) (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t)``: weight of ``x_t``."""
-        return (
-            torch.sqrt(self.alphas)
-            * (1.0 - self.alphas_cumprod_prev)
-            / (1.0 - self._alphas_cumprod)
-        )
+        return posterior_coefficients(self._alphas_cumprod, self.alphas_cumprod_prev).mean_x
 
     def alpha_bar_at(self, t: Tensor | int, *, batch: int | None = None) -> Tensor:
         """Gather ``alpha_bar`` at training timesteps ``t``: float64 of shape ``(B,)`` on ``t``'s device.
@@ -386,7 +388,8 @@ def karras_sigmas(
     """Karras et al. 2022 (EDM), eq. 5: ``num_steps`` noise levels from ``sigma_max`` to ``sigma_min``.
 
     ``sigma_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho``,
-    followed by an appended 0. Returns float64 of shape ``(num_steps + 1,)``. The end points
+    followed by an appended 0 (the clean level; drop it, ``sigmas[:-1]``, before
+    :func:`sigma_to_timestep`). Returns float64 of shape ``(num_steps + 1,)``. The end points
     default to the schedule's smallest and largest finite VE sigma; a zero-terminal-SNR schedule
     has an infinite largest sigma, so pass ``sigma_max`` explicitly for it.
     """
@@ -415,8 +418,9 @@ def karras_sigmas(
 def sigma_to_timestep(sigmas: Tensor, schedule: NoiseSchedule) -> Tensor:
     """Fractional training timesteps for VE noise levels, by interpolating ``log sigma_t`` linearly.
 
-    ``sigmas`` of any shape (positive, finite); returns float64 of the same shape, clamped to
-    ``[0, T-1]``. This is how Karras-spaced levels are fed to a model trained on discrete ``t``.
+    ``sigmas`` of any shape (positive, finite); returns float64 of the same shape, clamped to the
+    timesteps with a finite sigma (``[0, T-1]``, or ``[0, T-2]`` at zero terminal SNR). Models
+    that accept continuous timesteps can be fed these; imgdiff's samplers pass integer ones.
     """
     check_tensor("sigmas", sigmas, floating=True)
     schedule = check_schedule("schedule", schedule)

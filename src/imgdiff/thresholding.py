@@ -5,6 +5,7 @@ Both make a sampling step non-invertible, so inversion and EDICT refuse them.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -16,11 +17,12 @@ __all__ = ["Clip", "DynamicThreshold", "Thresholding"]
 
 
 @dataclass(frozen=True)
-class Thresholding:
-    """Base class: a deterministic map applied to ``x0_hat`` of shape ``(B, ...)``."""
+class Thresholding(ABC):
+    """Base class: a deterministic map applied to ``x0_hat`` each step. Subclass it for your own."""
 
+    @abstractmethod
     def __call__(self, x0: Tensor) -> Tensor:
-        raise NotImplementedError
+        """The processed ``x0_hat``: same shape ``(B, ...)`` and dtype; must not modify ``x0``."""
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,7 @@ class Clip(Thresholding):
         check_float("limit", self.limit, min=0.0, min_open=True)
 
     def __call__(self, x0: Tensor) -> Tensor:
+        """``clamp(x0, -limit, limit)``, shape ``(B, ...)``."""
         return x0.clamp(-self.limit, self.limit)
 
 
@@ -54,6 +57,7 @@ class DynamicThreshold(Thresholding):
         check_float("max_value", self.max_value, min=1.0)
 
     def __call__(self, x0: Tensor) -> Tensor:
+        """Per-sample dynamic thresholding of ``x0`` ``(B, ...)``."""
         flat = x0.reshape(x0.shape[0], -1)
         work = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
         s = torch.quantile(work.abs(), self.ratio, dim=1).clamp(1.0, self.max_value).unsqueeze(1)

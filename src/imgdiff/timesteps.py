@@ -101,18 +101,21 @@ def inference_timesteps(
     num_steps: int,
     spacing: Spacing = "leading",
     offset: int = 0,
+    *,
+    offset_name: str = "offset",
 ) -> tuple[int, ...]:
     """``num_steps`` descending training timesteps picked with ``spacing``, each shifted by ``offset``.
 
     Identical to diffusers' ``set_timesteps`` for ``leading`` with ``steps_offset = offset``, and
     for ``trailing`` / ``linspace`` with ``offset = 0`` (diffusers ignores ``steps_offset`` for
     those; imgdiff applies it to every spacing). Raises if a shifted timestep leaves
-    ``[0, T-1]``.
+    ``[0, T-1]``; ``offset_name`` is the name the error gives the offset (a sampler's
+    ``steps_offset``).
     """
     T = check_int("num_train_timesteps", num_train_timesteps, min=1)
     N = check_int("num_steps", num_steps, min=1, max=T)
     spacing = check_choice("spacing", spacing, SPACINGS)
-    offset = check_int("offset", offset)
+    offset = check_int(offset_name, offset)
     if spacing == "leading":
         ts = np.arange(N, dtype=np.int64)[::-1] * (T // N)
     elif spacing == "trailing":
@@ -122,10 +125,10 @@ def inference_timesteps(
     ts = ts + offset
     if ts.min() < 0 or ts.max() > T - 1:
         raise InputValueError(
-            f"offset: expected a shift that keeps every timestep in [0, {T - 1}], got {offset} "
-            f"({spacing} spacing with {N} steps gives {int(ts.min())}..{int(ts.max())})"
+            f"{offset_name}: expected a shift that keeps every timestep in [0, {T - 1}], got "
+            f"{offset} ({spacing} spacing with {N} steps gives {int(ts.min())}..{int(ts.max())})"
         )
-    return validate_timesteps([int(v) for v in ts], T)
+    return tuple(int(v) for v in ts)  # distinct and descending by construction (tested)
 
 
 def respace_timesteps(
@@ -206,9 +209,9 @@ def respaced_betas(schedule: NoiseSchedule, timesteps: Sequence[int]) -> Tensor:
     return 1.0 - ab / prev
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class SamplingPlan:
-    """The transitions of one sampling (or inversion) run; float64 tables on the CPU.
+    """The transitions of one sampling (or inversion) run; tables on the CPU.
 
     Attributes:
         timesteps: ``(N,)`` int64, the training timestep the model sees at step ``k``.
@@ -216,6 +219,10 @@ class SamplingPlan:
             the final level (clean data, or ``alpha_bar_0`` under ``final_alpha_bar="first"``).
         alpha_bar: ``(N,)`` float64, the level of the state before step ``k``.
         alpha_bar_next: ``(N,)`` float64, the level after step ``k``.
+
+    In a generation plan ``alpha_bar[k]`` is the level of ``timesteps[k]``. In an inversion
+    plan the model sees the *target* timestep, so ``timesteps[k] == next_timesteps[k]`` and
+    ``alpha_bar[k]`` is the level of the previous step's target.
     """
 
     timesteps: Tensor
@@ -227,7 +234,8 @@ class SamplingPlan:
         return int(self.timesteps.shape[0])
 
     @staticmethod
-    def _final_level(schedule: NoiseSchedule, final_alpha_bar: FinalAlphaBar) -> float:
+    def final_level(schedule: NoiseSchedule, final_alpha_bar: FinalAlphaBar) -> float:
+        """``alpha_bar`` after the last step: 1, or ``alpha_bar_0`` for ``"first"``."""
         final_alpha_bar = check_choice("final_alpha_bar", final_alpha_bar, FINAL_ALPHA_BARS)
         return 1.0 if final_alpha_bar == "one" else float(schedule.alphas_cumprod[0])
 
@@ -240,7 +248,7 @@ class SamplingPlan:
     ) -> SamplingPlan:
         """Plan for generation over descending ``timesteps``: each step goes to the next entry."""
         ts = torch.tensor(validate_timesteps(timesteps, len(schedule)), dtype=torch.int64)
-        final = torch.tensor([cls._final_level(schedule, final_alpha_bar)], dtype=torch.float64)
+        final = torch.tensor([cls.final_level(schedule, final_alpha_bar)], dtype=torch.float64)
         levels = torch.cat([final, schedule.alphas_cumprod])  # levels[t + 1] is alpha_bar_t
         nxt = torch.cat([ts[1:], ts.new_full((1,), -1)])
         return cls(
@@ -263,8 +271,7 @@ class SamplingPlan:
         of ``u[k-1]`` (the final level for ``k = 0``) to the level of ``u[k]`` and calls the model
         at ``u[k]``, the target timestep, as diffusers' ``DDIMInverseScheduler`` does.
         """
-        ts = validate_timesteps(timesteps, len(schedule))
-        fwd = cls.denoising(schedule, ts, final_alpha_bar)
+        fwd = cls.denoising(schedule, timesteps, final_alpha_bar)
         return cls(
             timesteps=fwd.timesteps.flip(0),
             next_timesteps=fwd.timesteps.flip(0),

@@ -15,16 +15,17 @@ from torch import Tensor
 from imgdiff._checks import (
     check_choice,
     check_float,
+    check_floating_dtype,
     check_same_shape,
     check_tensor,
     check_timestep_tensor,
 )
+from imgdiff._ops import lincomb, per_sample
 from imgdiff.errors import InputValueError
 from imgdiff.noising import training_target
-from imgdiff.prediction import PREDICTION_TYPES, PredictionType
-from imgdiff.samplers.ddpm import DDPM
+from imgdiff.posterior import learned_range_log_variance
+from imgdiff.prediction import PREDICTION_TYPES, PredictionType, linear_prediction_coefficients
 from imgdiff.schedules import NoiseSchedule, check_schedule
-from imgdiff.timesteps import SamplingPlan
 
 __all__ = [
     "LOSS_NORMS",
@@ -38,6 +39,7 @@ __all__ = [
 ]
 
 LossNorm = Literal["l2", "l1"]
+"""The per-element penalty of :func:`denoising_loss`: squared (``"l2"``) or absolute (``"l1"``)."""
 LOSS_NORMS: tuple[LossNorm, ...] = get_args(LossNorm)
 
 
@@ -64,8 +66,10 @@ def min_snr_weight(
     t: Tensor,
     prediction: PredictionType,
     gamma: float = 5.0,
+    *,
+    dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """Min-SNR-gamma loss weights (Hang et al. 2023), shape ``(B,)`` float32 on ``t``'s device.
+    """Min-SNR-gamma loss weights (Hang et al. 2023), shape ``(B,)`` in ``dtype`` on ``t``'s device.
 
     Makes the weighted loss equal ``min(SNR, gamma) |x0 - x0_hat|^2``: the weight is
     ``min(SNR, gamma) / SNR`` for eps targets, ``min(SNR, gamma) / (SNR + 1)`` for v targets
@@ -88,7 +92,7 @@ def min_snr_weight(
         w = clipped / (snr + 1.0)
     else:
         w = clipped
-    return w.to(torch.float32)
+    return w.to(check_floating_dtype("dtype", dtype) or torch.float32)
 
 
 def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor | float) -> Tensor:
@@ -148,9 +152,11 @@ def vlb_term(
 
     For ``t > 0``: ``KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)) / log 2``; for ``t = 0``: the
     negative discretised-Gaussian log-likelihood of ``x0`` under ``p(x_0 | x_1)``. The model's
-    ``p`` comes from ``model_output`` ``(B, 2C, ...)`` through :meth:`imgdiff.DDPM.posterior`;
-    with ``detach_mean`` (default) its mean half is detached, so this term trains only the
-    variance (the ``stop_gradient`` of improved DDPM's hybrid loss).
+    ``p`` has the posterior mean of its ``x0_hat`` and the variance from the extra channels of
+    ``model_output`` ``(B, 2C, ...)``: ``learned_range`` interpolates between ``log beta_t``
+    and :attr:`NoiseSchedule.posterior_log_variance_clipped` (``beta_tilde_1`` at ``t = 0``, as
+    improved DDPM), ``learned`` reads a log-variance. With ``detach_mean`` (default) the mean half
+    is detached, so this term trains only the variance (the ``stop_gradient`` of the hybrid loss).
     """
     schedule = check_schedule("schedule", schedule)
     variance = check_choice("variance", variance, ("learned", "learned_range"))
@@ -168,22 +174,29 @@ def vlb_term(
     idx = check_timestep_tensor(
         "t", t, batch=x0.shape[0], num_train_timesteps=len(schedule), device=x0.device
     )
+    mean_out, var_out = model_output[:, :C], model_output[:, C:]
     if detach_mean:
-        model_output = torch.cat([model_output[:, :C].detach(), model_output[:, C:]], dim=1)
-    ddpm = DDPM(schedule, prediction=prediction, variance=variance)
-    plan = SamplingPlan(idx, idx - 1, schedule.alpha_bar_at(idx), schedule.alpha_bar_at(idx - 1))
-    coeffs = ddpm.coefficients(plan).per_sample(x0.ndim, x0.dtype)
-    model_mean, model_log_var, _ = ddpm.posterior(x_t, model_output, coeffs)
-    assert isinstance(model_log_var, Tensor)  # learned variances are per element
-    true_mean = coeffs.mean_x0 * x0 + coeffs.mean_x * x_t
-    kl = _mean_flat(
-        normal_kl(
-            true_mean,
-            torch.as_tensor(coeffs.log_beta_tilde).expand_as(x0),
-            model_mean,
-            model_log_var,
-        )
+        mean_out = mean_out.detach()
+
+    def at(table: Tensor) -> Tensor:
+        return per_sample(table.to(x0.device)[idx], x0)
+
+    ab = schedule.alpha_bar_at(idx)
+    pred = linear_prediction_coefficients(prediction, ab)
+    x0_hat = lincomb(
+        x_t, per_sample(pred.x0_from_x, x0), mean_out, per_sample(pred.x0_from_out, x0)
     )
+    c1, c2 = at(schedule.posterior_mean_coef1), at(schedule.posterior_mean_coef2)
+    log_beta_tilde = at(schedule.posterior_log_variance_clipped)
+    if variance == "learned":
+        model_log_var = var_out
+    else:
+        model_log_var = learned_range_log_variance(
+            var_out, at(torch.log(schedule.betas)), log_beta_tilde
+        )
+    model_mean = c1 * x0_hat + c2 * x_t
+    true_mean = c1 * x0 + c2 * x_t
+    kl = _mean_flat(normal_kl(true_mean, log_beta_tilde.expand_as(x0), model_mean, model_log_var))
     nll = -_mean_flat(discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_log_var))
     return torch.where(idx == 0, nll, kl) / math.log(2.0)
 

@@ -1,18 +1,20 @@
 """Samplers on one contract: :class:`Sampler` (any state), :class:`DenoisingSampler` (one model call
 per step), :class:`DDPM` and :class:`DDIM` (with :meth:`DDIM.invert`)."""
 
-from imgdiff.samplers.base import (
-    BoundModel,
+from imgdiff.models import BoundModel
+from imgdiff.samplers.base import Sampler
+from imgdiff.samplers.ddim import DDIM, DDIMCoefficients
+from imgdiff.samplers.ddpm import DDPM, VARIANCE_TYPES, DDPMCoefficients, VarianceType
+from imgdiff.samplers.denoising import DenoiserCoefficients, DenoisingSampler, fused_coefficients
+from imgdiff.samplers.step import (
     Callback,
-    Sampler,
+    Scalar,
     StepCoefficients,
+    StepContext,
     StepInfo,
     StepNoise,
     StepOutput,
 )
-from imgdiff.samplers.ddim import DDIM, DDIMCoefficients
-from imgdiff.samplers.ddpm import DDPM, VARIANCE_TYPES, DDPMCoefficients, VarianceType
-from imgdiff.samplers.denoising import DenoiserCoefficients, DenoisingSampler
 
 __all__ = [
     "DDIM",
@@ -25,9 +27,12 @@ __all__ = [
     "DenoiserCoefficients",
     "DenoisingSampler",
     "Sampler",
+    "Scalar",
     "StepCoefficients",
+    "StepContext",
     "StepInfo",
     "StepNoise",
     "StepOutput",
     "VarianceType",
+    "fused_coefficients",
 ]

@@ -5,21 +5,23 @@ A sampler is a frozen dataclass of options. A call to :meth:`Sampler.sample` (or
 1. builds a :class:`~imgdiff.timesteps.SamplingPlan` (the list of transitions),
 2. computes every per-step coefficient once, in float64 on the host (:meth:`Sampler.coefficients`),
    and splits them into one set of Python floats per step,
-3. runs the loop: for each step it draws noise if the step needs it, calls the pure
+3. prepares, once, everything a step needs on the device (a :class:`StepContext` per step with
+   its timestep tensors; injected noise moved to the device),
+4. runs the loop: for each step it draws noise if the step needs it, calls the pure
    :meth:`Sampler.step` with explicit state, and passes a :class:`StepInfo` to the callback.
 
 Nothing is stored on the sampler between calls, so one object can be reused across batch sizes,
 step counts and threads. Inside the loop there is no ``.item()``, no tensor-valued ``if`` and no
-indexing of host tables with device tensors: nothing synchronises the host with the device.
+indexing of host tables with device tensors: nothing synchronises the host with the device
+(except drawing noise with a CPU generator for a CUDA sample, which copies it each step).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass
-from typing import Any, Generic, Self, TypeVar, cast
+from typing import Any, Generic, TypeVar, cast
 
 import torch
 from torch import Tensor
@@ -33,11 +35,20 @@ from imgdiff._checks import (
     describe,
 )
 from imgdiff.errors import InputTypeError, InputValueError
-from imgdiff.models import Model, infer_model_dtype
+from imgdiff.models import BoundModel, Model, infer_model_dtype
 from imgdiff.prediction import PREDICTION_TYPES, PredictionType
-from imgdiff.randomness import Generators, check_generators, randn
+from imgdiff.randomness import Generators, check_generators, draw_normal
+from imgdiff.samplers.step import (
+    Callback,
+    StepCoefficients,
+    StepContext,
+    StepInfo,
+    StepNoise,
+    StepOutput,
+)
 from imgdiff.schedules import NoiseSchedule
 from imgdiff.timesteps import (
+    FINAL_ALPHA_BARS,
     SPACINGS,
     FinalAlphaBar,
     SamplingPlan,
@@ -47,141 +58,10 @@ from imgdiff.timesteps import (
     validate_timesteps,
 )
 
-__all__ = [
-    "BoundModel",
-    "Callback",
-    "Sampler",
-    "StepCoefficients",
-    "StepInfo",
-    "StepNoise",
-    "StepOutput",
-]
+__all__ = ["Sampler"]
 
 StateT = TypeVar("StateT")
-CoeffT = TypeVar("CoeffT", bound="StepCoefficients")
-
-
-@dataclass(frozen=True)
-class StepCoefficients:
-    """Base class of a sampler's per-step coefficients; subclasses add ``Scalar`` fields.
-
-    The same class holds three forms: a *table* (every field a float64 tensor of shape
-    ``(N,)``, one entry per step), one *step* (every field a Python float, from
-    :meth:`unbind`), or *per-sample* coefficients (every field a tensor ``(B, 1, ..., 1)``,
-    from :meth:`per_sample`). Update formulas are written once and work with each form.
-    """
-
-    def unbind(self) -> list[Self]:
-        """Split a table into one set of Python-float coefficients per step."""
-        names = [f.name for f in dataclasses.fields(self)]
-        columns = [cast(Tensor, getattr(self, n)).to(torch.float64).tolist() for n in names]
-        steps = []
-        for row in zip(*columns, strict=True):
-            # Bypass the frozen __init__ (one object.__setattr__ per field): this runs once per
-            # step of every run, and the values are already validated floats.
-            step = object.__new__(type(self))
-            step.__dict__.update(zip(names, row, strict=True))
-            steps.append(step)
-        return steps
-
-    def per_sample(self, ndim: int, dtype: torch.dtype) -> Self:
-        """Reshape a table of ``(B,)`` entries to ``(B, 1, ..., 1)`` tensors of ``dtype``."""
-        shape = (-1,) + (1,) * (ndim - 1)
-        return type(self)(
-            **{
-                f.name: cast(Tensor, getattr(self, f.name)).to(dtype).reshape(shape)
-                for f in dataclasses.fields(self)
-            }
-        )
-
-
-class StepOutput(Generic[StateT]):
-    """What one step returns: the new ``state`` and the step's clean-sample estimate ``x0_hat``.
-
-    ``x0_hat`` (shape of the sample) may be computed lazily: a sampler whose fast path never
-    forms it passes a function, evaluated at most once, when someone reads the attribute.
-    """
-
-    __slots__ = ("_x0_hat", "state")
-
-    def __init__(self, state: StateT, x0_hat: Tensor | Callable[[], Tensor]) -> None:
-        self.state = state
-        self._x0_hat = x0_hat
-
-    @property
-    def x0_hat(self) -> Tensor:
-        """The prediction of the clean sample at this step, ``(B, ...)``."""
-        if not isinstance(self._x0_hat, Tensor):
-            self._x0_hat = self._x0_hat()
-        return self._x0_hat
-
-
-@dataclass(frozen=True)
-class StepInfo(Generic[StateT]):
-    """Passed to a loop callback after each step.
-
-    Attributes:
-        index: step index, 0 for the first (noisiest when generating).
-        num_steps: number of steps in this run.
-        timestep: training timestep the model saw at this step (a Python int).
-        output: the step's :class:`StepOutput` (``output.state``, ``output.x0_hat``).
-    """
-
-    index: int
-    num_steps: int
-    timestep: int
-    output: StepOutput[StateT]
-
-    @property
-    def state(self) -> StateT:
-        """The state after this step."""
-        return self.output.state
-
-    @property
-    def x0_hat(self) -> Tensor:
-        """The step's clean-sample estimate."""
-        return self.output.x0_hat
-
-
-Callback = Callable[[StepInfo[Any]], Any]
-"""``callback(info)`` after every step; returning a new state replaces it, ``None`` keeps it."""
-
-StepNoise = Tensor | Callable[[int], Tensor]
-"""Injected per-step noise: a tensor ``(N, B, ...)`` indexed by step, or ``fn(step_index)``."""
-
-
-class BoundModel:
-    """The user's model bound to its keyword conditions, with the dtype boundary.
-
-    ``bound(x, t)`` casts ``x`` to ``model_dtype``, calls ``model(x, t, **model_kwargs)`` and
-    casts the output to the sampler's ``state_dtype``. Samplers call this, never the raw model.
-    """
-
-    __slots__ = ("kwargs", "model", "model_dtype", "state_dtype")
-
-    def __init__(
-        self,
-        model: Model,
-        *,
-        model_dtype: torch.dtype,
-        state_dtype: torch.dtype,
-        kwargs: Mapping[str, Any] | None = None,
-    ) -> None:
-        self.model = model
-        self.model_dtype = model_dtype
-        self.state_dtype = state_dtype
-        self.kwargs = dict(kwargs or {})
-
-    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
-        if x.dtype != self.model_dtype:
-            x = x.to(self.model_dtype)
-        out = self.model(x, t, **self.kwargs)
-        if not isinstance(out, Tensor):
-            raise InputTypeError(
-                f"model: expected the model to return a torch.Tensor, got {describe(out)}; wrap "
-                "networks that return objects, e.g. lambda x, t, **c: unet(x, t, **c).sample"
-            )
-        return out if out.dtype == self.state_dtype else out.to(self.state_dtype)
+CoeffT = TypeVar("CoeffT", bound=StepCoefficients)
 
 
 @dataclass(frozen=True)
@@ -189,15 +69,18 @@ class Sampler(ABC, Generic[StateT, CoeffT]):
     """Base class of every imgdiff sampler. Subclass it to write a new one (docs: writing-a-sampler).
 
     Args:
-        schedule: the noise schedule the model was trained with.
+        schedule: the noise schedule the model was trained with (the only positional argument).
         prediction: what the model outputs: ``"epsilon"``, ``"sample"`` (x0) or ``"v"``.
         spacing: how inference timesteps are picked (:data:`~imgdiff.timesteps.Spacing`).
         steps_offset: added to every inference timestep (diffusers ``steps_offset``).
+        final_alpha_bar: the level after the last step: ``"one"`` (clean data; diffusers
+            ``set_alpha_to_one=True``) or ``"first"`` (``alpha_bar_0``; Stable Diffusion).
         dtype: the sampler's arithmetic and state dtype. ``None``: float32, or float64 when
             the input is float64. The model runs in its own dtype (see ``model_dtype``).
 
-    Subclasses implement :meth:`coefficients`, :meth:`init_state`, :meth:`final_sample` and
-    :meth:`step`, and may override :meth:`needs_noise` and :attr:`default_num_steps`.
+    Subclasses (decorated ``@dataclass(frozen=True, kw_only=True)``) implement
+    :meth:`coefficients`, :meth:`init_state`, :meth:`final_sample` and :meth:`step`, and may
+    override :meth:`needs_noise` and :attr:`default_num_steps`.
     """
 
     schedule: NoiseSchedule
@@ -205,6 +88,7 @@ class Sampler(ABC, Generic[StateT, CoeffT]):
     prediction: PredictionType = "epsilon"
     spacing: Spacing = "leading"
     steps_offset: int = 0
+    final_alpha_bar: FinalAlphaBar = "one"
     dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
@@ -215,6 +99,7 @@ class Sampler(ABC, Generic[StateT, CoeffT]):
         check_choice("prediction", self.prediction, PREDICTION_TYPES)
         check_choice("spacing", self.spacing, SPACINGS)
         check_int("steps_offset", self.steps_offset, min=0)
+        check_choice("final_alpha_bar", self.final_alpha_bar, FINAL_ALPHA_BARS)
         check_floating_dtype("dtype", self.dtype, optional=True)
 
     # ------------------------------------------------------------------ to implement
@@ -237,7 +122,12 @@ class Sampler(ABC, Generic[StateT, CoeffT]):
 
     @abstractmethod
     def step(
-        self, model: BoundModel, state: StateT, coeffs: CoeffT, t: Tensor, noise: Tensor | None
+        self,
+        model: BoundModel,
+        state: StateT,
+        coeffs: CoeffT,
+        ctx: StepContext,
+        noise: Tensor | None,
     ) -> StepOutput[StateT]:
         """One step: a pure function of explicit state.
 
@@ -245,7 +135,8 @@ class Sampler(ABC, Generic[StateT, CoeffT]):
             model: the bound model, ``model(x, t) -> output`` in the state dtype.
             state: the current state.
             coeffs: this step's coefficients (Python floats, or per-sample tensors).
-            t: ``(B,)`` int64 training timesteps on the sample's device.
+            ctx: the step's index and timesteps (``ctx.t``, ``ctx.t_next``: ``(B,)`` on the
+                sample's device).
             noise: standard normal noise of the sample's shape when :meth:`needs_noise`
                 said so, else ``None``.
         """
@@ -258,11 +149,6 @@ class Sampler(ABC, Generic[StateT, CoeffT]):
     def default_num_steps(self) -> int:
         """Steps used when neither ``num_steps`` nor ``timesteps`` is given."""
         return min(50, len(self.schedule))
-
-    @property
-    def final_alpha_bar(self) -> FinalAlphaBar:
-        """The level after the last step (``"one"``: clean data); DDIM and EDICT make it an option."""
-        return "one"
 
     # ------------------------------------------------------------------ planning
 
@@ -289,13 +175,9 @@ class Sampler(ABC, Generic[StateT, CoeffT]):
         else:
             n = self.default_num_steps if num_steps is None else num_steps
             n = check_int("num_steps", n, min=1, max=T)
-            ts = inference_timesteps(T, n, self.spacing)
-            if ts[0] + self.steps_offset > T - 1:
-                raise InputValueError(
-                    f"steps_offset: expected an offset that keeps every timestep <= {T - 1}, got "
-                    f"{self.steps_offset} ({self.spacing} spacing with {n} steps starts at {ts[0]})"
-                )
-            ts = tuple(t + self.steps_offset for t in ts)
+            ts = inference_timesteps(
+                T, n, self.spacing, self.steps_offset, offset_name="steps_offset"
+            )
         return truncate_for_strength(ts, strength)
 
     def plan(
@@ -308,6 +190,12 @@ class Sampler(ABC, Generic[StateT, CoeffT]):
         """The :class:`SamplingPlan` that :meth:`sample` runs (arguments as :meth:`timesteps`)."""
         ts = self.timesteps(num_steps, timesteps=timesteps, strength=strength)
         return SamplingPlan.denoising(self.schedule, ts, self.final_alpha_bar)
+
+    def state_dtype(self, x: Tensor) -> torch.dtype:
+        """The dtype the loop computes in for a starting sample ``x``."""
+        if self.dtype is not None:
+            return self.dtype
+        return torch.float64 if x.dtype == torch.float64 else torch.float32
 
     # ------------------------------------------------------------------ the loop
 
@@ -351,7 +239,6 @@ class Sampler(ABC, Generic[StateT, CoeffT]):
             model,
             noise,
             plan,
-            self.coefficients(plan),
             generator=generator,
             step_noise=step_noise,
             model_kwargs=model_kwargs,
@@ -361,18 +248,11 @@ class Sampler(ABC, Generic[StateT, CoeffT]):
             desc=f"{type(self).__name__} sampling",
         )
 
-    def state_dtype(self, x: Tensor) -> torch.dtype:
-        """The dtype the loop computes in for a starting sample ``x``."""
-        if self.dtype is not None:
-            return self.dtype
-        return torch.float64 if x.dtype == torch.float64 else torch.float32
-
     def run(
         self,
         model: Model,
         x: Tensor,
         plan: SamplingPlan,
-        table: CoeffT,
         *,
         generator: Generators = None,
         step_noise: StepNoise | None = None,
@@ -382,28 +262,16 @@ class Sampler(ABC, Generic[StateT, CoeffT]):
         progress: bool = True,
         desc: str = "sampling",
     ) -> Tensor:
-        """Run ``plan`` with coefficient ``table`` from ``x``: the loop behind ``sample``/``invert``."""
+        """Run ``plan`` from the sample ``x`` ``(B, ...)``: the loop behind ``sample`` and ``invert``.
+
+        Arguments as in :meth:`sample`; ``desc`` labels the progress bar. Returns the final
+        sample ``(B, ...)`` in the state dtype.
+        """
         check_tensor("x", x, floating=True, min_ndim=2)
-        batch = x.shape[0]
+        batch, device = x.shape[0], x.device
+        dtype = self.state_dtype(x)
         gens = check_generators(generator, batch)
-        if step_noise is not None and gens is not None:
-            raise InputValueError(
-                "step_noise: expected None when a generator is given (one source of noise), "
-                "got both"
-            )
-        if isinstance(step_noise, Tensor):
-            expected = (len(plan), *x.shape)
-            check_tensor("step_noise", step_noise, floating=True)
-            if tuple(step_noise.shape) != expected:
-                raise InputValueError(
-                    f"step_noise: expected shape {expected} (steps, *sample shape), "
-                    f"got {tuple(step_noise.shape)}"
-                )
-        elif step_noise is not None and not callable(step_noise):
-            raise InputTypeError(
-                "step_noise: expected None, a tensor (steps, *sample shape) or a function of the "
-                f"step index, got {describe(step_noise)}"
-            )
+        noise_table = self._prepare_step_noise(step_noise, gens, plan, x, dtype)
         if model_kwargs is not None and not isinstance(model_kwargs, Mapping):
             raise InputTypeError(
                 f"model_kwargs: expected a mapping of keyword arguments, got {describe(model_kwargs)}"
@@ -411,46 +279,76 @@ class Sampler(ABC, Generic[StateT, CoeffT]):
         check_floating_dtype("model_dtype", model_dtype, optional=True)
         if callback is not None and not callable(callback):
             raise InputTypeError(f"callback: expected a callable, got {describe(callback)}")
-        dtype = self.state_dtype(x)
-        device = x.device
         bound = BoundModel(
             model,
             model_dtype=model_dtype or infer_model_dtype(model) or dtype,
             state_dtype=dtype,
             kwargs=model_kwargs,
         )
-        steps = table.unbind()
-        num = len(steps)
-        t_all = plan.timesteps.to(device).reshape(-1, 1).expand(num, batch).contiguous()
-        timesteps = plan.timesteps.tolist()
+        steps = self.coefficients(plan).unbind()
+        contexts = _contexts(plan, batch, device)
 
         state = self.init_state(x.to(dtype))
         with torch.no_grad():
-            for i in tqdm(range(num), desc=desc, disable=not progress, leave=False):
-                c = steps[i]
+            for ctx in tqdm(contexts, desc=desc, disable=not progress, leave=False):
+                c = steps[ctx.step_index]
                 noise = None
                 if self.needs_noise(c):
-                    noise = self._step_noise(i, x, step_noise, gens, device, dtype)
-                out = self.step(bound, state, c, t_all[i], noise)
+                    noise = self._step_noise(
+                        ctx.step_index, x, step_noise, noise_table, gens, dtype
+                    )
+                out = self.step(bound, state, c, ctx, noise)
                 state = out.state
                 if callback is not None:
-                    replaced = callback(StepInfo(i, num, int(timesteps[i]), out))
+                    replaced = callback(StepInfo(ctx.step_index, ctx.num_steps, ctx.timestep, out))
                     if replaced is not None:
                         state = _checked_replacement(replaced, state)
         return self.final_sample(state)
+
+    @staticmethod
+    def _prepare_step_noise(
+        step_noise: StepNoise | None,
+        gens: Generators,
+        plan: SamplingPlan,
+        x: Tensor,
+        dtype: torch.dtype,
+    ) -> Tensor | None:
+        """Validate ``step_noise``; a tensor is moved to the sample's device once, here."""
+        if step_noise is not None and gens is not None:
+            raise InputValueError(
+                "step_noise: expected None when a generator is given (one source of noise), "
+                "got both"
+            )
+        if isinstance(step_noise, Tensor):
+            check_tensor("step_noise", step_noise, floating=True)
+            expected = (len(plan), *x.shape)
+            if tuple(step_noise.shape) != expected:
+                raise InputValueError(
+                    f"step_noise: expected shape {expected} (steps, *sample shape), "
+                    f"got {tuple(step_noise.shape)}"
+                )
+            return step_noise.to(device=x.device, dtype=dtype)
+        if step_noise is not None and not callable(step_noise):
+            raise InputTypeError(
+                "step_noise: expected None, a tensor (steps, *sample shape) or a function of the "
+                f"step index, got {describe(step_noise)}"
+            )
+        return None
 
     @staticmethod
     def _step_noise(
         i: int,
         x: Tensor,
         step_noise: StepNoise | None,
+        noise_table: Tensor | None,
         gens: Generators,
-        device: torch.device,
         dtype: torch.dtype,
     ) -> Tensor:
+        if noise_table is not None:
+            return noise_table[i]
         if step_noise is None:
-            return randn(x.shape, generator=gens, device=device, dtype=dtype)
-        z = step_noise[i] if isinstance(step_noise, Tensor) else step_noise(i)
+            return draw_normal(x.shape, gens, x.device, dtype)
+        z = step_noise(i) if callable(step_noise) else None
         if not isinstance(z, Tensor) or z.shape != x.shape:
             raise InputValueError(
                 f"step_noise: expected a tensor of shape {tuple(x.shape)} for step {i}, "
@@ -460,7 +358,19 @@ class Sampler(ABC, Generic[StateT, CoeffT]):
             raise InputTypeError(
                 f"step_noise: expected a floating-point tensor for step {i}, got dtype {z.dtype}"
             )
-        return z.to(device=device, dtype=dtype)
+        return z.to(device=x.device, dtype=dtype)
+
+
+def _contexts(plan: SamplingPlan, batch: int, device: torch.device) -> list[StepContext]:
+    """One :class:`StepContext` per step; the timestep tensors go to the device in one copy."""
+    num = len(plan)
+    both = torch.stack([plan.timesteps, plan.next_timesteps])  # (2, N) int64 on the host
+    if device.type == "cuda":
+        both = both.pin_memory()
+    table = both.to(device, non_blocking=True).reshape(2, num, 1).expand(2, num, batch).contiguous()
+    rows_t, rows_next = table[0].unbind(0), table[1].unbind(0)
+    ts, nxt = plan.timesteps.tolist(), plan.next_timesteps.tolist()
+    return [StepContext(i, num, ts[i], nxt[i], rows_t[i], rows_next[i]) for i in range(num)]
 
 
 def _checked_replacement(replaced: object, state: StateT) -> StateT:
@@ -484,7 +394,8 @@ def _checked_replacement(replaced: object, state: StateT) -> StateT:
                 f"got {describe(replaced)}"
             )
         return cast(
-            StateT, tuple(_checked_replacement(r, s) for r, s in zip(replaced, state, strict=True))
+            StateT,
+            tuple(_checked_replacement(r, s) for r, s in zip(replaced, state, strict=True)),
         )
     if type(replaced) is not type(state):
         raise InputTypeError(

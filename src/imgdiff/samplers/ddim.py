@@ -2,33 +2,32 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from imgdiff._checks import check_choice, check_float, check_tensor
-from imgdiff._ops import Scalar, add_scaled_, fusable, lincomb
+from imgdiff._checks import check_float, check_tensor
+from imgdiff._ops import Scalar, add_scaled_
 from imgdiff.errors import InputTypeError, InputValueError
 from imgdiff.models import Model
-from imgdiff.samplers.base import Callback, StepOutput
-from imgdiff.samplers.denoising import DenoiserCoefficients, DenoisingSampler
-from imgdiff.timesteps import FINAL_ALPHA_BARS, FinalAlphaBar, SamplingPlan
+from imgdiff.samplers.denoising import DenoiserCoefficients, DenoisingSampler, fused_coefficients
+from imgdiff.samplers.step import Callback, StepOutput
+from imgdiff.timesteps import SamplingPlan
 
 __all__ = ["DDIM", "DDIMCoefficients"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class DDIMCoefficients(DenoiserCoefficients):
     """Per-step coefficients of the DDIM step ``t -> s`` (DDIM eq. 12).
 
     ``x_s = sqrt_alpha_bar_next x0_hat + direction eps_hat + sigma z`` where
     ``sigma = eta sqrt((1 - ab_s)/(1 - ab_t)) sqrt(1 - ab_t/ab_s)`` (eq. 16) and
-    ``direction = sqrt(1 - ab_s - sigma^2)``. Without thresholding the step is the single
-    combination ``x_s = x_coef x + out_coef out + sigma z``, used when both coefficients are
-    moderate (:data:`imgdiff._ops.FUSE_LIMIT`); otherwise ``x0_hat`` is formed first.
+    ``direction = sqrt(1 - ab_s - sigma^2)``; ``x_coef``/``out_coef`` write the same step as
+    one combination of ``(x, out)`` (see :meth:`DenoisingSampler.combine`).
     """
 
     sqrt_alpha_bar: Scalar
@@ -40,16 +39,13 @@ class DDIMCoefficients(DenoiserCoefficients):
     out_coef: Scalar
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DDIM(DenoisingSampler[DDIMCoefficients]):
     """DDIM sampling (Song et al. 2021, eq. 12) and DDIM inversion.
 
-    Args (besides :class:`~imgdiff.samplers.DenoisingSampler`'s):
-        eta: 0 is deterministic (the probability-flow discretisation); 1 with consecutive steps
-            is DDPM with the fixed-small variance.
-        final_alpha_bar: the level after the last step, ``"one"`` (clean; diffusers
-            ``set_alpha_to_one=True``) or ``"first"`` (``alpha_bar_0``; Stable Diffusion's
-            ``set_alpha_to_one=False``).
+    Args (besides :class:`~imgdiff.samplers.DenoisingSampler`'s, all keyword-only):
+        eta: in ``[0, 1]``. 0 is deterministic (the probability-flow discretisation); 1 with
+            consecutive steps is DDPM with the fixed-small variance.
         rederive_eps: after thresholding, recompute ``eps_hat`` from the thresholded
             ``x0_hat`` (diffusers ``use_clipped_model_output``; guided-diffusion always does).
 
@@ -66,13 +62,11 @@ class DDIM(DenoisingSampler[DDIMCoefficients]):
     """
 
     eta: float = 0.0
-    final_alpha_bar: FinalAlphaBar = "one"
     rederive_eps: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_float("eta", self.eta, min=0.0)
-        check_choice("final_alpha_bar", self.final_alpha_bar, FINAL_ALPHA_BARS)
+        check_float("eta", self.eta, min=0.0, max=1.0)
         if not isinstance(self.rederive_eps, bool):
             raise InputTypeError(f"rederive_eps: expected a bool, got {self.rederive_eps!r}")
 
@@ -80,11 +74,13 @@ class DDIM(DenoisingSampler[DDIMCoefficients]):
         pred = self.prediction_fields(plan)
         ab, ab_s = plan.alpha_bar, plan.alpha_bar_next
         if self.eta > 0:
-            var = (1.0 - ab_s) / (1.0 - ab) * (1.0 - ab / ab_s)
-            sigma = self.eta * torch.sqrt(var.clamp(min=0.0))
+            # eta <= 1 keeps 1 - ab_s - sigma^2 = (1 - ab_s)(1 - eta^2 (1 - ab_t/ab_s)/(1 - ab_t)) >= 0
+            sigma = self.eta * torch.sqrt(
+                ((1.0 - ab_s) / (1.0 - ab) * (1.0 - ab / ab_s)).clamp(min=0.0)
+            )
         else:
             sigma = torch.zeros_like(ab)
-        direction = torch.sqrt((1.0 - ab_s - sigma**2).clamp(min=0.0))
+        direction = torch.sqrt((1.0 - ab_s - sigma**2).clamp(min=0.0))  # clamp: rounding only
         sqrt_ab_s = torch.sqrt(ab_s)
         return DDIMCoefficients(
             **pred,
@@ -93,8 +89,7 @@ class DDIM(DenoisingSampler[DDIMCoefficients]):
             sqrt_alpha_bar_next=sqrt_ab_s,
             direction=direction,
             sigma=sigma,
-            x_coef=sqrt_ab_s * pred["x0_from_x"] + direction * pred["eps_from_x"],
-            out_coef=sqrt_ab_s * pred["x0_from_out"] + direction * pred["eps_from_out"],
+            **fused_coefficients(pred, x0_weight=sqrt_ab_s, eps_weight=direction),
         )
 
     def needs_noise(self, coeffs: DDIMCoefficients) -> bool:
@@ -104,16 +99,20 @@ class DDIM(DenoisingSampler[DDIMCoefficients]):
         self, x: Tensor, out: Tensor, coeffs: DDIMCoefficients, noise: Tensor | None
     ) -> StepOutput[Tensor]:
         c = coeffs
-        if self.thresholding is None and fusable(c.x_coef, c.out_coef):
-            x_next = lincomb(x, c.x_coef, out, c.out_coef)
-            x0: Tensor | Callable[[], Tensor] = lambda: c.x0_hat(x, out)  # noqa: E731 - lazy
-        else:
-            x0 = self.x0_hat(x, out, c)
-            if self.rederive_eps:
-                eps = (x - x0 * c.sqrt_alpha_bar) / c.sqrt_one_minus_alpha_bar
-            else:
-                eps = c.eps_hat(x, out)
-            x_next = lincomb(x0, c.sqrt_alpha_bar_next, eps, c.direction)
+
+        def rederived(x0: Tensor) -> Tensor:
+            return (x - x0 * c.sqrt_alpha_bar) / c.sqrt_one_minus_alpha_bar
+
+        x_next, x0 = self.combine(
+            x,
+            out,
+            c,
+            x_coef=c.x_coef,
+            out_coef=c.out_coef,
+            x0_weight=c.sqrt_alpha_bar_next,
+            eps_weight=c.direction,
+            eps_from_x0=rederived if self.rederive_eps and self.thresholding is not None else None,
+        )
         if noise is not None:
             add_scaled_(x_next, noise, c.sigma)
         return StepOutput(x_next, x0)
@@ -139,8 +138,10 @@ class DDIM(DenoisingSampler[DDIMCoefficients]):
         ``DDIMInverseScheduler`` convention): step ``k`` goes from the level of the previous
         timestep (the final level for the first step) to timestep ``u_k``, evaluating the model
         at the current sample and the *target* timestep ``u_k``. ``sample`` with the same
-        arguments reconstructs ``x0``: exactly when the model output does not depend on ``x``,
-        otherwise with an error of first order in the step size.
+        arguments reconstructs ``x0``: exactly (to rounding) for an ``epsilon`` model whose output
+        does not depend on ``x``, otherwise with an error of first order in the step size (for
+        ``v``/``sample`` models ``eps_hat`` is recovered at the current level, so it depends
+        on ``x``).
 
         Requires ``eta == 0`` and no thresholding (both break invertibility). Returns the
         inverted sample in the state dtype.
@@ -155,6 +156,12 @@ class DDIM(DenoisingSampler[DDIMCoefficients]):
                 f"thresholding: expected None for invert(), got {self.thresholding!r}; "
                 "clipping x0_hat makes a step non-invertible"
             )
+        if self.prediction == "sample" and self.final_alpha_bar == "one":
+            raise InputValueError(
+                "final_alpha_bar: inversion starts from the final level, where alpha_bar = 1 and "
+                "an x0-prediction model gives no eps; expected final_alpha_bar='first' for "
+                "prediction='sample', got 'one'"
+            )
         check_tensor("x0", x0, floating=True, min_ndim=2)
         ts = self.timesteps(num_steps, timesteps=timesteps, strength=strength)
         plan = SamplingPlan.inversion(self.schedule, ts, self.final_alpha_bar)
@@ -162,7 +169,6 @@ class DDIM(DenoisingSampler[DDIMCoefficients]):
             model,
             x0,
             plan,
-            self.coefficients(plan),
             model_kwargs=model_kwargs,
             model_dtype=model_dtype,
             callback=callback,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -9,10 +10,14 @@ import torch
 from torch import Tensor
 
 from imgdiff._checks import check_choice
-from imgdiff._ops import Scalar, add_scaled_, fusable, lincomb
-from imgdiff.samplers.base import StepOutput
-from imgdiff.samplers.denoising import DenoiserCoefficients, DenoisingSampler
-from imgdiff.schedules import POSTERIOR_VARIANCE_FLOOR
+from imgdiff._ops import Scalar, add_scaled_
+from imgdiff.posterior import (
+    POSTERIOR_VARIANCE_FLOOR,
+    learned_range_log_variance,
+    posterior_coefficients,
+)
+from imgdiff.samplers.denoising import DenoiserCoefficients, DenoisingSampler, fused_coefficients
+from imgdiff.samplers.step import StepOutput
 from imgdiff.timesteps import SamplingPlan
 
 __all__ = ["DDPM", "VARIANCE_TYPES", "DDPMCoefficients", "VarianceType"]
@@ -27,41 +32,41 @@ VarianceType = Literal["fixed_small", "fixed_large", "learned", "learned_range"]
   (1 - frac) log beta_tilde`` with ``frac = (v + 1)/2`` (improved DDPM eq. 15).
 """
 VARIANCE_TYPES: tuple[VarianceType, ...] = get_args(VarianceType)
+"""The accepted :data:`VarianceType` values."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class DDPMCoefficients(DenoiserCoefficients):
     """Per-step coefficients of the DDPM step ``t -> s`` (``s`` the next timestep, or final).
 
     Posterior mean ``mu = mean_x0 x0_hat + mean_x x`` (DDPM eq. 7 with the strided
-    ``beta = 1 - ab_t/ab_s``); without thresholding ``mu = x_coef x + out_coef out``.
-    ``log_variance`` is the fixed variance's log; ``log_beta_tilde``/``log_beta`` bound the
-    learned range; ``noise_mask`` is 0 on the step to the clean level, else 1; ``sigma`` is the
-    fixed standard deviation times ``noise_mask``.
+    ``beta = 1 - ab_t/ab_s``, :mod:`imgdiff.posterior`), also written as one combination
+    ``x_coef x + out_coef out``. ``log_beta_tilde`` (floored at 1e-20) and ``log_beta`` are the
+    fixed-small and fixed-large log-variances and bound the learned range; ``noise_mask`` is 0
+    on the step to the final level, else 1; ``sigma`` is the fixed standard deviation times it.
     """
 
     mean_x0: Scalar
     mean_x: Scalar
     x_coef: Scalar
     out_coef: Scalar
-    log_variance: Scalar
     log_beta_tilde: Scalar
     log_beta: Scalar
     noise_mask: Scalar
     sigma: Scalar
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DDPM(DenoisingSampler[DDPMCoefficients]):
     """Ancestral sampling, DDPM Algorithm 2, on any (strided) timestep list.
 
-    Args (besides :class:`~imgdiff.samplers.DenoisingSampler`'s):
+    Args (besides :class:`~imgdiff.samplers.DenoisingSampler`'s, all keyword-only):
         variance: :data:`VarianceType`; the learned types expect the model to return ``2C``
             channels (mean part first).
 
     A step from ``t`` to the next listed timestep ``s`` uses ``beta = 1 - ab_t/ab_s`` (the
     respaced schedule of improved DDPM); with every timestep listed this is plain DDPM. The step
-    to the clean level adds no noise, per sample. Runs ``T`` steps unless told otherwise.
+    to the final level adds no noise, per sample. Runs ``T`` steps unless told otherwise.
     """
 
     variance: VarianceType = "fixed_small"
@@ -80,26 +85,20 @@ class DDPM(DenoisingSampler[DDPMCoefficients]):
 
     def coefficients(self, plan: SamplingPlan) -> DDPMCoefficients:
         pred = self.prediction_fields(plan)
-        ab, ab_s = plan.alpha_bar, plan.alpha_bar_next
-        beta = 1.0 - ab / ab_s
-        mean_x0 = torch.sqrt(ab_s) * beta / (1.0 - ab)
-        mean_x = torch.sqrt(ab / ab_s) * (1.0 - ab_s) / (1.0 - ab)
-        beta_tilde = beta * (1.0 - ab_s) / (1.0 - ab)
-        log_beta_tilde = torch.log(beta_tilde.clamp(min=POSTERIOR_VARIANCE_FLOOR))
-        log_beta = torch.log(beta)
-        log_var = log_beta_tilde if self.variance == "fixed_small" else log_beta
+        post = posterior_coefficients(plan.alpha_bar, plan.alpha_bar_next)
+        log_beta_tilde = torch.log(post.beta_tilde.clamp(min=POSTERIOR_VARIANCE_FLOOR))
+        log_beta = torch.log(post.beta)
         mask = (plan.next_timesteps >= 0).to(torch.float64)
+        fixed = log_beta_tilde if self.variance == "fixed_small" else log_beta
         return DDPMCoefficients(
             **pred,
-            mean_x0=mean_x0,
-            mean_x=mean_x,
-            x_coef=mean_x0 * pred["x0_from_x"] + mean_x,
-            out_coef=mean_x0 * pred["x0_from_out"],
-            log_variance=log_var,
+            mean_x0=post.mean_x0,
+            mean_x=post.mean_x,
+            **fused_coefficients(pred, x0_weight=post.mean_x0, x_weight=post.mean_x),
             log_beta_tilde=log_beta_tilde,
             log_beta=log_beta,
             noise_mask=mask,
-            sigma=torch.exp(0.5 * log_var) * mask,
+            sigma=torch.exp(0.5 * fixed) * mask,
         )
 
     def needs_noise(self, coeffs: DDPMCoefficients) -> bool:
@@ -107,32 +106,32 @@ class DDPM(DenoisingSampler[DDPMCoefficients]):
 
     def posterior(
         self, x: Tensor, out: Tensor, coeffs: DDPMCoefficients
-    ) -> tuple[Tensor, Scalar, Tensor | None]:
-        """Mean and log-variance of ``p(x_s | x_t)``, and ``x0_hat`` when it was formed.
+    ) -> tuple[Tensor, Scalar, Tensor | Callable[[], Tensor]]:
+        """Mean and log-variance of ``p(x_s | x_t)``, and the step's ``x0_hat`` (maybe lazy).
 
         ``out`` is the full model output (``2C`` channels for learned variances). The
         log-variance is a scalar for fixed variances and a tensor of ``x``'s shape for learned
         ones. Shapes: ``x`` ``(B, C, ...)``; the mean has ``x``'s shape.
         """
         c = coeffs
-        mean_out, v = out, None
-        if self.output_channels_factor == 2:
-            C = x.shape[1]
-            mean_out, v = out[:, :C], out[:, C:]
-        if self.thresholding is None and fusable(c.x_coef, c.out_coef):
-            mean = lincomb(x, c.x_coef, mean_out, c.out_coef)
-            x0 = None
-        else:  # thresholding, or large coefficients that would cancel in one combination
-            x0 = self.x0_hat(x, mean_out, c)
-            mean = lincomb(x0, c.mean_x0, x, c.mean_x)
+        C = x.shape[1]
+        mean_out = out[:, :C] if self.output_channels_factor == 2 else out
+        mean, x0 = self.combine(
+            x,
+            mean_out,
+            c,
+            x_coef=c.x_coef,
+            out_coef=c.out_coef,
+            x0_weight=c.mean_x0,
+            x_weight=c.mean_x,
+        )
         log_var: Scalar
-        if v is None:
-            log_var = c.log_variance
-        elif self.variance == "learned":
-            log_var = v
+        if self.variance == "learned":
+            log_var = out[:, C:]
+        elif self.variance == "learned_range":
+            log_var = learned_range_log_variance(out[:, C:], c.log_beta, c.log_beta_tilde)
         else:
-            frac = (v + 1.0) * 0.5
-            log_var = frac * c.log_beta + (1.0 - frac) * c.log_beta_tilde
+            log_var = c.log_beta_tilde if self.variance == "fixed_small" else c.log_beta
         return mean, log_var, x0
 
     def update(
@@ -141,9 +140,7 @@ class DDPM(DenoisingSampler[DDPMCoefficients]):
         mean, log_var, x0 = self.posterior(x, out, coeffs)
         if noise is not None:
             std: Scalar = coeffs.sigma
-            if isinstance(log_var, Tensor):  # learned: a per-element log-variance
-                std = torch.exp(0.5 * log_var) * coeffs.noise_mask
+            if self.output_channels_factor == 2:  # learned: a per-element log-variance
+                std = torch.exp(0.5 * torch.as_tensor(log_var)) * coeffs.noise_mask
             add_scaled_(mean, noise, std)
-        mean_out = out[:, : x.shape[1]]
-        x0_hat = x0 if x0 is not None else (lambda: coeffs.x0_hat(x, mean_out))
-        return StepOutput(mean, x0_hat)
+        return StepOutput(mean, x0)

@@ -2,7 +2,9 @@
 
 :class:`DenoisingSampler` turns the model output into ``x0_hat`` and ``eps_hat`` through the
 prediction type's linear coefficients (precomputed per step), applies optional thresholding,
-and leaves the update formula to :meth:`DenoisingSampler.update`. It also offers
+and leaves the update formula to :meth:`DenoisingSampler.update`. Updates of the form
+``a x0_hat + b eps_hat + c x`` use :meth:`DenoisingSampler.combine`, which applies them as one
+fused combination of ``(x, out)`` when that is well conditioned. It also offers
 :meth:`DenoisingSampler.step_at`, a diffusers-style step for a model output you computed
 yourself, with a timestep per sample.
 """
@@ -10,6 +12,7 @@ yourself, with a timestep per sample.
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -17,18 +20,20 @@ import torch
 from torch import Tensor
 
 from imgdiff._checks import check_same_shape, check_tensor, check_timestep_tensor, describe
-from imgdiff._ops import Scalar, lincomb
+from imgdiff._ops import Scalar, fusable, lincomb
 from imgdiff.errors import InputTypeError, InputValueError
+from imgdiff.models import BoundModel
 from imgdiff.prediction import linear_prediction_coefficients
 from imgdiff.randomness import Generators, randn
-from imgdiff.samplers.base import BoundModel, Sampler, StepCoefficients, StepOutput
+from imgdiff.samplers.base import Sampler
+from imgdiff.samplers.step import StepCoefficients, StepContext, StepOutput
 from imgdiff.thresholding import Thresholding
 from imgdiff.timesteps import SamplingPlan
 
-__all__ = ["DenoiserCoefficients", "DenoisingSampler"]
+__all__ = ["DenoiserCoefficients", "DenoisingSampler", "fused_coefficients"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class DenoiserCoefficients(StepCoefficients):
     """Recover ``x0_hat = x0_from_x x + x0_from_out out`` and ``eps_hat = eps_from_x x + eps_from_out out``.
 
@@ -41,19 +46,37 @@ class DenoiserCoefficients(StepCoefficients):
     eps_from_x: Scalar
     eps_from_out: Scalar
 
-    def x0_hat(self, x: Tensor, out: Tensor) -> Tensor:
-        """``x0_hat`` from the sample and the raw model output (before thresholding)."""
+    def raw_x0_hat(self, x: Tensor, out: Tensor) -> Tensor:
+        """``x0_hat`` from the sample and the model output, before any thresholding."""
         return lincomb(x, self.x0_from_x, out, self.x0_from_out)
 
     def eps_hat(self, x: Tensor, out: Tensor) -> Tensor:
-        """``eps_hat`` from the sample and the raw model output."""
+        """``eps_hat`` from the sample and the model output."""
         return lincomb(x, self.eps_from_x, out, self.eps_from_out)
+
+
+def fused_coefficients(
+    pred: dict[str, Tensor],
+    *,
+    x0_weight: Tensor,
+    eps_weight: Tensor | float = 0.0,
+    x_weight: Tensor | float = 0.0,
+) -> dict[str, Tensor]:
+    """``x_coef``, ``out_coef`` with ``x0_weight x0_hat + eps_weight eps_hat + x_weight x == x_coef x + out_coef out``.
+
+    ``pred`` are the four prediction fields (float64 tables). Pair with
+    :meth:`DenoisingSampler.combine`.
+    """
+    return {
+        "x_coef": x0_weight * pred["x0_from_x"] + eps_weight * pred["eps_from_x"] + x_weight,
+        "out_coef": x0_weight * pred["x0_from_out"] + eps_weight * pred["eps_from_out"],
+    }
 
 
 DCoeffT = TypeVar("DCoeffT", bound=DenoiserCoefficients)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DenoisingSampler(Sampler[Tensor, DCoeffT]):
     """A sampler whose state is one sample ``x`` and whose step calls the model once.
 
@@ -80,7 +103,7 @@ class DenoisingSampler(Sampler[Tensor, DCoeffT]):
     def update(
         self, x: Tensor, out: Tensor, coeffs: DCoeffT, noise: Tensor | None
     ) -> StepOutput[Tensor]:
-        """The update formula: next sample from ``x``, the model output ``out`` and ``noise``.
+        """The update formula: next sample from ``x`` ``(B, C, ...)``, the model output and noise.
 
         ``out`` has ``x``'s shape (``2C`` channels when :attr:`output_channels_factor` is 2).
         Must not modify ``x`` or ``out`` in place.
@@ -99,9 +122,38 @@ class DenoisingSampler(Sampler[Tensor, DCoeffT]):
         return lp._asdict()
 
     def x0_hat(self, x: Tensor, out: Tensor, coeffs: DenoiserCoefficients) -> Tensor:
-        """``x0_hat`` with this sampler's thresholding applied."""
-        x0 = coeffs.x0_hat(x, out)
+        """``x0_hat`` ``(B, C, ...)`` with this sampler's thresholding applied."""
+        x0 = coeffs.raw_x0_hat(x, out)
         return x0 if self.thresholding is None else self.thresholding(x0)
+
+    def combine(
+        self,
+        x: Tensor,
+        out: Tensor,
+        coeffs: DenoiserCoefficients,
+        *,
+        x_coef: Scalar,
+        out_coef: Scalar,
+        x0_weight: Scalar,
+        eps_weight: Scalar = 0.0,
+        x_weight: Scalar = 0.0,
+        eps_from_x0: Callable[[Tensor], Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor | Callable[[], Tensor]]:
+        """``x0_weight x0_hat + eps_weight eps_hat + x_weight x`` and the step's ``x0_hat``.
+
+        Without thresholding and with moderate ``x_coef``/``out_coef`` (from
+        :func:`fused_coefficients`) this is one fused combination of ``(x, out)`` and ``x0_hat``
+        is returned lazily. Otherwise ``x0_hat`` is formed first (thresholded, and in the
+        well-conditioned order ``(x - sigma eps) / alpha``), and ``eps_hat`` comes from the model
+        output or, if given, from ``eps_from_x0(x0_hat)``. Use at most two of the three weights.
+        """
+        if self.thresholding is None and fusable(x_coef, out_coef):
+            return lincomb(x, x_coef, out, out_coef), lambda: coeffs.raw_x0_hat(x, out)
+        x0 = self.x0_hat(x, out, coeffs)
+        if isinstance(eps_weight, float) and eps_weight == 0.0:
+            return lincomb(x0, x0_weight, x, x_weight), x0
+        eps = eps_from_x0(x0) if eps_from_x0 is not None else coeffs.eps_hat(x, out)
+        return lincomb(x0, x0_weight, eps, eps_weight), x0
 
     # ------------------------------------------------------------------ contract
 
@@ -112,9 +164,14 @@ class DenoisingSampler(Sampler[Tensor, DCoeffT]):
         return state
 
     def step(
-        self, model: BoundModel, state: Tensor, coeffs: DCoeffT, t: Tensor, noise: Tensor | None
+        self,
+        model: BoundModel,
+        state: Tensor,
+        coeffs: DCoeffT,
+        ctx: StepContext,
+        noise: Tensor | None,
     ) -> StepOutput[Tensor]:
-        out = model(state, t)
+        out = model(state, ctx.t)
         self._check_output(out, state)
         return self.update(state, out, coeffs, noise)
 
@@ -140,7 +197,7 @@ class DenoisingSampler(Sampler[Tensor, DCoeffT]):
         model_output: Tensor,
         x: Tensor,
         t: Tensor | int,
-        prev_t: Tensor | int | None = None,
+        prev_t: Tensor | int,
         *,
         noise: Tensor | None = None,
         generator: Generators = None,
@@ -151,12 +208,13 @@ class DenoisingSampler(Sampler[Tensor, DCoeffT]):
             model_output: ``(B, C, ...)`` (``2C`` for a learned variance), the model at ``(x, t)``.
             x: ``(B, C, ...)`` current sample.
             t: training timesteps ``(B,)`` (or one int for all).
-            prev_t: the timesteps to step to, ``(B,)`` or int; ``-1`` is the final level.
-                Default ``t - 1`` (the full schedule).
+            prev_t: the timesteps to step to, ``(B,)`` or int, each ``< t``; ``-1`` is the final
+                level. (``t - 1`` for a full-length DDPM; the next entry of your timestep list
+                otherwise.)
             noise: standard normal noise of ``x``'s shape for stochastic steps; drawn from
                 ``generator`` when omitted.
 
-        Samples whose ``prev_t`` is ``-1`` get no noise. This entry point validates its
+        DDPM adds no noise to samples whose ``prev_t`` is ``-1``. This entry point validates its
         timesteps (a host-device synchronisation); the sampling loop uses precomputed
         coefficients instead.
         """
@@ -166,31 +224,28 @@ class DenoisingSampler(Sampler[Tensor, DCoeffT]):
         t_idx = check_timestep_tensor(
             "t", t, batch=x.shape[0], num_train_timesteps=T, device=x.device
         )
-        if prev_t is None:
-            prev_idx = t_idx - 1
-        else:
-            prev_idx = check_timestep_tensor(
-                "prev_t",
-                prev_t,
-                batch=x.shape[0],
-                num_train_timesteps=T,
-                device=x.device,
-                allow_final=True,
+        prev_idx = check_timestep_tensor(
+            "prev_t",
+            prev_t,
+            batch=x.shape[0],
+            num_train_timesteps=T,
+            device=x.device,
+            allow_final=True,
+        )
+        bad = prev_idx >= t_idx
+        if bool(bad.any()):
+            b = int(torch.nonzero(bad)[0])
+            raise InputValueError(
+                "prev_t: expected every prev_t < t (a denoising step), got prev_t "
+                f"{int(prev_idx[b])} for t {int(t_idx[b])} at sample {b}"
             )
-            bad = prev_idx >= t_idx
-            if bool(bad.any()):
-                b = int(torch.nonzero(bad)[0])
-                raise InputValueError(
-                    "prev_t: expected every prev_t < t (a denoising step), got prev_t "
-                    f"{int(prev_idx[b])} for t {int(t_idx[b])} at sample {b}"
-                )
         self._check_output(model_output, x, "model_output")
         if noise is not None and generator is not None:
             raise InputValueError(
                 "noise: expected None when a generator is given (one source of noise), got both"
             )
         dtype = self.state_dtype(x)
-        final = 1.0 if self.final_alpha_bar == "one" else float(self.schedule.alphas_cumprod[0])
+        final = SamplingPlan.final_level(self.schedule, self.final_alpha_bar)
         ab_next = torch.where(
             prev_idx >= 0,
             self.schedule.alpha_bar_at(prev_idx.clamp(min=0)),
