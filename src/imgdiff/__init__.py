@@ -12,6 +12,7 @@ Ten lines to an image::
 LPIPS, metrics) are imported only when used.
 """
 
+from imgdiff import losses
 from imgdiff.errors import ImgdiffError, InputTypeError, InputValueError
 from imgdiff.models import BoundModel, Model, infer_model_dtype, without_variance
 from imgdiff.noising import add_noise, training_target
@@ -70,6 +71,7 @@ __all__ = [
     "infer_model_dtype",
     "inference_timesteps",
     "karras_sigmas",
+    "losses",
     "randn",
     "respace_timesteps",
     "respaced_betas",
