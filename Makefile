@@ -30,9 +30,10 @@ typecheck: $(STAMP)
 
 check: test lint typecheck
 
-## Per-step overhead against diffusers (writes nothing unless asked).
+## Benchmarks against diffusers / DDIM (print tables; write nothing unless asked).
 bench: $(STAMP)
 	$(PY) benchmarks/step_overhead.py
+	$(PY) benchmarks/edict.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -21,29 +21,8 @@ from pathlib import Path
 import torch
 
 import imgdiff
+from imgdiff.data import toy_shapes
 from imgdiff.images import save_image_grid
-
-
-def toy_images(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
-    """``n`` RGB images in [-1, 1]: a coloured disc or square on a two-colour gradient."""
-    g = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
-    out = []
-    for i in range(n):
-        c0, c1, fg = (torch.rand(3, 1, 1, generator=g) for _ in range(3))
-        angle = float(torch.rand(1, generator=g)) * 2 * math.pi
-        ramp = (math.cos(angle) * xx + math.sin(angle) * yy).clamp(0, 1)
-        img = c0 * (1 - ramp) + c1 * ramp
-        cx, cy = (0.3 + 0.4 * torch.rand(2, generator=g)).tolist()
-        r = 0.15 + 0.15 * float(torch.rand(1, generator=g))
-        shape = (
-            (xx - cx) ** 2 + (yy - cy) ** 2 < r**2
-            if i % 2
-            else ((xx - cx).abs() < r) & ((yy - cy).abs() < r)
-        )
-        img = torch.where(shape, fg.expand(3, size, size), img)
-        out.append(img * 2 - 1)
-    return torch.stack(out)
 
 
 def main() -> None:
@@ -53,7 +32,7 @@ def main() -> None:
     args = parser.parse_args()
     progress = not args.no_progress
 
-    data = toy_images(16)
+    data, _ = toy_shapes(16)
     schedule = imgdiff.NoiseSchedule.cosine()
     model = imgdiff.EmpiricalDenoiser(schedule, data)  # exact denoiser of `data`
     generators = [torch.Generator().manual_seed(s) for s in range(8)]

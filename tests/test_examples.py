@@ -82,3 +82,29 @@ def test_custom_heun_sampler_is_more_accurate() -> None:
     assert errors["HeunVE", 20] < errors["EulerVE", 20] / 1.5
     assert errors["HeunVE", 40] < errors["HeunVE", 20] / 2.5  # better than first order
     assert errors["EulerVE", 40] > errors["EulerVE", 20] / 2.5  # Euler is first order
+
+
+def test_edict_example_runs(tmp_path: Path) -> None:
+    """EDICT reconstructs the example's images exactly, DDIM inversion does not, and the grid is written."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "edict_inversion.py"), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+    errors = {
+        line.split()[0]: float(line.split("max abs error ")[1])
+        for line in out.stdout.splitlines()
+        if "max abs error" in line
+    }
+    assert errors["EDICT"] < 1e-9
+    assert errors["DDIM"] > 1e-2
+    changes = [
+        float(line.rsplit(" ", 1)[1])
+        for line in out.stdout.splitlines()
+        if "mean abs change" in line
+    ]
+    assert len(changes) == 4
+    assert min(changes) > 0.1  # the edits change the images
+    assert (tmp_path / "edict.png").stat().st_size > 1000

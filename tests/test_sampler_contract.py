@@ -380,3 +380,16 @@ def test_ddpm_property(dtype: torch.dtype, variance: str, prediction: str, steps
     assert out.shape == x.shape
     assert out.dtype == dtype
     assert torch.isfinite(out).all()
+
+
+def test_blurred_empirical_denoiser_with_one_item_is_the_gaussian_denoiser() -> None:
+    """EmpiricalDenoiser(data=[m], std=s) is the exact denoiser of N(m, s^2): GaussianDenoiser's."""
+    s = NoiseSchedule.linear()
+    for prediction in ("epsilon", "sample", "v"):
+        emp = imgdiff.EmpiricalDenoiser(
+            s, torch.full((1, 2, 3, 3), 0.5, dtype=torch.float64), prediction, std=0.3
+        )  # type: ignore[arg-type]
+        gau = GaussianDenoiser(s, mean=0.5, std=0.3, prediction=prediction)  # type: ignore[arg-type]
+        x = torch.randn(4, 2, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        t = torch.tensor([0, 10, 500, 999])
+        torch.testing.assert_close(emp(x, t), gau(x, t), rtol=1e-10, atol=1e-10)

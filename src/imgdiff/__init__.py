@@ -13,7 +13,9 @@ LPIPS, metrics) are imported only when used.
 """
 
 from imgdiff import losses
-from imgdiff.errors import ImgdiffError, InputTypeError, InputValueError
+from imgdiff.conditioning import ClassifierFreeGuidance
+from imgdiff.editing import edict_edit
+from imgdiff.errors import ImgdiffError, InputTypeError, InputValueError, PrecisionWarning
 from imgdiff.models import BoundModel, Model, infer_model_dtype, without_variance
 from imgdiff.noising import add_noise, training_target
 from imgdiff.oracles import EmpiricalDenoiser, GaussianDenoiser
@@ -22,6 +24,7 @@ from imgdiff.randomness import Generators, randn
 from imgdiff.samplers import (
     DDIM,
     DDPM,
+    EDICT,
     DenoisingSampler,
     Sampler,
     StepCoefficients,
@@ -44,7 +47,9 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "DDIM",
     "DDPM",
+    "EDICT",
     "BoundModel",
+    "ClassifierFreeGuidance",
     "Clip",
     "DenoisingSampler",
     "DynamicThreshold",
@@ -56,6 +61,7 @@ __all__ = [
     "InputValueError",
     "Model",
     "NoiseSchedule",
+    "PrecisionWarning",
     "PredictionType",
     "Sampler",
     "SamplingPlan",
@@ -68,6 +74,7 @@ __all__ = [
     "__version__",
     "add_noise",
     "convert_prediction",
+    "edict_edit",
     "infer_model_dtype",
     "inference_timesteps",
     "karras_sigmas",

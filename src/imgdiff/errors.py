@@ -8,7 +8,13 @@ what was expected and what came.
 
 from __future__ import annotations
 
-__all__ = ["ImgdiffError", "InputTypeError", "InputValueError"]
+__all__ = [
+    "ImgdiffError",
+    "ImgdiffWarning",
+    "InputTypeError",
+    "InputValueError",
+    "PrecisionWarning",
+]
 
 
 class ImgdiffError(Exception):
@@ -21,3 +27,11 @@ class InputValueError(ImgdiffError, ValueError):
 
 class InputTypeError(ImgdiffError, TypeError):
     """An argument has the wrong type or dtype."""
+
+
+class ImgdiffWarning(UserWarning):
+    """Base class of the warnings imgdiff issues."""
+
+
+class PrecisionWarning(ImgdiffWarning):
+    """A configuration that works but loses precision the user may rely on (e.g. EDICT in float32)."""

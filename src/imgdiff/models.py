@@ -25,11 +25,20 @@ for a learned-variance model)."""
 
 
 def infer_model_dtype(model: object) -> torch.dtype | None:
-    """The dtype of the first floating-point parameter of an ``nn.Module``, else ``None``."""
-    if isinstance(model, torch.nn.Module):
-        for p in model.parameters():
-            if p.dtype.is_floating_point:
-                return p.dtype
+    """The dtype of the first floating-point parameter of an ``nn.Module``, else ``None``.
+
+    Wrappers that keep the network as ``.model`` (imgdiff's adapters, classifier-free
+    guidance) are looked through.
+    """
+    for _ in range(8):  # a few levels of wrapping
+        if isinstance(model, torch.nn.Module):
+            for p in model.parameters():
+                if p.dtype.is_floating_point:
+                    return p.dtype
+            return None
+        model = getattr(model, "model", None)
+        if model is None:
+            return None
     return None
 
 

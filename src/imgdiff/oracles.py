@@ -72,23 +72,29 @@ class GaussianDenoiser:
         return _express(x0, x, ab, self.prediction)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class EmpiricalDenoiser:
-    """The exact denoiser for data drawn uniformly from a finite set ``data`` of shape ``(K, ...)``.
+    """The exact denoiser for data drawn uniformly from ``data`` ``(K, ...)``, each item blurred by
+    Gaussian noise of standard deviation ``std`` (0: the data set itself).
 
-    ``E[x0 | x_t] = sum_k w_k data_k`` with ``w = softmax_k(-|x_t - sqrt(ab) data_k|^2 / (2 (1 - ab)))``
-    (Karras et al. 2022, "ideal denoiser"). Sampling with it returns members of ``data``. Call it
-    as a model: ``denoiser(x, t)`` with ``x`` ``(B, ...)`` of ``data``'s item shape.
+    With ``x_t | k ~ N(sqrt(ab) d_k, v I)``, ``v = ab std^2 + 1 - ab``, the posterior weights are
+    ``w = softmax_k(-|x_t - sqrt(ab) d_k|^2 / (2 v))`` and
+    ``E[x0 | x_t] = sum_k w_k (d_k + std^2 sqrt(ab) (x_t - sqrt(ab) d_k) / v)``
+    (Karras et al. 2022's "ideal denoiser" for ``std = 0``). Sampling with ``std = 0`` returns
+    members of ``data``; ``std > 0`` makes the model smooth at low noise, like a trained network.
+    Call it as a model: ``denoiser(x, t)`` with ``x`` ``(B, ...)`` of ``data``'s item shape.
     """
 
     schedule: NoiseSchedule
     data: Tensor
     prediction: PredictionType = "epsilon"
+    std: float = 0.0
 
     def __post_init__(self) -> None:
         check_schedule("schedule", self.schedule)
         check_tensor("data", self.data, floating=True, min_ndim=2)
         check_choice("prediction", self.prediction, PREDICTION_TYPES)
+        check_float("std", self.std, min=0.0)
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         if x.shape[1:] != self.data.shape[1:]:
@@ -101,10 +107,13 @@ class EmpiricalDenoiser:
         flat_x = x.reshape(x.shape[0], 1, -1)
         flat_d = data.reshape(1, data.shape[0], -1)
         ab_b = ab.reshape(-1, 1, 1)
+        var = ab_b * self.std**2 + 1.0 - ab_b  # (B, 1, 1)
         # |x_t - sqrt(ab) d_k|^2 per sample, without the matmul expansion (it cancels badly).
         dist2 = torch.cdist(
             flat_x, ab_b.sqrt() * flat_d, compute_mode="donot_use_mm_for_euclid_dist"
         ).square()
-        logits = -dist2.squeeze(1) / (2.0 * (1.0 - ab.reshape(-1, 1)))
-        x0 = (torch.softmax(logits, dim=1) @ flat_d.squeeze(0)).reshape(x.shape)
-        return _express(x0, x, ab, self.prediction)
+        weights = torch.softmax(-dist2.squeeze(1) / (2.0 * var.reshape(-1, 1)), dim=1)  # (B, K)
+        mean_d = weights @ flat_d.squeeze(0)  # sum_k w_k d_k, (B, D)
+        shrink = (self.std**2 * ab_b.sqrt() / var).reshape(-1, 1)
+        x0 = mean_d + shrink * (flat_x.squeeze(1) - ab_b.reshape(-1, 1).sqrt() * mean_d)
+        return _express(x0.reshape(x.shape), x, ab, self.prediction)

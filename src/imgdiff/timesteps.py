@@ -233,6 +233,18 @@ class SamplingPlan:
     def __len__(self) -> int:
         return int(self.timesteps.shape[0])
 
+    def reversed(self) -> SamplingPlan:
+        """The same transitions in reverse order (each row still goes ``t -> s``).
+
+        For samplers with an exact inverse step (EDICT), which undo the last transition first.
+        """
+        return SamplingPlan(
+            timesteps=self.timesteps.flip(0),
+            next_timesteps=self.next_timesteps.flip(0),
+            alpha_bar=self.alpha_bar.flip(0),
+            alpha_bar_next=self.alpha_bar_next.flip(0),
+        )
+
     @staticmethod
     def final_level(schedule: NoiseSchedule, final_alpha_bar: FinalAlphaBar) -> float:
         """``alpha_bar`` after the last step: 1, or ``alpha_bar_0`` for ``"first"``."""

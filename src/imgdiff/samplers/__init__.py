@@ -6,6 +6,7 @@ from imgdiff.samplers.base import Sampler
 from imgdiff.samplers.ddim import DDIM, DDIMCoefficients
 from imgdiff.samplers.ddpm import DDPM, VARIANCE_TYPES, DDPMCoefficients, VarianceType
 from imgdiff.samplers.denoising import DenoiserCoefficients, DenoisingSampler, fused_coefficients
+from imgdiff.samplers.edict import EDICT, EDICTCoefficients, EDICTState
 from imgdiff.samplers.step import (
     Callback,
     Scalar,
@@ -19,6 +20,7 @@ from imgdiff.samplers.step import (
 __all__ = [
     "DDIM",
     "DDPM",
+    "EDICT",
     "VARIANCE_TYPES",
     "BoundModel",
     "Callback",
@@ -26,6 +28,8 @@ __all__ = [
     "DDPMCoefficients",
     "DenoiserCoefficients",
     "DenoisingSampler",
+    "EDICTCoefficients",
+    "EDICTState",
     "Sampler",
     "Scalar",
     "StepCoefficients",

@@ -36,7 +36,7 @@ from imgdiff._checks import (
 )
 from imgdiff.errors import InputTypeError, InputValueError
 from imgdiff.models import BoundModel, Model, infer_model_dtype
-from imgdiff.prediction import PREDICTION_TYPES, PredictionType
+from imgdiff.prediction import PREDICTION_TYPES, PredictionType, linear_prediction_coefficients
 from imgdiff.randomness import Generators, check_generators, draw_normal
 from imgdiff.samplers.step import (
     Callback,
@@ -191,6 +191,12 @@ class Sampler(ABC, Generic[StateT, CoeffT]):
         ts = self.timesteps(num_steps, timesteps=timesteps, strength=strength)
         return SamplingPlan.denoising(self.schedule, ts, self.final_alpha_bar)
 
+    def prediction_fields(self, plan: SamplingPlan) -> dict[str, Tensor]:
+        """The linear coefficients recovering ``x0_hat`` and ``eps_hat`` at the level before each
+        step of ``plan`` (fields of :class:`~imgdiff.samplers.DenoiserCoefficients`), float64."""
+        lp = linear_prediction_coefficients(self.prediction, plan.alpha_bar, plan.timesteps)
+        return lp._asdict()
+
     def state_dtype(self, x: Tensor) -> torch.dtype:
         """The dtype the loop computes in for a starting sample ``x``."""
         if self.dtype is not None:
@@ -268,10 +274,47 @@ class Sampler(ABC, Generic[StateT, CoeffT]):
         sample ``(B, ...)`` in the state dtype.
         """
         check_tensor("x", x, floating=True, min_ndim=2)
-        batch, device = x.shape[0], x.device
-        dtype = self.state_dtype(x)
+        state = self.init_state(x.to(self.state_dtype(x)))
+        final = self.run_state(
+            model,
+            state,
+            plan,
+            like=x,
+            generator=generator,
+            step_noise=step_noise,
+            model_kwargs=model_kwargs,
+            model_dtype=model_dtype,
+            callback=callback,
+            progress=progress,
+            desc=desc,
+        )
+        return self.final_sample(final)
+
+    def run_state(
+        self,
+        model: Model,
+        state: StateT,
+        plan: SamplingPlan,
+        *,
+        like: Tensor,
+        generator: Generators = None,
+        step_noise: StepNoise | None = None,
+        model_kwargs: Mapping[str, Any] | None = None,
+        model_dtype: torch.dtype | None = None,
+        callback: Callback | None = None,
+        progress: bool = True,
+        desc: str = "sampling",
+    ) -> StateT:
+        """The loop from an explicit initial ``state``; returns the final state.
+
+        ``like`` is a tensor with the sample's shape ``(B, ...)`` and device (noise is drawn
+        like it, in the state dtype). For samplers whose state is not one tensor (EDICT's pair).
+        """
+        check_tensor("like", like, floating=True, min_ndim=2)
+        batch, device = like.shape[0], like.device
+        dtype = self.state_dtype(like)
         gens = check_generators(generator, batch)
-        noise_table = self._prepare_step_noise(step_noise, gens, plan, x, dtype)
+        noise_table = self._prepare_step_noise(step_noise, gens, plan, like, dtype)
         if model_kwargs is not None and not isinstance(model_kwargs, Mapping):
             raise InputTypeError(
                 f"model_kwargs: expected a mapping of keyword arguments, got {describe(model_kwargs)}"
@@ -287,15 +330,13 @@ class Sampler(ABC, Generic[StateT, CoeffT]):
         )
         steps = self.coefficients(plan).unbind()
         contexts = _contexts(plan, batch, device)
-
-        state = self.init_state(x.to(dtype))
         with torch.no_grad():
             for ctx in tqdm(contexts, desc=desc, disable=not progress, leave=False):
                 c = steps[ctx.step_index]
                 noise = None
                 if self.needs_noise(c):
                     noise = self._step_noise(
-                        ctx.step_index, x, step_noise, noise_table, gens, dtype
+                        ctx.step_index, like, step_noise, noise_table, gens, dtype
                     )
                 out = self.step(bound, state, c, ctx, noise)
                 state = out.state
@@ -303,7 +344,7 @@ class Sampler(ABC, Generic[StateT, CoeffT]):
                     replaced = callback(StepInfo(ctx.step_index, ctx.num_steps, ctx.timestep, out))
                     if replaced is not None:
                         state = _checked_replacement(replaced, state)
-        return self.final_sample(state)
+        return state
 
     @staticmethod
     def _prepare_step_noise(

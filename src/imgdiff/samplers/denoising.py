@@ -23,7 +23,6 @@ from imgdiff._checks import check_same_shape, check_tensor, check_timestep_tenso
 from imgdiff._ops import Scalar, fusable, lincomb
 from imgdiff.errors import InputTypeError, InputValueError
 from imgdiff.models import BoundModel
-from imgdiff.prediction import linear_prediction_coefficients
 from imgdiff.randomness import Generators, randn
 from imgdiff.samplers.base import Sampler
 from imgdiff.samplers.step import StepCoefficients, StepContext, StepOutput
@@ -115,11 +114,6 @@ class DenoisingSampler(Sampler[Tensor, DCoeffT]):
         return 1
 
     # ------------------------------------------------------------------ helpers for subclasses
-
-    def prediction_fields(self, plan: SamplingPlan) -> dict[str, Tensor]:
-        """The four :class:`DenoiserCoefficients` fields for ``plan``, as keyword arguments."""
-        lp = linear_prediction_coefficients(self.prediction, plan.alpha_bar, plan.timesteps)
-        return lp._asdict()
 
     def x0_hat(self, x: Tensor, out: Tensor, coeffs: DenoiserCoefficients) -> Tensor:
         """``x0_hat`` ``(B, C, ...)`` with this sampler's thresholding applied."""

@@ -1,0 +1,92 @@
+"""Classifier-free guidance wrapper: the combination, one batched forward, null broadcasting, rescale."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import imgdiff
+from imgdiff import ClassifierFreeGuidance
+from imgdiff.conditioning import rescale_guidance
+
+
+class Recorder:
+    """``out = tanh(x) * (1 + label)``; records the batch of every call."""
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        *,
+        label: torch.Tensor,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        self.batches.append(x.shape[0])
+        out = torch.tanh(x) * (1 + label.reshape(-1, 1, 1, 1)) + t.reshape(-1, 1, 1, 1) * 1e-3
+        return out if mask is None else out * mask
+
+
+def _inputs() -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64)
+    t = torch.tensor([10, 500, 999])
+    return x, t, {"label": torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)}
+
+
+@pytest.mark.parametrize("scale", [0.0, 1.0, 3.0, 7.5])
+def test_guidance_is_the_affine_combination(scale: float) -> None:
+    """out_u + w (out_c - out_u) with one forward on the doubled batch; w=0/1 give uncond/cond."""
+    x, t, cond = _inputs()
+    model = Recorder()
+    null = {"label": torch.zeros(1, dtype=torch.float64)}
+    guided = ClassifierFreeGuidance(model, scale, null)(x, t, **cond)
+    assert model.batches == [6]
+    out_c = model(x, t, **cond)
+    out_u = model(x, t, label=torch.zeros(3, dtype=torch.float64))
+    torch.testing.assert_close(guided, out_u + scale * (out_c - out_u), rtol=1e-12, atol=1e-12)
+
+
+def test_shared_keywords_are_duplicated_and_non_tensors_passed_through() -> None:
+    """Keywords that null does not name are shared by both halves."""
+    x, t, cond = _inputs()
+    mask = torch.rand(3, 1, 4, 4, dtype=torch.float64)
+    null = {"label": torch.zeros(1, dtype=torch.float64)}
+    guided = ClassifierFreeGuidance(Recorder(), 2.0, null)(x, t, mask=mask, **cond)
+    plain = ClassifierFreeGuidance(Recorder(), 2.0, null)(x, t, **cond)
+    torch.testing.assert_close(guided, plain * mask, rtol=1e-12, atol=1e-12)
+
+
+def test_rescale_matches_lin_et_al() -> None:
+    """phi = 1 gives the guided output rescaled to the conditional output's std, per sample."""
+    g = torch.Generator().manual_seed(1)
+    guided, cond = torch.randn(2, 3, 4, 4, generator=g) * 3, torch.randn(2, 3, 4, 4, generator=g)
+    out = rescale_guidance(guided, cond, 1.0)
+    torch.testing.assert_close(out.std(dim=(1, 2, 3)), cond.std(dim=(1, 2, 3)))
+    torch.testing.assert_close(rescale_guidance(guided, cond, 0.0), guided)
+
+
+def test_bad_input() -> None:
+    """Missing conditional keys, mismatched shapes and bad options are named."""
+    x, t, _ = _inputs()
+    null = {"label": torch.zeros(1, dtype=torch.float64)}
+    with pytest.raises(
+        imgdiff.InputValueError,
+        match=r"^cond: expected a conditional value for every null key \['label'\]",
+    ):
+        ClassifierFreeGuidance(Recorder(), 2.0, null)(x, t)
+    with pytest.raises(
+        imgdiff.InputValueError,
+        match=r"^cond\['label'\]: expected shape \(3,\) to match null\['label'\] \(1,\)",
+    ):
+        ClassifierFreeGuidance(Recorder(), 2.0, null)(
+            x, t, label=torch.zeros(2, dtype=torch.float64)
+        )
+    with pytest.raises(imgdiff.InputValueError, match=r"^rescale: expected a float <= 1\.0"):
+        ClassifierFreeGuidance(Recorder(), 2.0, null, rescale=2.0)
+    with pytest.raises(imgdiff.InputTypeError, match=r"^null\['label'\]: expected a tensor"):
+        ClassifierFreeGuidance(Recorder(), 2.0, {"label": 0.0})  # type: ignore[dict-item]
+    with pytest.raises(imgdiff.InputTypeError, match=r"^model: expected a callable"):
+        ClassifierFreeGuidance(None, 2.0, null)  # type: ignore[arg-type]

@@ -1,0 +1,293 @@
+"""EDICT: spec tests EDICT-1..7, a random UNet in float32 with float64 state, guidance, bad input."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import imgdiff
+from imgdiff import DDIM, EDICT, ClassifierFreeGuidance, NoiseSchedule, PrecisionWarning
+from imgdiff.samplers.edict import _EDICTInversion, edict_mix, edict_unmix
+from imgdiff.timesteps import SamplingPlan
+
+from .conftest import TanhModel, TimeOnlyModel
+
+SHAPE = (1, 4, 8, 8)  # spec 4.8: latent (1, 4, 8, 8), D = 256
+
+
+def sd_edict(**kw: object) -> EDICT:
+    """The paper's configuration: SD schedule, leading spacing with offset 1, alpha_bar_{-1} = alpha_bar_0."""
+    return EDICT(NoiseSchedule.scaled_linear(), steps_offset=1, final_alpha_bar="first", **kw)  # type: ignore[arg-type]
+
+
+def round_trip(
+    sampler: EDICT, model: object, x0: torch.Tensor, **kw: object
+) -> tuple[float, float]:
+    pair = sampler.invert(model, x0, progress=False, **kw)  # type: ignore[arg-type]
+    x, y = sampler.sample_pair(model, pair, progress=False, **kw)  # type: ignore[arg-type]
+    return float((x - x0).abs().max()), float((y - x0).abs().max())
+
+
+@pytest.fixture
+def x0() -> torch.Tensor:
+    return torch.randn(SHAPE, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+def test_edict1_round_trip_is_exact(x0: torch.Tensor, spacing: str) -> None:
+    """EDICT-1: invert -> generate, p = 0.93, strength 1: x and y within 1e-9 of x0 (~1e-14)."""
+    sampler = (
+        sd_edict(spacing=spacing)
+        if spacing == "leading"
+        else EDICT(NoiseSchedule.scaled_linear(), spacing=spacing)
+    )  # type: ignore[arg-type]
+    ex, ey = round_trip(sampler, TanhModel(SHAPE[1:]), x0, num_steps=50)
+    assert ex < 1e-9
+    assert ey < 1e-9
+    pair = sampler.invert(TanhModel(SHAPE[1:]), x0, num_steps=50, progress=False)
+    assert float((pair[0] - x0).abs().max()) > 0.5  # the inversion really moved
+
+
+class _CommunityRuleInversion(_EDICTInversion):
+    """The diffusers community pipeline's order rule: parity of the *inversion* index (spec 4.3)."""
+
+    def coefficients(self, plan: SamplingPlan) -> imgdiff.samplers.EDICTCoefficients:
+        return self._table(plan, torch.arange(len(plan)) + 1)
+
+
+@pytest.mark.parametrize(("n", "strength", "steps"), [(50, 0.82, 41), (51, 1.0, 51), (7, 1.0, 7)])
+def test_edict2_odd_step_counts(x0: torch.Tensor, n: int, strength: float, steps: int) -> None:
+    """EDICT-2: odd step counts are exact with the generation-index rule; the community rule fails."""
+    sampler = sd_edict()
+    model = TanhModel(SHAPE[1:])
+    assert len(sampler.plan(n, strength=strength)) == steps
+    ex, ey = round_trip(sampler, model, x0, num_steps=n, strength=strength)
+    assert max(ex, ey) < 1e-9
+    wrong = _CommunityRuleInversion(
+        **{f: getattr(sampler, f) for f in sampler.__dataclass_fields__}
+    )
+    plan = sampler.plan(n, strength=strength)
+    pair = wrong.run_state(model, (x0, x0), plan.reversed(), like=x0, progress=False)
+    rec = sampler.sample(model, pair, num_steps=n, strength=strength, progress=False)
+    assert float((rec - x0).abs().max()) > 1e-3
+    # ...while for an even count the two rules agree.
+    even_plan = sampler.plan(50)
+    pair = wrong.run_state(model, (x0, x0), even_plan.reversed(), like=x0, progress=False)
+    assert (
+        float((sampler.sample(model, pair, num_steps=50, progress=False) - x0).abs().max()) < 1e-9
+    )
+
+
+def test_edict3_float32_state(x0: torch.Tensor) -> None:
+    """EDICT-3: a float32 state reconstructs within 1e-3, worse than float64; the user is warned."""
+    model = TanhModel(SHAPE[1:])
+    with pytest.warns(PrecisionWarning, match="float32"):
+        sampler32 = sd_edict(dtype=torch.float32)
+    err32 = max(round_trip(sampler32, model, x0.float(), num_steps=50))
+    err64 = max(round_trip(sd_edict(), model, x0, num_steps=50))
+    assert err32 < 1e-3
+    assert err32 > err64
+    assert err64 < 1e-12
+
+
+def test_edict4_leapfrog_off_is_exact(x0: torch.Tensor) -> None:
+    """EDICT-4: with leapfrog off (x always first) inversion is still exact."""
+    ex, ey = round_trip(sd_edict(leapfrog=False), TanhModel(SHAPE[1:]), x0, num_steps=50)
+    assert max(ex, ey) < 1e-9
+
+
+def test_edict5_time_only_model_is_ddim() -> None:
+    """EDICT-5: with eps depending only on t, EDICT generation is DDIM (eta 0) and x == y throughout."""
+    s = NoiseSchedule.scaled_linear()
+    model = TimeOnlyModel(SHAPE[1:])
+    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    sampler = EDICT(s, steps_offset=1, final_alpha_bar="first")
+    out = sampler.sample(
+        model, x_T, num_steps=50, callback=lambda i: pairs.append(i.state), progress=False
+    )
+    ddim = DDIM(s, steps_offset=1, final_alpha_bar="first").sample(
+        model, x_T, num_steps=50, progress=False
+    )
+    torch.testing.assert_close(out, ddim, rtol=0, atol=1e-12)
+    assert len(pairs) == 50
+    assert all(float((x - y).abs().max()) < 1e-12 for x, y in pairs)
+
+
+def test_edict6_mixing_layer_and_mismatched_models(x0: torch.Tensor) -> None:
+    """EDICT-6: unmix(mix(x, y)) == (x, y) (1e-14); a different eps in the two passes breaks exactness."""
+    g = torch.Generator().manual_seed(0)
+    x, y = (torch.randn(SHAPE, generator=g, dtype=torch.float64) for _ in range(2))
+    mx, my = edict_mix(x, y, 0.93)
+    assert float((mx - x).abs().max()) > 1e-3  # mixing does something
+    ux, uy = edict_unmix(mx, my, 0.93)
+    torch.testing.assert_close((ux, uy), (x, y), rtol=0, atol=1e-14)
+    sampler = sd_edict()
+    model = TanhModel(SHAPE[1:])
+
+    def scaled(
+        z: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:  # what another CFG scale amounts to
+        return 1.01 * model(z, t)
+
+    pair = sampler.invert(model, x0, num_steps=50, progress=False)
+    rec = sampler.sample(scaled, pair, num_steps=50, progress=False)
+    assert float((rec - x0).abs().max()) > 1e-6
+
+
+def test_edict7_coefficients_are_the_ddim_step() -> None:
+    """EDICT-7: a_t z + b_t eps equals the generic DDIM (eta 0) step for every (t, s) of the plan."""
+    s = NoiseSchedule.scaled_linear()
+    edict = EDICT(s, steps_offset=1, final_alpha_bar="first")
+    ddim = DDIM(s, steps_offset=1, final_alpha_bar="first")
+    plan = edict.plan(50)
+    e, d = edict.coefficients(plan), ddim.coefficients(plan)
+    torch.testing.assert_close(e.a, d.x_coef, rtol=0, atol=1e-12)
+    torch.testing.assert_close(e.b, d.out_coef, rtol=0, atol=1e-12)
+    assert e.x_first.tolist() == [1.0, 0.0] * 25  # type: ignore[union-attr]
+
+
+def _tiny_unet() -> torch.nn.Module:
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+    )
+    return unet.eval()
+
+
+def test_random_unet_float32_model_float64_state() -> None:
+    """A random diffusers UNet in float32 with float64 EDICT state: round trip < 1e-6, (2,4,16,16), 50 steps."""
+    unet = _tiny_unet()
+    calls = []
+
+    def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        calls.append(x.dtype)
+        return unet(x, t).sample
+
+    x0 = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    sampler = sd_edict()
+    ex, ey = round_trip(sampler, model, x0, num_steps=50, model_dtype=torch.float32)
+    assert max(ex, ey) < 1e-6
+    assert set(calls) == {torch.float32}
+    assert len(calls) == 2 * 50 * 2  # two model calls per step, per direction
+
+
+def test_exact_through_classifier_free_guidance(x0: torch.Tensor) -> None:
+    """With the same CFG wrapper and condition in both passes, inversion stays exact; a different
+    guidance scale in the generation pass breaks it."""
+    base = TanhModel((SHAPE[1] + 1, *SHAPE[2:]))
+
+    def conditional(x: torch.Tensor, t: torch.Tensor, *, label: torch.Tensor) -> torch.Tensor:
+        plane = label.to(x.dtype).reshape(-1, 1, 1, 1).expand(-1, 1, *x.shape[2:])
+        return base(torch.cat([x, plane], dim=1), t)[:, : x.shape[1]]
+
+    null = {"label": torch.zeros(1)}
+    cond = {"label": torch.full((1,), 2.0)}
+    sampler = sd_edict()
+    guided = ClassifierFreeGuidance(conditional, 3.0, null)
+    pair = sampler.invert(guided, x0, num_steps=30, model_kwargs=cond, progress=False)
+    rec = sampler.sample(guided, pair, num_steps=30, model_kwargs=cond, progress=False)
+    assert float((rec - x0).abs().max()) < 1e-9
+    other = ClassifierFreeGuidance(conditional, 3.5, null)
+    rec2 = sampler.sample(other, pair, num_steps=30, model_kwargs=cond, progress=False)
+    assert float((rec2 - x0).abs().max()) > 1e-6
+
+
+def test_edit_with_the_source_condition_returns_the_input(x0: torch.Tensor) -> None:
+    """edict_edit with target == source reconstructs x0; another target changes it."""
+
+    def conditional(x: torch.Tensor, t: torch.Tensor, *, label: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(
+            x * 0.5
+            + label.to(x.dtype).reshape(-1, 1, 1, 1)
+            * (1 + t.to(x.dtype).reshape(-1, 1, 1, 1) / 1000)
+        )
+
+    kw = {"null": {"label": torch.zeros(1)}, "num_steps": 20, "strength": 0.8, "progress": False}
+    same = imgdiff.edict_edit(
+        sd_edict(),
+        conditional,
+        x0,
+        source={"label": torch.ones(1)},
+        target={"label": torch.ones(1)},
+        **kw,
+    )  # type: ignore[arg-type]
+    assert float((same - x0).abs().max()) < 1e-9
+    edited = imgdiff.edict_edit(
+        sd_edict(),
+        conditional,
+        x0,
+        source={"label": torch.ones(1)},
+        target={"label": -torch.ones(1)},
+        **kw,
+    )  # type: ignore[arg-type]
+    assert float((edited - x0).abs().max()) > 0.1
+
+
+@pytest.mark.parametrize("prediction", ["sample", "v"])
+def test_exact_for_other_prediction_types(x0: torch.Tensor, prediction: str) -> None:
+    """EDICT needs only a deterministic eps(z, t): x0- and v-prediction models invert exactly too."""
+    ex, ey = round_trip(
+        sd_edict(prediction=prediction), TanhModel(SHAPE[1:], scale=0.5), x0, num_steps=25
+    )
+    assert max(ex, ey) < 1e-9
+
+
+def test_batch_of_samples_round_trips_each() -> None:
+    """A batch inverts and reconstructs every sample exactly."""
+    x0 = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    ex, ey = round_trip(sd_edict(), TanhModel((2, 4, 4)), x0, num_steps=20)
+    assert max(ex, ey) < 1e-9
+
+
+def test_input_pair_is_not_modified(x0: torch.Tensor) -> None:
+    """invert and sample leave their inputs unchanged."""
+    keep = x0.clone()
+    sampler = sd_edict()
+    pair = sampler.invert(TanhModel(SHAPE[1:]), x0, num_steps=5, progress=False)
+    kept = (pair[0].clone(), pair[1].clone())
+    sampler.sample(TanhModel(SHAPE[1:]), pair, num_steps=5, progress=False)
+    assert torch.equal(x0, keep)
+    assert torch.equal(pair[0], kept[0])
+    assert torch.equal(pair[1], kept[1])
+
+
+def test_bad_input() -> None:
+    """Thresholding, mix out of range, bad pairs: clear errors naming the argument."""
+    s = NoiseSchedule.scaled_linear()
+    with pytest.raises(imgdiff.InputValueError, match=r"^thresholding: expected None for EDICT"):
+        EDICT(s, thresholding=imgdiff.Clip(1.0))  # type: ignore[arg-type]
+    with pytest.raises(imgdiff.InputValueError, match=r"^mix: expected a float > 0\.0, got 0\.0"):
+        EDICT(s, mix=0.0)
+    with pytest.raises(imgdiff.InputValueError, match=r"^mix: expected a float <= 1\.0, got 1\.5"):
+        EDICT(s, mix=1.5)
+    with pytest.raises(imgdiff.InputTypeError, match=r"^leapfrog: expected a bool"):
+        EDICT(s, leapfrog=1)  # type: ignore[arg-type]
+    with pytest.warns(PrecisionWarning, match="mix=0.8"):
+        EDICT(s, mix=0.8)
+    sampler = EDICT(s)
+    model = TanhModel((2, 3, 3))
+    x = torch.randn(1, 2, 3, 3, dtype=torch.float64)
+    with pytest.raises(
+        imgdiff.InputValueError, match=r"^noise\[1\]: expected shape \(1, 2, 3, 3\)"
+    ):
+        sampler.sample(model, (x, torch.randn(2, 2, 3, 3)), num_steps=3, progress=False)
+    with pytest.raises(imgdiff.InputValueError, match=r"^noise: expected a tensor or a pair"):
+        sampler.sample(model, (x, x, x), num_steps=3, progress=False)  # type: ignore[arg-type]
+    with pytest.raises(imgdiff.InputTypeError, match=r"^x0: expected a floating-point tensor"):
+        sampler.invert(
+            model, torch.zeros(1, 2, 3, 3, dtype=torch.int64), num_steps=3, progress=False
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        EDICT(s)  # the defaults warn about nothing
