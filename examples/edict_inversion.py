@@ -97,9 +97,19 @@ def main() -> None:
     )
     names = imgdiff.data.SHAPE_NAMES
     for i in range(len(pick)):
-        src, dst = names[int(labels[pick[i]])], names[1 - int(labels[pick[i]])]
+        src, dst = int(labels[pick[i]]), 1 - int(labels[pick[i]])
+
+        def nearest(c: int, i: int = i) -> float:
+            """RMS distance from edit i to the nearest data image of class c."""
+            items = data[labels == c].flatten(1)
+            return (
+                float(torch.cdist(edited[i].flatten()[None].float(), items).min())
+                / items.shape[1] ** 0.5
+            )
+
         print(
-            f"image {i}: {src} -> {dst}, mean abs change {float((edited[i] - x0[i]).abs().mean()):.3f}"
+            f"image {i}: {names[src]} -> {names[dst]}: RMS distance to the nearest {names[dst]} "
+            f"{nearest(dst):.3f}, to the nearest {names[src]} {nearest(src):.3f}"
         )
     path = save_image_grid(
         torch.cat([x0, recon, ddim_recon, edited]).float(), args.out / "edict.png", nrow=4

@@ -79,7 +79,7 @@ def test_bad_input() -> None:
         ClassifierFreeGuidance(Recorder(), 2.0, null)(x, t)
     with pytest.raises(
         imgdiff.InputValueError,
-        match=r"^cond\['label'\]: expected shape \(3,\) to match null\['label'\] \(1,\)",
+        match=r"^cond\['label'\]: expected shape \(3,\) \(or batch 1\) to match null\['label'\] \(1,\)",
     ):
         ClassifierFreeGuidance(Recorder(), 2.0, null)(
             x, t, label=torch.zeros(2, dtype=torch.float64)
@@ -90,3 +90,91 @@ def test_bad_input() -> None:
         ClassifierFreeGuidance(Recorder(), 2.0, {"label": 0.0})  # type: ignore[dict-item]
     with pytest.raises(imgdiff.InputTypeError, match=r"^model: expected a callable"):
         ClassifierFreeGuidance(None, 2.0, null)  # type: ignore[arg-type]
+
+
+def test_rescale_through_the_wrapper_at_an_intermediate_phi() -> None:
+    """rescale=0.7 applies phi g std(c)/std(g) + (1 - phi) g to the guided output."""
+    x, t, cond = _inputs()
+    null = {"label": torch.zeros(1, dtype=torch.float64)}
+    model = Recorder()
+    out = ClassifierFreeGuidance(model, 4.0, null, rescale=0.7)(x, t, **cond)
+    out_c = model(x, t, **cond)
+    out_u = model(x, t, label=torch.zeros(3, dtype=torch.float64))
+    g = out_u + 4.0 * (out_c - out_u)
+    ratio = out_c.std(dim=(1, 2, 3), keepdim=True) / g.std(dim=(1, 2, 3), keepdim=True)
+    torch.testing.assert_close(out, 0.7 * g * ratio + 0.3 * g, rtol=1e-12, atol=1e-12)
+
+
+class KwargModel:
+    """Checks what arrives: a float, a nested dict of per-sample tensors, a null of batch B."""
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        *,
+        label: torch.Tensor,
+        gain: float,
+        extra: dict[str, torch.Tensor],
+    ) -> torch.Tensor:
+        assert isinstance(gain, float)
+        assert extra["bias"].shape[0] == x.shape[0]
+        assert label.dtype == x.dtype
+        return (
+            torch.tanh(x) * (1 + label.reshape(-1, 1, 1, 1)) + extra["bias"].reshape(-1, 1, 1, 1)
+        ) * gain
+
+
+def test_keyword_handling() -> None:
+    """Non-tensors pass through, nested per-sample tensors are doubled, a batch-B null and a
+    float32 null with float64 conditions work, a batch-1 condition is broadcast."""
+    x, t, cond = _inputs()
+    bias = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)
+    null_b = {"label": torch.zeros(3, dtype=torch.float32)}
+    out = ClassifierFreeGuidance(KwargModel(), 2.0, null_b)(
+        x, t, gain=1.5, extra={"bias": bias}, **cond
+    )
+    want_c = KwargModel()(x, t, label=cond["label"], gain=1.5, extra={"bias": bias})
+    want_u = KwargModel()(
+        x, t, label=torch.zeros(3, dtype=torch.float64), gain=1.5, extra={"bias": bias}
+    )
+    torch.testing.assert_close(out, want_u + 2.0 * (want_c - want_u), rtol=1e-12, atol=1e-12)
+    one = ClassifierFreeGuidance(Recorder(), 2.0, {"label": torch.zeros(1, dtype=torch.float64)})
+    broadcast = one(x, t, label=torch.full((1,), 2.0, dtype=torch.float64))
+    full = one(x, t, label=torch.full((3,), 2.0, dtype=torch.float64))
+    torch.testing.assert_close(broadcast, full, rtol=0, atol=0)
+
+
+def test_guided_channels_leave_the_variance_half_alone() -> None:
+    """guided_channels=C guides the mean half of a 2C output and keeps the conditional variance half."""
+    x, t, cond = _inputs()
+
+    def learned(x: torch.Tensor, t: torch.Tensor, *, label: torch.Tensor) -> torch.Tensor:
+        mean = torch.tanh(x) * (1 + label.reshape(-1, 1, 1, 1))
+        return torch.cat([mean, mean * 0.1 + label.reshape(-1, 1, 1, 1)], dim=1)
+
+    null = {"label": torch.zeros(1, dtype=torch.float64)}
+    out = ClassifierFreeGuidance(learned, 3.0, null, guided_channels=2)(x, t, **cond)
+    c = learned(x, t, **cond)
+    u = learned(x, t, label=torch.zeros(3, dtype=torch.float64))
+    torch.testing.assert_close(
+        out[:, :2], u[:, :2] + 3.0 * (c[:, :2] - u[:, :2]), rtol=1e-12, atol=1e-12
+    )
+    torch.testing.assert_close(out[:, 2:], c[:, 2:], rtol=0, atol=0)
+
+
+def test_more_bad_input() -> None:
+    """An empty null, a null of the wrong batch, a bad guided_channels are named."""
+    x, t, cond = _inputs()
+    with pytest.raises(imgdiff.InputValueError, match=r"^null: expected at least one"):
+        ClassifierFreeGuidance(Recorder(), 2.0, {})
+    with pytest.raises(
+        imgdiff.InputValueError, match=r"^null\['label'\]: expected batch 1 or 3, got shape \(2,\)"
+    ):
+        ClassifierFreeGuidance(Recorder(), 2.0, {"label": torch.zeros(2, dtype=torch.float64)})(
+            x, t, **cond
+        )
+    with pytest.raises(
+        imgdiff.InputValueError, match=r"^guided_channels: expected an int >= 1, got 0"
+    ):
+        ClassifierFreeGuidance(Recorder(), 2.0, {"label": torch.zeros(1)}, guided_channels=0)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import pytest
 import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 import imgdiff
 from imgdiff import DDIM, EDICT, ClassifierFreeGuidance, NoiseSchedule, PrecisionWarning
-from imgdiff.samplers.edict import _EDICTInversion, edict_mix, edict_unmix
+from imgdiff.samplers.edict import edict_mix, edict_unmix
 from imgdiff.timesteps import SamplingPlan
 
 from .conftest import TanhModel, TimeOnlyModel
@@ -50,10 +53,14 @@ def test_edict1_round_trip_is_exact(x0: torch.Tensor, spacing: str) -> None:
     assert float((pair[0] - x0).abs().max()) > 0.5  # the inversion really moved
 
 
-class _CommunityRuleInversion(_EDICTInversion):
-    """The diffusers community pipeline's order rule: parity of the *inversion* index (spec 4.3)."""
+@dataclass(frozen=True, kw_only=True)
+class _CommunityRuleEDICT(EDICT):
+    """The diffusers community pipeline's order rule: parity of the *inversion* index (spec 4.3).
 
-    def coefficients(self, plan: SamplingPlan) -> imgdiff.samplers.EDICTCoefficients:
+    Written as a user would, by overriding a hook: invert() must use the subclass's override.
+    """
+
+    def inverse_coefficients(self, plan: SamplingPlan) -> imgdiff.samplers.EDICTCoefficients:
         return self._table(plan, torch.arange(len(plan)) + 1)
 
 
@@ -65,16 +72,14 @@ def test_edict2_odd_step_counts(x0: torch.Tensor, n: int, strength: float, steps
     assert len(sampler.plan(n, strength=strength)) == steps
     ex, ey = round_trip(sampler, model, x0, num_steps=n, strength=strength)
     assert max(ex, ey) < 1e-9
-    wrong = _CommunityRuleInversion(
-        **{f: getattr(sampler, f) for f in sampler.__dataclass_fields__}
+    wrong = _CommunityRuleEDICT(
+        NoiseSchedule.scaled_linear(), steps_offset=1, final_alpha_bar="first"
     )
-    plan = sampler.plan(n, strength=strength)
-    pair = wrong.run_state(model, (x0, x0), plan.reversed(), like=x0, progress=False)
+    pair = wrong.invert(model, x0, num_steps=n, strength=strength, progress=False)
     rec = sampler.sample(model, pair, num_steps=n, strength=strength, progress=False)
     assert float((rec - x0).abs().max()) > 1e-3
     # ...while for an even count the two rules agree.
-    even_plan = sampler.plan(50)
-    pair = wrong.run_state(model, (x0, x0), even_plan.reversed(), like=x0, progress=False)
+    pair = wrong.invert(model, x0, num_steps=50, progress=False)
     assert (
         float((sampler.sample(model, pair, num_steps=50, progress=False) - x0).abs().max()) < 1e-9
     )
@@ -291,3 +296,145 @@ def test_bad_input() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         EDICT(s)  # the defaults warn about nothing
+
+
+def test_lambda_wrapped_float32_unet_uses_the_input_dtype() -> None:
+    """A network wrapped in a lambda (no parameters to read) runs in the input's dtype, not the
+    float64 state's; the round trip stays exact to the state's rounding."""
+    unet = _tiny_unet()
+    x0 = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(4))  # float32 input
+
+    def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return unet(x, t).sample
+
+    sampler = sd_edict()
+    pair = sampler.invert(model, x0, num_steps=10, progress=False)
+    assert pair[0].dtype == torch.float64
+    rec = sampler.sample(model, pair, num_steps=10, progress=False)
+    assert float((rec - x0.double()).abs().max()) < 1e-6
+
+
+def test_callback_x0_hat_and_state_replacement() -> None:
+    """Generation callbacks see the x0_hat of the step's input (equal to DDIM's for a time-only
+    model); returning the pair replaces the state; inversion callbacks see the timesteps ascending."""
+    s = NoiseSchedule.scaled_linear()
+    model = TimeOnlyModel(SHAPE[1:])
+    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    e_x0: list[torch.Tensor] = []
+    d_x0: list[torch.Tensor] = []
+    EDICT(s).sample(
+        model, x_T, num_steps=10, callback=lambda i: e_x0.append(i.x0_hat), progress=False
+    )
+    DDIM(s).sample(
+        model, x_T, num_steps=10, callback=lambda i: d_x0.append(i.x0_hat), progress=False
+    )
+    for a, b in zip(e_x0, d_x0, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-10)
+    plain = EDICT(s).sample(TanhModel(SHAPE[1:]), x_T, num_steps=10, progress=False)
+    same = EDICT(s).sample(
+        TanhModel(SHAPE[1:]), x_T, num_steps=10, callback=lambda i: i.state, progress=False
+    )
+    assert torch.equal(plain, same)
+    seen: list[int] = []
+    EDICT(s).invert(
+        model, x_T, num_steps=10, callback=lambda i: seen.append(i.timestep), progress=False
+    )
+    assert seen == sorted(seen)
+    assert seen == list(EDICT(s).timesteps(10))[::-1]
+
+
+def test_batch_and_reuse_invariance() -> None:
+    """A sample's round trip inside a batch equals the same alone; one sampler object reused across
+    batch sizes and step counts equals fresh ones."""
+    model = TanhModel((2, 3, 3))
+    x0 = torch.randn(3, 2, 3, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    shared = sd_edict()
+    batch = shared.invert(model, x0, num_steps=12, progress=False)
+    alone = sd_edict().invert(model, x0[1:2], num_steps=12, progress=False)
+    torch.testing.assert_close(alone[0], batch[0][1:2], rtol=1e-12, atol=1e-12)
+    for n, b in ((5, 1), (12, 3), (7, 2)):
+        a = shared.sample(model, x0[:b], num_steps=n, progress=False)
+        f = sd_edict().sample(model, x0[:b], num_steps=n, progress=False)
+        assert torch.equal(a, f)
+
+
+def test_loop_has_no_host_reads() -> None:
+    """EDICT's loop (both directions) runs on the meta device, where any host read raises."""
+    s = NoiseSchedule.scaled_linear()
+
+    def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x) * 0.5 + t.to(x.dtype).reshape(-1, 1, 1, 1) * 1e-3
+
+    x = torch.empty(2, 4, 8, 8, device="meta", dtype=torch.float64)
+    pair = EDICT(s).invert(model, x, num_steps=9, progress=False)
+    assert pair[0].device.type == "meta"
+    assert EDICT(s).sample(model, pair, num_steps=9, progress=False).device.type == "meta"
+
+
+def test_zero_terminal_snr_and_other_refusals() -> None:
+    """alpha_bar = 0 at the noisy end, noise arguments and wrong model outputs give clear errors."""
+    z = NoiseSchedule.scaled_linear().rescale_zero_terminal_snr()
+    x = torch.randn(1, 2, 3, 3, dtype=torch.float64)
+    model = TanhModel((2, 3, 3))
+    with pytest.raises(
+        imgdiff.InputValueError, match=r"^timesteps: .*alpha_bar = 0 at timesteps \[999\]"
+    ):
+        EDICT(z, spacing="trailing", prediction="v").invert(model, x, num_steps=5, progress=False)
+    assert torch.isfinite(
+        EDICT(z, prediction="v").sample(model, x, num_steps=5, progress=False)
+    ).all()
+    s = NoiseSchedule.scaled_linear()
+    with pytest.raises(imgdiff.InputValueError, match=r"^generator: EDICT is deterministic"):
+        EDICT(s).sample(model, x, num_steps=3, generator=torch.Generator(), progress=False)
+    with pytest.raises(
+        imgdiff.InputValueError, match=r"^model output: expected shape \(1, 2, 3, 3\)"
+    ):
+        EDICT(s).sample(lambda x, t: torch.zeros(1, 4, 3, 3), x, num_steps=3, progress=False)
+    with pytest.raises(
+        imgdiff.InputValueError, match=r"^model output: expected shape \(2, 2, 3, 3\)"
+    ):
+        EDICT(s).sample(
+            lambda x, t: torch.zeros(1, 2, 3, 3),
+            x.expand(2, -1, -1, -1),
+            num_steps=3,
+            progress=False,
+        )
+
+
+def test_float32_input_with_dtype_none_warns_at_the_call() -> None:
+    """dtype=None follows the input; a float32 input then warns, pointing at the caller's line."""
+    sampler = EDICT(NoiseSchedule.scaled_linear(), dtype=None)
+    x = torch.randn(1, 2, 3, 3)
+    with pytest.warns(PrecisionWarning, match="float32") as record:
+        sampler.sample(TanhModel((2, 3, 3)), x, num_steps=3, progress=False)
+    assert record[0].filename == __file__
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    steps=st.integers(1, 30),
+    strength=st.sampled_from([1.0, 0.7]),
+    spacing=st.sampled_from(["leading", "trailing", "linspace"]),
+    leapfrog=st.booleans(),
+    prediction=st.sampled_from(["epsilon", "sample", "v"]),
+    final=st.sampled_from(["one", "first"]),
+)
+def test_round_trip_property(
+    steps: int, strength: float, spacing: str, leapfrog: bool, prediction: str, final: str
+) -> None:
+    """Any step count, strength, spacing, leapfrog, prediction type and final level: exact."""
+    assume(int(steps * strength) >= 1)
+    sampler = EDICT(
+        NoiseSchedule.scaled_linear(),
+        spacing=spacing,
+        leapfrog=leapfrog,
+        prediction=prediction,
+        final_alpha_bar=final,
+    )  # type: ignore[arg-type]
+    x0 = torch.randn(
+        2, 2, 3, 3, generator=torch.Generator().manual_seed(steps), dtype=torch.float64
+    )
+    ex, ey = round_trip(
+        sampler, TanhModel((2, 3, 3), scale=0.5), x0, num_steps=steps, strength=strength
+    )
+    assert max(ex, ey) < 1e-9

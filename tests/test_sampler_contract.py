@@ -393,3 +393,22 @@ def test_blurred_empirical_denoiser_with_one_item_is_the_gaussian_denoiser() -> 
         x = torch.randn(4, 2, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
         t = torch.tensor([0, 10, 500, 999])
         torch.testing.assert_close(emp(x, t), gau(x, t), rtol=1e-10, atol=1e-10)
+
+
+def test_blurred_empirical_denoiser_is_tweedie() -> None:
+    """For K = 3 blurred items, x0_hat = (x_t + (1 - ab) grad log p(x_t)) / sqrt(ab) (Tweedie),
+    with log p(x_t) = logsumexp_k -|x_t - sqrt(ab) d_k|^2 / (2 v) and v = ab std^2 + 1 - ab."""
+    s = NoiseSchedule.linear()
+    g = torch.Generator().manual_seed(0)
+    data = torch.randn(3, 2, 2, 2, generator=g, dtype=torch.float64)
+    std = 0.4
+    model = imgdiff.EmpiricalDenoiser(s, data, "sample", std=std)
+    x = torch.randn(4, 2, 2, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([5, 100, 400, 900])
+    ab = s.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    v = ab * std**2 + 1 - ab
+    d2 = ((x.unsqueeze(1) - ab.sqrt().unsqueeze(1) * data.unsqueeze(0)) ** 2).sum(dim=(2, 3, 4))
+    log_p = torch.logsumexp(-d2 / (2 * v.reshape(-1, 1)), dim=1).sum()
+    (score,) = torch.autograd.grad(log_p, x)
+    tweedie = (x + (1 - ab) * score) / ab.sqrt()
+    torch.testing.assert_close(model(x.detach(), t), tweedie.detach(), rtol=1e-10, atol=1e-10)

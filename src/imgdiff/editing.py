@@ -13,6 +13,7 @@ from imgdiff.conditioning.cfg import ClassifierFreeGuidance
 from imgdiff.errors import InputTypeError
 from imgdiff.models import Model
 from imgdiff.samplers.edict import EDICT
+from imgdiff.samplers.step import Callback
 
 __all__ = ["edict_edit"]
 
@@ -26,9 +27,11 @@ def edict_edit(
     target: Mapping[str, Any],
     null: Mapping[str, Tensor],
     guidance_scale: float = 3.0,
+    guidance_rescale: float = 0.0,
     num_steps: int = 50,
     strength: float = 0.8,
     model_dtype: torch.dtype | None = None,
+    callback: Callback | None = None,
     progress: bool = True,
 ) -> Tensor:
     """EDICT image editing as in the paper (Sec. 4): invert with the source condition, generate
@@ -43,14 +46,19 @@ def edict_edit(
             ``{"context": embed("a dog")}`` / ``{"context": embed("a cat")}``).
         null: the unconditional keyword conditions (e.g. the empty prompt's embedding).
         guidance_scale: ``w`` of :class:`~imgdiff.ClassifierFreeGuidance` in both passes (paper: 3).
+        guidance_rescale: Lin et al.'s ``phi`` (0 = off), also in both passes.
         num_steps / strength: the plan of both passes (paper: 50 steps, strength 0.8).
+        model_dtype: the network's input dtype when it cannot be read from its parameters.
+        callback: called after every step of both passes (:class:`~imgdiff.StepInfo`).
 
     Returns the edited ``(B, ...)`` in the sampler's state dtype. With ``target == source`` it
     returns ``x0`` to float64 rounding (exact inversion).
     """
     if not isinstance(sampler, EDICT):
         raise InputTypeError(f"sampler: expected an imgdiff.EDICT, got {describe(sampler)}")
-    guided = ClassifierFreeGuidance(model, check_float("guidance_scale", guidance_scale), null)
+    guided = ClassifierFreeGuidance(
+        model, check_float("guidance_scale", guidance_scale), null, rescale=guidance_rescale
+    )
     pair = sampler.invert(
         guided,
         x0,
@@ -58,6 +66,7 @@ def edict_edit(
         strength=strength,
         model_kwargs=source,
         model_dtype=model_dtype,
+        callback=callback,
         progress=progress,
     )
     return sampler.sample(
@@ -67,5 +76,6 @@ def edict_edit(
         strength=strength,
         model_kwargs=target,
         model_dtype=model_dtype,
+        callback=callback,
         progress=progress,
     )

@@ -15,9 +15,9 @@ import torch
 from torch import Tensor
 
 from imgdiff._checks import check_tensor, describe
-from imgdiff.errors import InputTypeError
+from imgdiff.errors import InputTypeError, InputValueError
 
-__all__ = ["BoundModel", "Model", "infer_model_dtype", "without_variance"]
+__all__ = ["BoundModel", "Model", "check_model_output", "infer_model_dtype", "without_variance"]
 
 Model = Callable[..., Tensor]
 """``model(x: (B, ...), t: (B,) int64, **cond) -> Tensor`` of ``x``'s shape (``2C`` channels
@@ -25,21 +25,51 @@ for a learned-variance model)."""
 
 
 def infer_model_dtype(model: object) -> torch.dtype | None:
-    """The dtype of the first floating-point parameter of an ``nn.Module``, else ``None``.
+    """The dtype of the first floating-point parameter of the network behind ``model``, else ``None``.
 
-    Wrappers that keep the network as ``.model`` (imgdiff's adapters, classifier-free
-    guidance) are looked through.
+    Looks through the usual ways of wrapping an ``nn.Module``: imgdiff's adapters and
+    classifier-free guidance (``.model``), bound methods (``unet.forward``), ``functools.partial``
+    and closures (``lambda x, t: unet(x, t).sample``).
     """
-    for _ in range(8):  # a few levels of wrapping
-        if isinstance(model, torch.nn.Module):
-            for p in model.parameters():
+    seen: set[int] = set()
+    todo: list[object] = [model]
+    while todo and len(seen) < 32:
+        obj = todo.pop(0)
+        if id(obj) in seen or obj is None:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.nn.Module):
+            for p in obj.parameters():
                 if p.dtype.is_floating_point:
                     return p.dtype
-            return None
-        model = getattr(model, "model", None)
-        if model is None:
-            return None
+            continue
+        todo.append(getattr(obj, "model", None))
+        todo.append(getattr(obj, "__self__", None))  # bound method
+        todo.append(getattr(obj, "func", None))  # functools.partial
+        for cell in getattr(obj, "__closure__", None) or ():
+            try:
+                todo.append(cell.cell_contents)
+            except ValueError:  # an empty cell
+                continue
     return None
+
+
+def check_model_output(
+    out: Tensor, x: Tensor, *, factor: int = 1, name: str = "model output"
+) -> None:
+    """Check that a model output for the sample ``x`` ``(B, C, ...)`` has shape ``(B, factor C, ...)``."""
+    expected = (x.shape[0], x.shape[1] * factor, *x.shape[2:])
+    if out.shape != expected:
+        hint = ""
+        if factor == 1 and out.shape[1:2] == (2 * x.shape[1],):
+            hint = (
+                "; a learned-variance model returns 2C channels: wrap it with "
+                "imgdiff.without_variance(model) or use DDPM(variance='learned_range')"
+            )
+        raise InputValueError(
+            f"{name}: expected shape {expected} for a sample of shape {tuple(x.shape)}, "
+            f"got {tuple(out.shape)}{hint}"
+        )
 
 
 class _WithoutVariance:

@@ -220,9 +220,11 @@ class SamplingPlan:
         alpha_bar: ``(N,)`` float64, the level of the state before step ``k``.
         alpha_bar_next: ``(N,)`` float64, the level after step ``k``.
 
-    In a generation plan ``alpha_bar[k]`` is the level of ``timesteps[k]``. In an inversion
-    plan the model sees the *target* timestep, so ``timesteps[k] == next_timesteps[k]`` and
-    ``alpha_bar[k]`` is the level of the previous step's target.
+    In a generation plan ``alpha_bar[k]`` is the level of ``timesteps[k]``. In a DDIM
+    inversion plan (:meth:`inversion`) the model sees the *target* timestep, so
+    ``timesteps[k] == next_timesteps[k]`` and ``alpha_bar[k]`` is the level of the previous
+    step's target. A :meth:`reversed` plan lists a generation plan's transitions to be undone,
+    last first: each row still describes ``timesteps[k] -> next_timesteps[k]``.
     """
 
     timesteps: Tensor

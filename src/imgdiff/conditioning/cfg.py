@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from imgdiff._checks import check_float, describe
+from imgdiff._checks import check_float, check_int, describe
 from imgdiff.errors import InputTypeError, InputValueError
 from imgdiff.models import Model
 
@@ -41,18 +41,29 @@ class ClassifierFreeGuidance:
     Args:
         model: ``model(x, t, **cond)``, trained with condition dropout.
         scale: guidance weight ``w`` (1 = the conditional model, 0 = the unconditional one).
-        null: the unconditional keyword arguments, e.g. ``{"context": empty_text_embedding}``.
-            Each tensor has batch size 1 (broadcast to the batch) or ``B``. Keyword arguments
-            of the call that ``null`` does not name are shared by both halves.
+        null: the unconditional keyword arguments, e.g. ``{"context": empty_text_embedding}``;
+            at least one. Each tensor has batch size 1 (broadcast) or ``B``.
         rescale: Lin et al.'s guidance rescale ``phi`` in ``[0, 1]`` (0 = off).
+        shared: names of keyword arguments passed unchanged to the doubled batch (e.g. a
+            scalar-like tensor whose first dimension is not the batch).
+        guided_channels: guide only the first ``k`` output channels and take the rest from the
+            conditional output (for learned-variance models: ``k = C``, per improved DDPM).
 
-    Shapes: ``x`` ``(B, ...)``, ``t`` ``(B,)``; the output has the model output's shape.
+    Other keyword arguments of a call are per-sample and shared by both halves: tensors with
+    batch ``B`` (or 1) are doubled, as are tensors inside mappings and sequences; anything else
+    is passed through. Shapes: ``x`` ``(B, ...)``, ``t`` ``(B,)``; the output has the model
+    output's shape.
     """
 
     model: Model
     scale: float
     null: Mapping[str, Tensor] = field(default_factory=dict)
     rescale: float = 0.0
+    shared: frozenset[str] = frozenset()
+    guided_channels: int | None = None
+    _null_cache: dict[tuple[str, torch.device, torch.dtype], Tensor] = field(
+        default_factory=dict, init=False, repr=False
+    )
 
     def __post_init__(self) -> None:
         if not callable(self.model):
@@ -63,11 +74,18 @@ class ClassifierFreeGuidance:
             raise InputTypeError(
                 f"null: expected a mapping of keyword tensors, got {describe(self.null)}"
             )
+        if not self.null:
+            raise InputValueError(
+                "null: expected at least one unconditional keyword tensor (e.g. the empty "
+                "prompt's embedding), got an empty mapping"
+            )
         for key, value in self.null.items():
             if not isinstance(value, Tensor) or value.ndim == 0:
                 raise InputTypeError(
                     f"null[{key!r}]: expected a tensor with a batch dimension, got {describe(value)}"
                 )
+        if self.guided_channels is not None:
+            check_int("guided_channels", self.guided_channels, min=1)
 
     def __call__(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
         """One batched forward of ``[null, cond]``; returns the guided output ``(B, ...)``."""
@@ -81,36 +99,67 @@ class ClassifierFreeGuidance:
         doubled: dict[str, Any] = {}
         for key, value in cond.items():
             if key in self.null:
-                doubled[key] = torch.cat([self._null(key, value, B), value], dim=0)
-            elif isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] == B:
-                doubled[key] = torch.cat([value, value], dim=0)
-            else:
+                c = self._batched(key, value, B)
+                doubled[key] = torch.cat([self._null(key, c), c], dim=0)
+            elif key in self.shared:
                 doubled[key] = value
+            else:
+                doubled[key] = _double(value, B)
         out = self.model(torch.cat([x, x], dim=0), torch.cat([t, t], dim=0), **doubled)
         if not isinstance(out, Tensor) or out.shape[0] != 2 * B:
             raise InputValueError(
                 f"model output: expected a tensor with batch {2 * B} (the doubled batch), got {describe(out)}"
             )
         out_u, out_c = out.chunk(2, dim=0)
-        guided = out_u + self.scale * (out_c - out_u)
-        return rescale_guidance(guided, out_c, self.rescale) if self.rescale > 0 else guided
+        k = self.guided_channels
+        u, c = (out_u, out_c) if k is None else (out_u[:, :k], out_c[:, :k])
+        guided = u + self.scale * (c - u)
+        if self.rescale > 0:
+            guided = rescale_guidance(guided, c, self.rescale)
+        return guided if k is None else torch.cat([guided, out_c[:, k:]], dim=1)
 
-    def _null(self, key: str, value: object, batch: int) -> Tensor:
+    def _batched(self, key: str, value: object, batch: int) -> Tensor:
         null = self.null[key]
         if not isinstance(value, Tensor):
             raise InputTypeError(
                 f"cond[{key!r}]: expected a tensor like null[{key!r}], got {describe(value)}"
             )
-        if null.shape[1:] != value.shape[1:] or value.shape[0] != batch:
+        if null.shape[1:] != value.shape[1:] or value.shape[0] not in (1, batch):
             expected = (batch, *null.shape[1:])
             raise InputValueError(
-                f"cond[{key!r}]: expected shape {expected} to match null[{key!r}] "
+                f"cond[{key!r}]: expected shape {expected} (or batch 1) to match null[{key!r}] "
                 f"{tuple(null.shape)} and the batch, got {tuple(value.shape)}"
             )
+        return value.expand(batch, *value.shape[1:]) if value.shape[0] == 1 else value
+
+    def _null(self, key: str, like: Tensor) -> Tensor:
+        """``null[key]`` on ``like``'s device and dtype, expanded to its batch (copied once)."""
+        cache_key = (key, like.device, like.dtype)
+        null = self._null_cache.get(cache_key)
+        if null is None:
+            null = self.null[key].to(device=like.device, dtype=like.dtype)
+            self._null_cache[cache_key] = null
         if null.shape[0] == 1:
-            return null.to(device=value.device, dtype=value.dtype).expand(batch, *null.shape[1:])
-        if null.shape[0] != batch:
+            return null.expand(like.shape[0], *null.shape[1:])
+        if null.shape[0] != like.shape[0]:
             raise InputValueError(
-                f"null[{key!r}]: expected batch 1 or {batch}, got shape {tuple(null.shape)}"
+                f"null[{key!r}]: expected batch 1 or {like.shape[0]}, got shape {tuple(null.shape)}"
             )
-        return null.to(device=value.device, dtype=value.dtype)
+        return null
+
+
+def _double(value: object, batch: int) -> object:
+    """Duplicate the per-sample tensors in ``value`` (recursively) for the doubled batch."""
+    if isinstance(value, Tensor):
+        if value.ndim > 0 and value.shape[0] == batch:
+            return torch.cat([value, value], dim=0)
+        if value.ndim > 0 and value.shape[0] == 1:
+            return value.expand(2 * batch, *value.shape[1:])
+        return value
+    if isinstance(value, Mapping):
+        return {k: _double(v, batch) for k, v in value.items()}
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple
+        return type(value)(*[_double(v, batch) for v in value])  # type: ignore[arg-type]
+    if isinstance(value, (list, tuple)):
+        return type(value)(_double(v, batch) for v in value)
+    return value

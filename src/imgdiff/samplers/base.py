@@ -145,6 +145,21 @@ class Sampler(ABC, Generic[StateT, CoeffT]):
         """Whether the step with these coefficients consumes noise (default: never)."""
         return False
 
+    def inverse_coefficients(self, plan: SamplingPlan) -> CoeffT:
+        """Coefficients of the exact inverse steps, for ``plan.reversed()`` rows (optional)."""
+        raise NotImplementedError(f"{type(self).__name__} has no exact inverse step")
+
+    def inverse_step(
+        self,
+        model: BoundModel,
+        state: StateT,
+        coeffs: CoeffT,
+        ctx: StepContext,
+        noise: Tensor | None,
+    ) -> StepOutput[StateT]:
+        """The exact inverse of :meth:`step` (optional; EDICT implements it)."""
+        raise NotImplementedError(f"{type(self).__name__} has no exact inverse step")
+
     @property
     def default_num_steps(self) -> int:
         """Steps used when neither ``num_steps`` nor ``timesteps`` is given."""
@@ -232,7 +247,7 @@ class Sampler(ABC, Generic[StateT, CoeffT]):
             step_noise: inject the per-step noise instead (``(N, B, ...)`` or ``fn(i)``).
             model_kwargs: conditioning passed to every model call.
             model_dtype: dtype the model input is cast to (default: the dtype of an
-                ``nn.Module``'s parameters, else the state dtype).
+                ``nn.Module``'s parameters, else the dtype of ``noise``).
             callback: called with a :class:`StepInfo` after each step; may return a new state.
             progress: show a tqdm progress bar.
 
@@ -304,11 +319,15 @@ class Sampler(ABC, Generic[StateT, CoeffT]):
         callback: Callback | None = None,
         progress: bool = True,
         desc: str = "sampling",
+        inverse: bool = False,
     ) -> StateT:
         """The loop from an explicit initial ``state``; returns the final state.
 
-        ``like`` is a tensor with the sample's shape ``(B, ...)`` and device (noise is drawn
-        like it, in the state dtype). For samplers whose state is not one tensor (EDICT's pair).
+        ``like`` is the tensor the user passed (``(B, ...)``): noise is drawn with its shape and
+        device, and it is the model's dtype unless ``model_dtype`` or the model's parameters say
+        otherwise. ``inverse`` runs :meth:`inverse_coefficients` and :meth:`inverse_step`
+        instead (samplers with an exact inverse, over ``plan.reversed()``). For samplers whose
+        state is not one tensor (EDICT's pair).
         """
         check_tensor("like", like, floating=True, min_ndim=2)
         batch, device = like.shape[0], like.device
@@ -324,11 +343,13 @@ class Sampler(ABC, Generic[StateT, CoeffT]):
             raise InputTypeError(f"callback: expected a callable, got {describe(callback)}")
         bound = BoundModel(
             model,
-            model_dtype=model_dtype or infer_model_dtype(model) or dtype,
+            model_dtype=model_dtype or infer_model_dtype(model) or like.dtype,
             state_dtype=dtype,
             kwargs=model_kwargs,
         )
-        steps = self.coefficients(plan).unbind()
+        table = self.inverse_coefficients(plan) if inverse else self.coefficients(plan)
+        step = self.inverse_step if inverse else self.step
+        steps = table.unbind()
         contexts = _contexts(plan, batch, device)
         with torch.no_grad():
             for ctx in tqdm(contexts, desc=desc, disable=not progress, leave=False):
@@ -338,7 +359,7 @@ class Sampler(ABC, Generic[StateT, CoeffT]):
                     noise = self._step_noise(
                         ctx.step_index, like, step_noise, noise_table, gens, dtype
                     )
-                out = self.step(bound, state, c, ctx, noise)
+                out = step(bound, state, c, ctx, noise)
                 state = out.state
                 if callback is not None:
                     replaced = callback(StepInfo(ctx.step_index, ctx.num_steps, ctx.timestep, out))

@@ -22,7 +22,7 @@ from torch import Tensor
 from imgdiff._checks import check_same_shape, check_tensor, check_timestep_tensor, describe
 from imgdiff._ops import Scalar, fusable, lincomb
 from imgdiff.errors import InputTypeError, InputValueError
-from imgdiff.models import BoundModel
+from imgdiff.models import BoundModel, check_model_output
 from imgdiff.randomness import Generators, randn
 from imgdiff.samplers.base import Sampler
 from imgdiff.samplers.step import StepCoefficients, StepContext, StepOutput
@@ -50,7 +50,10 @@ class DenoiserCoefficients(StepCoefficients):
         return lincomb(x, self.x0_from_x, out, self.x0_from_out)
 
     def eps_hat(self, x: Tensor, out: Tensor) -> Tensor:
-        """``eps_hat`` from the sample and the model output."""
+        """``eps_hat`` from the sample and the model output (``out`` itself for epsilon models)."""
+        a, b = self.eps_from_x, self.eps_from_out
+        if isinstance(a, float) and isinstance(b, float) and a == 0.0 and b == 1.0:
+            return out
         return lincomb(x, self.eps_from_x, out, self.eps_from_out)
 
 
@@ -170,19 +173,7 @@ class DenoisingSampler(Sampler[Tensor, DCoeffT]):
         return self.update(state, out, coeffs, noise)
 
     def _check_output(self, out: Tensor, x: Tensor, name: str = "model output") -> None:
-        factor = self.output_channels_factor
-        expected = (x.shape[0], x.shape[1] * factor, *x.shape[2:])
-        if out.shape != expected:
-            hint = ""
-            if factor == 1 and out.shape[1:2] == (2 * x.shape[1],):
-                hint = (
-                    "; a learned-variance model returns 2C channels: wrap it with "
-                    "imgdiff.without_variance(model) or use DDPM(variance='learned_range')"
-                )
-            raise InputValueError(
-                f"{name}: expected shape {expected} for a sample of shape "
-                f"{tuple(x.shape)}, got {tuple(out.shape)}{hint}"
-            )
+        check_model_output(out, x, factor=self.output_channels_factor, name=name)
 
     # ------------------------------------------------------------------ diffusers-style step
 

@@ -11,8 +11,6 @@ diffusers community pipeline is not; algorithms spec 4.3).
 
 from __future__ import annotations
 
-import dataclasses
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,8 +20,9 @@ from torch import Tensor
 
 from imgdiff._checks import check_float, check_same_shape, check_tensor, describe
 from imgdiff._ops import Scalar, lincomb
+from imgdiff._warnings import warn_user
 from imgdiff.errors import InputTypeError, InputValueError, PrecisionWarning
-from imgdiff.models import BoundModel, Model
+from imgdiff.models import BoundModel, Model, check_model_output
 from imgdiff.randomness import Generators
 from imgdiff.samplers.base import Sampler
 from imgdiff.samplers.denoising import DenoiserCoefficients
@@ -55,9 +54,9 @@ class EDICT(Sampler[EDICTState, EDICTCoefficients]):
     """EDICT sampling and exact inversion on imgdiff's sampler contract.
 
     Args (besides :class:`~imgdiff.samplers.Sampler`'s, all keyword-only):
-        mix: the mixing weight ``p`` in ``(0, 1]`` (paper: 0.93). Lower values make inversion
-            amplify the ``x - y`` difference (by ~``1/(2p - 1 + (1-p)^2)`` per step); a warning is
-            given below 0.9.
+        mix: the mixing weight ``p`` in ``(0, 1]`` (paper: 0.93). Inversion amplifies the
+            ``x - y`` difference by ``1/p^2`` per step (the mixing matrix's eigenvalues are 1 and
+            ``p^2``); a warning is given below 0.9.
         leapfrog: alternate which sequence is updated first on odd steps (paper default).
         thresholding: must be ``None``; clipping ``x0_hat`` breaks exactness.
         dtype: state dtype, float64 by default; the model runs in its own dtype. Lower precision
@@ -84,12 +83,11 @@ class EDICT(Sampler[EDICTState, EDICTCoefficients]):
                 "thresholding x0_hat makes the coupled steps non-invertible"
             )
         if self.mix < 0.9:
-            warnings.warn(
-                f"EDICT mix={self.mix}: inversion amplifies the x - y difference by about "
-                f"{1 / (2 * self.mix - 1 + (1 - self.mix) ** 2):.2f}x per step (spec 4.5: p = 0.8 "
-                "gave a latent of std 3e5 after 50 steps); keep mix >= 0.9",
+            warn_user(
+                f"EDICT mix={self.mix}: inversion amplifies the x - y difference by 1/mix^2 = "
+                f"{1 / self.mix**2:.2f}x per step (spec 4.5: p = 0.8 gave a latent of std 3e5 after "
+                "50 steps); keep mix >= 0.9",
                 PrecisionWarning,
-                stacklevel=3,
             )
         if self.dtype is not None:
             _warn_precision(self.dtype)
@@ -102,6 +100,13 @@ class EDICT(Sampler[EDICTState, EDICTCoefficients]):
     def _table(self, plan: SamplingPlan, generation_index: Tensor) -> EDICTCoefficients:
         """Coefficients for transitions ``t -> s`` given each row's generation index."""
         ab, ab_s = plan.alpha_bar, plan.alpha_bar_next
+        if bool((ab == 0).any()):
+            t = sorted({int(v) for v in plan.timesteps[ab == 0].tolist()})
+            raise InputValueError(
+                f"timesteps: EDICT's step z -> a z + b eps needs alpha_bar > 0 at the noisy end, got "
+                f"alpha_bar = 0 at timesteps {t} (zero terminal SNR); leave that timestep out (e.g. "
+                "leading spacing, or an explicit list without it)"
+            )
         a = torch.sqrt(ab_s / ab)
         x_first = (generation_index % 2 == 0) | (not self.leapfrog)
         return EDICTCoefficients(
@@ -139,7 +144,37 @@ class EDICT(Sampler[EDICTState, EDICTCoefficients]):
         else:
             y1 = lincomb(y, c.a, eps(x), c.b)
             x1 = lincomb(x, c.a, eps(y1), c.b)
-        return StepOutput(edict_mix(x1, y1, p), eps.last_x0_hat)
+        return StepOutput(edict_mix(x1, y1, p), lambda: eps.x0_hat(0))
+
+    # ------------------------------------------------------------------ the exact inverse
+
+    def inverse_coefficients(self, plan: SamplingPlan) -> EDICTCoefficients:
+        """Coefficients for ``plan.reversed()`` rows: row ``k`` undoes generation step ``L-1-k``."""
+        L = len(plan)
+        return self._table(plan, L - 1 - torch.arange(L))
+
+    def inverse_step(
+        self,
+        model: BoundModel,
+        state: EDICTState,
+        coeffs: EDICTCoefficients,
+        ctx: StepContext,
+        noise: Tensor | None,
+    ) -> StepOutput[EDICTState]:
+        """Inverse step (paper eq. 12-14): unmix, then undo the sub-steps in reverse order."""
+        c, p = coeffs, self.mix
+        x2, y2 = state
+        eps = _Eps(model, c, ctx.t)
+        x1, y1 = edict_unmix(x2, y2, p)
+        inv_a = 1.0 / c.a
+        if c.x_first:  # generation did x then y: undo y first
+            y = lincomb(y1, inv_a, eps(x1), -c.b * inv_a)
+            x = lincomb(x1, inv_a, eps(y), -c.b * inv_a)
+        else:
+            x = lincomb(x1, inv_a, eps(y1), -c.b * inv_a)
+            y = lincomb(y1, inv_a, eps(x), -c.b * inv_a)
+        # the second call's input is at level t, where the coefficients convert
+        return StepOutput((x, y), lambda: eps.x0_hat(1))
 
     # ------------------------------------------------------------------ public entry points
 
@@ -160,9 +195,14 @@ class EDICT(Sampler[EDICTState, EDICTCoefficients]):
     ) -> Tensor:
         """Generate from ``noise`` ``(B, ...)`` (then ``x = y = noise``) or from a pair ``(x, y)``.
 
-        Returns ``x`` at the end (``y`` is within rounding of it for a converged run; see
-        :meth:`sample_pair`). EDICT is deterministic: ``generator`` and ``step_noise`` are unused.
+        Returns ``x`` at the end (``y`` is close to it; see :meth:`sample_pair`). EDICT is
+        deterministic: ``generator`` and ``step_noise`` must be ``None``.
         """
+        if generator is not None or step_noise is not None:
+            raise InputValueError(
+                "generator: EDICT is deterministic and draws no noise; expected generator=None and "
+                f"step_noise=None, got {describe(generator)} and {describe(step_noise)}"
+            )
         return self.sample_pair(
             model,
             noise,
@@ -225,10 +265,7 @@ class EDICT(Sampler[EDICTState, EDICTCoefficients]):
         """
         state, like = self._start("x0", x0)
         plan = self.plan(num_steps, timesteps=timesteps, strength=strength)
-        inverse = _EDICTInversion(
-            **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        )
-        return inverse.run_state(
+        return self.run_state(
             model,
             state,
             plan.reversed(),
@@ -238,6 +275,7 @@ class EDICT(Sampler[EDICTState, EDICTCoefficients]):
             callback=callback,
             progress=progress,
             desc="EDICT inversion",
+            inverse=True,
         )
 
     def _start(self, name: str, value: Tensor | EDICTState) -> tuple[EDICTState, Tensor]:
@@ -258,40 +296,6 @@ class EDICT(Sampler[EDICTState, EDICTCoefficients]):
         return (x.to(dtype), y.to(dtype)), x
 
 
-@dataclass(frozen=True, kw_only=True)
-class _EDICTInversion(EDICT):
-    """The exact inverse of :class:`EDICT`'s steps, run over the generation plan reversed."""
-
-    def __post_init__(self) -> None:  # validated (and warned) as the EDICT it copies
-        pass
-
-    def coefficients(self, plan: SamplingPlan) -> EDICTCoefficients:
-        L = len(plan)
-        return self._table(plan, L - 1 - torch.arange(L))
-
-    def step(
-        self,
-        model: BoundModel,
-        state: EDICTState,
-        coeffs: EDICTCoefficients,
-        ctx: StepContext,
-        noise: Tensor | None,
-    ) -> StepOutput[EDICTState]:
-        """Inverse step (paper eq. 12-14): unmix, then undo the sub-steps in reverse order."""
-        c, p = coeffs, self.mix
-        x2, y2 = state
-        eps = _Eps(model, c, ctx.t)
-        x1, y1 = edict_unmix(x2, y2, p)
-        inv_a = 1.0 / c.a
-        if c.x_first:  # generation did x then y: undo y first
-            y = lincomb(y1, inv_a, eps(x1), -c.b * inv_a)
-            x = lincomb(x1, inv_a, eps(y), -c.b * inv_a)
-        else:
-            x = lincomb(x1, inv_a, eps(y1), -c.b * inv_a)
-            y = lincomb(y1, inv_a, eps(x), -c.b * inv_a)
-        return StepOutput((x, y), eps.last_x0_hat)
-
-
 def edict_mix(x: Tensor, y: Tensor, p: float) -> EDICTState:
     """EDICT's mixing layer (paper eq. 11): ``x' = p x + (1-p) y``, then ``y' = p y + (1-p) x'``.
 
@@ -308,31 +312,30 @@ def edict_unmix(x: Tensor, y: Tensor, p: float) -> EDICTState:
 
 
 class _Eps:
-    """``eps(z, t)`` through the bound model at one step; remembers the last call for ``x0_hat``."""
+    """``eps(z, t)`` through the bound model at one step; keeps the calls for ``x0_hat``."""
 
-    __slots__ = ("coeffs", "last", "model", "t")
+    __slots__ = ("calls", "coeffs", "model", "t")
 
     def __init__(self, model: BoundModel, coeffs: EDICTCoefficients, t: Tensor) -> None:
         self.model, self.coeffs, self.t = model, coeffs, t
-        self.last: tuple[Tensor, Tensor] | None = None
+        self.calls: list[tuple[Tensor, Tensor]] = []
 
     def __call__(self, z: Tensor) -> Tensor:
         out = self.model(z, self.t)
-        self.last = (z, out)
+        check_model_output(out, z)
+        self.calls.append((z, out))
         return self.coeffs.eps_hat(z, out)
 
-    def last_x0_hat(self) -> Tensor:
-        """``x0_hat`` of the step's second model call (computed only if a callback reads it)."""
-        assert self.last is not None
-        return self.coeffs.raw_x0_hat(*self.last)
+    def x0_hat(self, call: int) -> Tensor:
+        """``x0_hat`` from model call ``call`` of the step (its input must be at level t)."""
+        return self.coeffs.raw_x0_hat(*self.calls[call])
 
 
 def _warn_precision(dtype: torch.dtype) -> None:
     if dtype != torch.float64:
-        warnings.warn(
+        warn_user(
             f"EDICT with a {dtype} state: the inversion is exact only to rounding of that dtype "
-            "(measured ~1e-5 max error for float32 over 50 steps, larger for half precision); "
+            "(measured 2e-5 to 4e-5 max error for float32 over 50 steps, more for half precision); "
             "use dtype=torch.float64 (the default) for reconstruction to ~1e-14",
             PrecisionWarning,
-            stacklevel=4,
         )
