@@ -229,18 +229,15 @@ class EDICT(Sampler[EDICTState, EDICTCoefficients]):
         progress: bool = True,
     ) -> EDICTState:
         """Like :meth:`sample` but returns both final sequences ``(x_0, y_0)``."""
-        state, like = self._start("noise", noise)
-        plan = self.plan(num_steps, timesteps=timesteps, strength=strength)
-        return self.run_state(
+        return self._run_pair(
             model,
-            state,
-            plan,
-            like=like,
+            ("noise", noise),
+            self.plan(num_steps, timesteps=timesteps, strength=strength),
+            inverse=False,
             model_kwargs=model_kwargs,
             model_dtype=model_dtype,
             callback=callback,
             progress=progress,
-            desc="EDICT sampling",
         )
 
     def invert(
@@ -263,19 +260,42 @@ class EDICT(Sampler[EDICTState, EDICTCoefficients]):
         step's *generation* index. Returns ``(x_T, y_T)``; pass it to :meth:`sample` with the same
         model, ``model_kwargs``, step arguments and ``strength`` to get ``x0`` back.
         """
-        state, like = self._start("x0", x0)
-        plan = self.plan(num_steps, timesteps=timesteps, strength=strength)
+        return self._run_pair(
+            model,
+            ("x0", x0),
+            self.plan(num_steps, timesteps=timesteps, strength=strength),
+            inverse=True,
+            model_kwargs=model_kwargs,
+            model_dtype=model_dtype,
+            callback=callback,
+            progress=progress,
+        )
+
+    def _run_pair(
+        self,
+        model: Model,
+        start: tuple[str, Tensor | EDICTState],
+        plan: SamplingPlan,
+        *,
+        inverse: bool,
+        model_kwargs: Mapping[str, Any] | None,
+        model_dtype: torch.dtype | None,
+        callback: Callback | None,
+        progress: bool,
+    ) -> EDICTState:
+        """Generation over ``plan``, or its exact inverse over ``plan.reversed()``."""
+        state, like = self._start(*start)
         return self.run_state(
             model,
             state,
-            plan.reversed(),
+            plan.reversed() if inverse else plan,
             like=like,
             model_kwargs=model_kwargs,
             model_dtype=model_dtype,
             callback=callback,
             progress=progress,
-            desc="EDICT inversion",
-            inverse=True,
+            desc="EDICT inversion" if inverse else "EDICT sampling",
+            inverse=inverse,
         )
 
     def _start(self, name: str, value: Tensor | EDICTState) -> tuple[EDICTState, Tensor]:
