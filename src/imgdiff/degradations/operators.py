@@ -1,0 +1,119 @@
+"""Deterministic degradation operators on ``[-1, 1]`` RGB images: BT.601 grayscale and JPEG.
+
+These are the sources of Palette's colorization and JPEG-restoration tasks
+(:mod:`imgdiff.degradations.tasks` draws their random parameters).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from imgdiff._checks import describe
+from imgdiff.degradations._common import check_images
+from imgdiff.errors import InputTypeError, InputValueError
+
+__all__ = [
+    "BT601_LUMA",
+    "JPEG_QUALITY_RANGE",
+    "check_quality",
+    "check_quality_range",
+    "jpeg_compress",
+    "jpeg_round_trip",
+    "luma",
+    "to_grayscale",
+]
+
+BT601_LUMA = (0.299, 0.587, 0.114)
+"""ITU-R BT.601 luma weights of R, G, B (what ``PIL.Image.convert("L")`` uses)."""
+
+JPEG_QUALITY_RANGE = (1, 95)
+"""Accepted JPEG quality factors; pillow advises against qualities above 95."""
+
+
+def to_grayscale(images: Tensor) -> Tensor:
+    """BT.601 luma ``0.299 R + 0.587 G + 0.114 B``, replicated to 3 channels.
+
+    ``images`` ``(B, 3, H, W)`` in ``[-1, 1]`` to ``(B, 3, H, W)`` of the same dtype and device,
+    with three equal channels. The weights sum to one, so computing the luma on ``[-1, 1]``
+    values equals computing it on ``[0, 1]`` and mapping back. Palette's colorization source is a
+    grayscale image loaded as RGB, i.e. replicated the same way.
+    """
+    x = check_images("images", images)
+    return luma(x)
+
+
+def luma(x: Tensor) -> Tensor:
+    """:func:`to_grayscale` of checked images (internal)."""
+    weights = torch.tensor(BT601_LUMA, dtype=x.dtype, device=x.device).reshape(1, 3, 1, 1)
+    return (x * weights).sum(dim=1, keepdim=True).expand(-1, 3, -1, -1).contiguous()
+
+
+def check_quality(name: str, value: object) -> int:
+    """A JPEG quality factor: an int in :data:`JPEG_QUALITY_RANGE`."""
+    low, high = JPEG_QUALITY_RANGE
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InputTypeError(
+            f"{name}: expected an int JPEG quality in [{low}, {high}], got {describe(value)}"
+        )
+    if not low <= value <= high:
+        raise InputValueError(f"{name}: expected a JPEG quality in [{low}, {high}], got {value}")
+    return value
+
+
+def check_quality_range(value: object) -> tuple[int, int]:
+    """``quality``: one int or a pair ``(low, high)`` with ``1 <= low <= high <= 95``."""
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        if len(value) != 2:
+            raise InputValueError(
+                f"quality: expected one int or a pair (low, high) of ints, got {len(value)} values"
+            )
+        low, high = check_quality("quality", value[0]), check_quality("quality", value[1])
+        if low > high:
+            raise InputValueError(f"quality: expected low <= high, got ({low}, {high})")
+        return low, high
+    q = check_quality("quality", value)
+    return q, q
+
+
+def jpeg_compress(images: Tensor, quality: int | Sequence[int]) -> Tensor:
+    """Encode every image as a JPEG file with pillow at ``quality`` and decode it again.
+
+    ``images`` ``(B, 3, H, W)`` in ``[-1, 1]``; ``quality`` is one int in ``[1, 95]`` for the
+    whole batch or a sequence with one per image. Images are quantised to uint8 first
+    (``round((x + 1) · 127.5)``); pillow's default 4:2:0 chroma subsampling applies. Returns
+    ``(B, 3, H, W)`` in ``[-1, 1]`` with the dtype and device of ``images``, values on the
+    uint8 grid ``k / 127.5 - 1``.
+    """
+    x = check_images("images", images)
+    B = x.shape[0]
+    if isinstance(quality, Sequence):
+        qualities = [check_quality(f"quality[{i}]", q) for i, q in enumerate(quality)]
+        if len(qualities) != B:
+            raise InputValueError(
+                f"quality: expected one quality per image ({B}), got {len(qualities)}"
+            )
+    else:
+        qualities = [check_quality("quality", quality)] * B
+    return jpeg_round_trip(x, qualities)
+
+
+def jpeg_round_trip(images: Tensor, qualities: Sequence[int]) -> Tensor:
+    """:func:`jpeg_compress` of checked ``(N, 3, H, W)`` images, one quality per image (internal)."""
+    from PIL import Image
+
+    pixels = ((images.detach().float().cpu() + 1.0) * 127.5).round().clamp(0, 255)
+    arrays = pixels.to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+    decoded = np.empty_like(arrays)
+    for i, (array, quality) in enumerate(zip(arrays, qualities, strict=True)):
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="JPEG", quality=quality)
+        buffer.seek(0)
+        with Image.open(buffer) as image:
+            decoded[i] = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    out = torch.from_numpy(decoded).permute(0, 3, 1, 2).to(torch.float32) / 127.5 - 1.0
+    return out.to(device=images.device, dtype=images.dtype)

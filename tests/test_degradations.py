@@ -1,0 +1,502 @@
+"""Palette's tasks and masks (spec 2.6): PAL-5 mask properties, the four tasks, bad input."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from torch import Tensor
+
+import imgdiff
+from imgdiff.data import toy_shapes
+from imgdiff.degradations import (
+    MASK_KINDS,
+    TASKS,
+    bbox_mask,
+    brush_stroke_mask,
+    center_mask,
+    colorization_pair,
+    four_direction_mask,
+    hybrid_mask,
+    inpainting_pair,
+    irregular_mask,
+    jpeg_compress,
+    jpeg_pair,
+    make_mask,
+    make_pairs,
+    one_direction_mask,
+    sample_tasks,
+    to_grayscale,
+    uncropping_mask,
+    uncropping_pair,
+)
+
+IVE = imgdiff.InputValueError
+ITE = imgdiff.InputTypeError
+
+RANDOM_KINDS = ("bbox", "brush", "irregular", "hybrid", "four_direction")
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def hole_fraction(mask: Tensor) -> float:
+    return float(mask.double().mean())
+
+
+@pytest.fixture(scope="module")
+def images() -> Tensor:
+    return toy_shapes(6, 32, seed=3)[0]
+
+
+# ------------------------------------------------------------------ PAL-5 and the masks
+
+
+def test_center_hole_fraction_is_exactly_a_quarter_at_256() -> None:
+    mask = center_mask(256)
+    assert hole_fraction(mask) == 0.25
+    assert torch.equal(mask[0, 64:192, 64:192], torch.ones(128, 128))
+
+
+def test_irregular_hole_fraction_in_open_interval_at_256() -> None:
+    for seed in range(6):
+        assert 0.15 < hole_fraction(irregular_mask(256, gen(seed))) < 0.5
+
+
+@pytest.mark.parametrize("side", ["left", "top", "right", "bottom"])
+def test_one_direction_is_exactly_half_at_256(side: str) -> None:
+    mask = one_direction_mask(256, side=side)  # type: ignore[arg-type]
+    assert hole_fraction(mask) == 0.5
+    half = {
+        "left": mask[0, :, :128],
+        "right": mask[0, :, 128:],
+        "top": mask[0, :128],
+        "bottom": mask[0, 128:],
+    }[side]
+    assert bool((half == 1).all())
+
+
+def test_four_direction_is_a_border_frame_within_one_percent_of_half_at_256() -> None:
+    for seed in range(10):
+        mask = four_direction_mask(256, gen(seed))[0]
+        assert abs(hole_fraction(mask) - 0.5) <= 0.005
+        # every border row and column is hole; the known pixels form one centred rectangle
+        for border in (mask[0], mask[-1], mask[:, 0], mask[:, -1]):
+            assert bool((border == 1).all())
+        rows = torch.nonzero((mask == 0).any(dim=1)).flatten()
+        cols = torch.nonzero((mask == 0).any(dim=0)).flatten()
+        top, bottom, left, right = int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])
+        assert bool((mask[top : bottom + 1, left : right + 1] == 0).all())
+        assert abs(top - (255 - bottom)) <= 1
+        assert abs(left - (255 - right)) <= 1
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    height=st.integers(16, 96),
+    width=st.integers(16, 96),
+    kind=st.sampled_from(MASK_KINDS),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_every_mask_is_binary_float_1hw(height: int, width: int, kind: str, seed: int) -> None:
+    mask = make_mask(kind, (height, width), gen(seed))  # type: ignore[arg-type]
+    assert mask.shape == (1, height, width)
+    assert mask.dtype == torch.float32
+    assert bool(((mask == 0) | (mask == 1)).all())
+
+
+@settings(max_examples=40, deadline=None)
+@given(height=st.integers(16, 96), width=st.integers(16, 96), seed=st.integers(0, 2**31 - 1))
+def test_uncropping_fractions_over_sizes(height: int, width: int, seed: int) -> None:
+    frame = four_direction_mask((height, width), gen(seed))
+    assert abs(hole_fraction(frame) - 0.5) <= 1 / (2 * width) + 1e-12
+    assert bool((frame[0, :, [0, -1]] == 1).all())
+    assert bool((frame[0, [0, -1]] == 1).all())
+    assert abs(hole_fraction(irregular_mask((height, width), gen(seed))) - 0.325) < 0.175
+    if height % 2 == 0 and width % 2 == 0:
+        assert hole_fraction(one_direction_mask((height, width), gen(seed))) == 0.5
+        assert hole_fraction(center_mask((height, width))) == 0.25
+
+
+@pytest.mark.parametrize("kind", MASK_KINDS)
+def test_masks_are_reproducible_for_a_seed(kind: str) -> None:
+    first = make_mask(kind, (48, 64), gen(7))  # type: ignore[arg-type]
+    again = make_mask(kind, (48, 64), gen(7))  # type: ignore[arg-type]
+    assert torch.equal(first, again)
+
+
+@pytest.mark.parametrize("kind", RANDOM_KINDS)
+def test_masks_differ_across_seeds(kind: str) -> None:
+    masks = [make_mask(kind, 64, gen(seed)) for seed in range(4)]  # type: ignore[arg-type]
+    assert not all(torch.equal(masks[0], m) for m in masks[1:])
+
+
+def _is_frame(mask: Tensor) -> bool:
+    m = mask[0]
+    return all(bool((edge == 1).all()) for edge in (m[0], m[-1], m[:, 0], m[:, -1]))
+
+
+def test_one_direction_and_uncrop_cover_their_choices() -> None:
+    g = gen(0)
+    corners = {
+        tuple(one_direction_mask(16, g)[0, ::15, ::15].flatten().tolist()) for _ in range(40)
+    }
+    assert len(corners) == 4  # the hole is the left, top, right or bottom half
+    frames = [_is_frame(uncropping_mask(16, g)) for _ in range(40)]
+    assert 5 < sum(frames) < 35  # four directions about half the time, one direction otherwise
+
+
+def test_bbox_stays_inside_margins_and_keeps_its_centre() -> None:
+    for seed in range(20):
+        mask = bbox_mask(256, gen(seed))[0]
+        rows = torch.nonzero(mask.any(dim=1)).flatten()
+        cols = torch.nonzero(mask.any(dim=0)).flatten()
+        top, bottom, left, right = int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])
+        assert bool((mask[top : bottom + 1, left : right + 1] == 1).all())  # one box
+        assert hole_fraction(mask) == (bottom - top + 1) * (right - left + 1) / 256**2
+        for lo, hi in ((top, bottom), (left, right)):
+            assert lo >= 20
+            assert hi <= 255 - 20
+            assert 128 - 40 <= hi - lo + 1 <= 128  # box 128 px shrunk by at most 40
+            assert (hi - lo + 1) % 2 == 0  # shrunk by the same d on both sides
+
+
+def test_brush_strokes_flip_for_real() -> None:
+    outcomes = set()
+    for seed in range(16):
+        plain = brush_stroke_mask(64, gen(seed), flip=False)
+        flipped = brush_stroke_mask(64, gen(seed))
+        options = {
+            "none": plain,
+            "lr": plain.flip(-1),
+            "tb": plain.flip(-2),
+            "both": plain.flip(-1, -2),
+        }
+        matches = [name for name, m in options.items() if torch.equal(m, flipped)]
+        assert matches
+        outcomes.update(matches)
+    assert {"lr", "tb", "both"} & outcomes
+
+
+def test_brush_width_scales_with_the_image() -> None:
+    small = np.mean([hole_fraction(brush_stroke_mask(64, gen(s))) for s in range(12)])
+    large = np.mean([hole_fraction(brush_stroke_mask(256, gen(s))) for s in range(12)])
+    assert 0.02 < small < 0.5
+    assert 0.02 < large < 0.5
+    assert abs(small - large) < 0.1  # same fraction at both sizes, not 16x more at 64
+
+
+def test_hybrid_is_the_union_of_a_box_and_strokes() -> None:
+    g = gen(5)
+    expected = torch.maximum(bbox_mask(64, g), brush_stroke_mask(64, g))
+    assert torch.equal(hybrid_mask(64, gen(5)), expected)
+
+
+def test_make_mask_device_argument() -> None:
+    assert make_mask("center", 16, device="cpu").device.type == "cpu"
+
+
+# ------------------------------------------------------------------ the tasks
+
+
+def test_inpainting_source_is_target_outside_and_noise_inside(images: Tensor) -> None:
+    before = images.clone()
+    pair = inpainting_pair(images, [gen(i) for i in range(6)])
+    assert pair.source.shape == images.shape
+    assert pair.mask.shape == (6, 1, 32, 32)
+    assert pair.target is images
+    assert torch.equal(images, before)
+    known = pair.mask.expand_as(images) == 0
+    assert torch.equal(pair.source[known], images[known])
+    assert bool((pair.source[~known] != images[~known]).all())
+    assert pair.tasks == ("inpainting",) * 6
+
+
+def test_inpainting_hole_holds_standard_normal_noise_from_the_generator() -> None:
+    x = toy_shapes(4, 64, seed=1)[0]
+    mask = center_mask(64)
+    pair = inpainting_pair(x, [gen(i) for i in range(4)], mask=mask)
+    hole = mask.bool().expand(3, -1, -1)
+    for b in range(4):
+        noise = torch.randn(3, 64, 64, generator=gen(b))
+        assert torch.equal(pair.source[b][hole], noise[hole])
+    values = pair.source[:, hole]
+    assert abs(float(values.mean())) < 0.05
+    assert abs(float(values.std()) - 1) < 0.05
+
+
+def test_colorization_source_is_bt601_luma_on_three_equal_channels(images: Tensor) -> None:
+    pair = colorization_pair(images)
+    r, g, b = images.unbind(dim=1)
+    luma = 0.299 * r + 0.587 * g + 0.114 * b
+    for c in range(3):
+        torch.testing.assert_close(pair.source[:, c], luma, atol=1e-6, rtol=0)
+    assert torch.equal(pair.mask, torch.ones(6, 1, 32, 32))
+    assert torch.equal(to_grayscale(images), pair.source)
+    # agrees with PIL's "L" conversion (also BT.601) up to uint8 rounding
+    pixels = ((images[0] + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    pil = np.asarray(Image.fromarray(pixels).convert("L"), dtype=np.float64) / 127.5 - 1
+    assert np.abs(pair.source[0, 0].double().numpy() - pil).max() <= 1.5 / 127.5
+
+
+def test_jpeg_is_a_real_compression() -> None:
+    x = toy_shapes(4, 64, seed=2)[0]
+    errors = {q: float((jpeg_compress(x, q) - x).abs().mean()) for q in (5, 10, 30, 95)}
+    out = jpeg_compress(x, 10)
+    assert not torch.equal(out, x)
+    assert float(out.min()) >= -1
+    assert float(out.max()) <= 1
+    assert torch.equal(((out + 1) * 127.5).round() / 127.5 - 1, out)  # decoded uint8 values
+    assert errors[5] > errors[10] > errors[30] > errors[95]
+    assert errors[95] < 0.03
+    # matches pillow directly
+    pixels = ((x[0] + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=10)
+    decoded = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
+    expected = torch.from_numpy(decoded.copy()).permute(2, 0, 1).float() / 127.5 - 1
+    assert torch.equal(out[0], expected)
+
+
+def test_jpeg_pair_quality_and_per_sample_qualities(images: Tensor) -> None:
+    fixed = jpeg_pair(images, gen(0), quality=20)
+    assert torch.equal(fixed.source, jpeg_compress(images, 20))
+    assert torch.equal(fixed.mask, torch.ones(6, 1, 32, 32))
+    mixed = jpeg_compress(images[:2], [5, 90])
+    assert torch.equal(mixed[1], jpeg_compress(images[1:2], 90)[0])
+    drawn = jpeg_pair(images, gen(1))  # qualities in [5, 30]
+    assert torch.equal(drawn.source, jpeg_pair(images, gen(1)).source)
+    assert float((drawn.source - images).abs().mean()) > float(
+        (jpeg_compress(images, 95) - images).abs().mean()
+    )
+
+
+def test_uncropping_pair_uses_uncropping_masks(images: Tensor) -> None:
+    pair = uncropping_pair(images, gen(3))
+    for m in pair.mask:
+        assert abs(hole_fraction(m) - 0.5) <= 1 / 64
+    frames = uncropping_pair(images, gen(3), mask_kind="four_direction").mask
+    assert bool((frames[:, :, 0] == 1).all())
+    assert bool((frames[:, :, -1] == 1).all())
+
+
+def test_mixed_tasks_match_single_images_with_per_sample_generators(images: Tensor) -> None:
+    tasks = sample_tasks(6, gen(9))
+    pair = make_pairs(images, tasks, [gen(10 + b) for b in range(6)])
+    assert pair.tasks == tasks
+    for b in range(6):
+        alone = make_pairs(images[b : b + 1], tasks[b], [gen(10 + b)])
+        assert torch.equal(pair.source[b], alone.source[0])
+        assert torch.equal(pair.mask[b], alone.mask[0])
+
+
+def test_pairs_are_reproducible_and_differ_across_seeds(images: Tensor) -> None:
+    tasks = ["inpainting", "uncropping", "jpeg", "inpainting", "uncropping", "colorization"]
+    a = make_pairs(images, tasks, gen(0))  # type: ignore[arg-type]
+    b = make_pairs(images, tasks, gen(0))  # type: ignore[arg-type]
+    c = make_pairs(images, tasks, gen(1))  # type: ignore[arg-type]
+    assert torch.equal(a.source, b.source)
+    assert torch.equal(a.mask, b.mask)
+    assert not torch.equal(a.source, c.source)
+
+
+def test_pairs_keep_dtype_and_leave_the_input_alone() -> None:
+    x = toy_shapes(4, 16, seed=0)[0].double()
+    before = x.clone()
+    pair = make_pairs(x, list(TASKS), gen(0))
+    assert pair.source.dtype == pair.mask.dtype == torch.float64
+    assert torch.equal(x, before)
+
+
+def test_global_generator_when_none() -> None:
+    torch.manual_seed(123)
+    first = make_mask("hybrid", 32)
+    torch.manual_seed(123)
+    assert torch.equal(make_mask("hybrid", 32), first)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    height=st.integers(8, 40),
+    width=st.integers(8, 40),
+    tasks=st.lists(st.sampled_from(TASKS), min_size=1, max_size=4),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_pairs_over_sizes_and_task_mixes(
+    height: int, width: int, tasks: list[str], seed: int
+) -> None:
+    x = torch.rand(len(tasks), 3, height, width, generator=gen(seed)) * 2 - 1
+    pair = make_pairs(x, tasks, gen(seed))  # type: ignore[arg-type]
+    assert pair.source.shape == x.shape
+    assert pair.mask.shape == (len(tasks), 1, height, width)
+    assert bool(((pair.mask == 0) | (pair.mask == 1)).all())
+    known = pair.mask.expand_as(x) == 0
+    assert torch.equal(pair.source[known], x[known])
+    for b, task in enumerate(tasks):
+        if task in ("colorization", "jpeg"):
+            assert bool((pair.mask[b] == 1).all())
+            assert float(pair.source[b].abs().max()) <= 1
+
+
+def test_sample_tasks_is_uniform_over_choices() -> None:
+    names = sample_tasks(400, gen(0))
+    assert set(names) == set(TASKS)
+    assert all(60 < names.count(t) < 140 for t in TASKS)
+    assert sample_tasks(400, gen(0)) == names
+    assert set(sample_tasks(50, gen(1), choices=["jpeg", "inpainting"])) == {"jpeg", "inpainting"}
+
+
+# ------------------------------------------------------------------ bad input
+
+X = toy_shapes(2, 16, seed=0)[0]
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda: make_mask("star", 64), IVE, r"kind: expected one of 'bbox'.*got 'star'"),  # type: ignore[arg-type]
+        (lambda: make_mask("center", 4), IVE, r"size: expected sides of at least 8 pixels, got 4"),
+        (lambda: make_mask("bbox", (64, 7)), IVE, r"size: expected sides of at least 8"),
+        (lambda: make_mask("bbox", 64.0), ITE, r"size: expected an int or a pair"),  # type: ignore[arg-type]
+        (
+            lambda: make_mask("bbox", 64, 3),
+            ITE,
+            r"generator: expected None or a torch.Generator, got 3",
+        ),  # type: ignore[arg-type]
+        (lambda: bbox_mask(64, margin=0.5), IVE, r"margin: expected a float < 0.5"),
+        (lambda: bbox_mask(64, max_box=0.9, margin=0.1), IVE, r"margin: a box of 58 px"),
+        (lambda: bbox_mask(64, max_delta=1.0), IVE, r"max_delta: expected a shrink smaller"),
+        (lambda: brush_stroke_mask(64, strokes=(3, 1)), IVE, r"strokes: expected low <= high"),
+        (lambda: brush_stroke_mask(64, width=(0.0, 0.1)), IVE, r"width: expected a float in \(0"),
+        (lambda: brush_stroke_mask(64, flip=1), ITE, r"flip: expected a bool"),  # type: ignore[arg-type]
+        (
+            lambda: irregular_mask(64, hole_range=(0.3, 0.3)),
+            IVE,
+            r"hole_range: expected an open interval",
+        ),
+        (
+            lambda: irregular_mask(32, gen(0), hole_range=(0.98, 0.99), max_tries=3),
+            IVE,
+            r"hole_range: could not draw .* in max_tries=3 tries",
+        ),
+        (lambda: one_direction_mask(64, side="middle"), IVE, r"side: expected one of 'left'"),  # type: ignore[arg-type]
+        (lambda: four_direction_mask(64, max_side=0.5), IVE, r"max_side: expected a float >="),
+        (
+            lambda: make_pairs(X, "denoise"),
+            IVE,
+            r"tasks: expected one of 'colorization', 'inpainting', 'uncropping', 'jpeg', got 'denoise'",
+        ),  # type: ignore[arg-type]
+        (lambda: make_pairs(X, ["jpeg"]), IVE, r"tasks: expected one task per image \(2\), got 1"),
+        (lambda: make_pairs(X, ["jpeg", 3]), IVE, r"tasks\[1\]: expected one of"),  # type: ignore[list-item]
+        (lambda: make_pairs(X, 3), ITE, r"tasks: expected a task name or a sequence"),  # type: ignore[arg-type]
+        (
+            lambda: colorization_pair(X[0]),
+            IVE,
+            r"images: expected a tensor with 4 dimensions, got shape \(3, 16, 16\)",
+        ),
+        (
+            lambda: colorization_pair(X[:, :1]),
+            IVE,
+            r"images: expected 3 \(RGB\) channels .* got 1 channels",
+        ),
+        (
+            lambda: colorization_pair(X * 2),
+            IVE,
+            r"images: expected values in \[-1, 1\], got values from",
+        ),
+        (
+            lambda: colorization_pair((X * 100).long()),
+            ITE,
+            r"images: expected a floating-point tensor, got dtype torch.int64",
+        ),
+        (
+            lambda: colorization_pair(X.numpy()),
+            ITE,
+            r"images: expected a torch.Tensor, got object of type ndarray",
+        ),  # type: ignore[arg-type]
+        (
+            lambda: colorization_pair(X.new_full((1, 3, 8, 8), float("nan"))),
+            IVE,
+            r"images: expected finite values",
+        ),
+        (
+            lambda: colorization_pair(X[:, :, :4]),
+            IVE,
+            r"images: expected height and width of at least 8",
+        ),
+        (
+            lambda: jpeg_pair(X, quality=0),
+            IVE,
+            r"quality: expected a JPEG quality in \[1, 95\], got 0",
+        ),
+        (
+            lambda: jpeg_pair(X, quality=96),
+            IVE,
+            r"quality: expected a JPEG quality in \[1, 95\], got 96",
+        ),
+        (
+            lambda: jpeg_pair(X, quality=(30, 5)),
+            IVE,
+            r"quality: expected low <= high, got \(30, 5\)",
+        ),
+        (lambda: jpeg_pair(X, quality=(5, 10, 20)), IVE, r"quality: expected one int or a pair"),  # type: ignore[arg-type]
+        (lambda: jpeg_pair(X, quality=10.5), ITE, r"quality: expected an int JPEG quality"),  # type: ignore[arg-type]
+        (
+            lambda: make_pairs(X, "jpeg", jpeg_quality=(5, 100)),
+            IVE,
+            r"quality: expected a JPEG quality in \[1, 95\], got 100",
+        ),
+        (
+            lambda: jpeg_compress(X, [10]),
+            IVE,
+            r"quality: expected one quality per image \(2\), got 1",
+        ),
+        (lambda: jpeg_compress(X, [10, 0]), IVE, r"quality\[1\]: expected a JPEG quality"),
+        (
+            lambda: inpainting_pair(X, [gen(0)]),
+            IVE,
+            r"generator: expected one generator per sample \(2\), got 1",
+        ),
+        (lambda: inpainting_pair(X, "seed"), ITE, r"generator: expected None, a torch.Generator"),  # type: ignore[arg-type]
+        (lambda: inpainting_pair(X, mask_kind="star"), IVE, r"mask_kind: expected one of"),  # type: ignore[arg-type]
+        (
+            lambda: inpainting_pair(X, mask=torch.ones(2, 16, 16)),
+            IVE,
+            r"mask: expected shape \(1, 16, 16\) or \(2, 1, 16, 16\), got \(2, 16, 16\)",
+        ),
+        (
+            lambda: inpainting_pair(X, mask=torch.full((1, 16, 16), 0.5)),
+            IVE,
+            r"mask: expected values 0 or 1",
+        ),
+        (
+            lambda: uncropping_pair(X, mask_kind="bbox"),
+            IVE,
+            r"mask_kind: expected one of 'one_direction', 'four_direction', 'uncrop', got 'bbox'",
+        ),
+        (
+            lambda: make_pairs(X, "uncropping", uncropping_mask="center"),
+            IVE,
+            r"uncropping_mask: expected one of",
+        ),
+        (lambda: sample_tasks(0), IVE, r"n: expected an int >= 1, got 0"),
+        (lambda: sample_tasks(3, choices=[]), IVE, r"choices: expected at least one task name"),
+        (lambda: sample_tasks(3, choices=["sr"]), IVE, r"choices\[0\]: expected one of"),  # type: ignore[list-item]
+    ],
+)
+def test_bad_input_names_the_argument(call, error: type[Exception], match: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_errors_are_imgdiff_errors() -> None:
+    with pytest.raises(imgdiff.ImgdiffError):
+        make_mask("star", 64)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="quality"):
+        jpeg_compress(X, 0)
