@@ -35,3 +35,7 @@ class ImgdiffWarning(UserWarning):
 
 class PrecisionWarning(ImgdiffWarning):
     """A configuration that works but loses precision the user may rely on (e.g. EDICT in float32)."""
+
+
+class WeightsUnavailableError(ImgdiffError, RuntimeError):
+    """Pretrained weights (or the files describing them) could not be found locally or fetched."""
