@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck check bench clean
+.PHONY: demo quickstart test lint typecheck check bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,8 +13,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-## The main job: the quickstart demo (writes outputs/quickstart/samples.png).
+## The main job: train a small Palette model on toy shapes and solve its four tasks (outputs/demo/).
 demo: $(STAMP)
+	$(PY) -m imgdiff demo --out outputs/demo
+
+## The ten-line quickstart (outputs/quickstart/samples.png).
+quickstart: $(STAMP)
 	$(PY) examples/quickstart.py --out outputs/quickstart
 
 ## Install and run the test suite (2 workers).

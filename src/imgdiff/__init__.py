@@ -12,10 +12,16 @@ Ten lines to an image::
 LPIPS, metrics) are imported only when used.
 """
 
-from imgdiff import losses
+from imgdiff import conditioning, data, degradations, losses, metrics, nets, training
 from imgdiff.conditioning import ClassifierFreeGuidance
 from imgdiff.editing import edict_edit
-from imgdiff.errors import ImgdiffError, InputTypeError, InputValueError, PrecisionWarning
+from imgdiff.errors import (
+    ImgdiffError,
+    InputTypeError,
+    InputValueError,
+    PrecisionWarning,
+    WeightsUnavailableError,
+)
 from imgdiff.models import BoundModel, Model, infer_model_dtype, without_variance
 from imgdiff.noising import add_noise, training_target
 from imgdiff.oracles import EmpiricalDenoiser, GaussianDenoiser
@@ -71,18 +77,25 @@ __all__ = [
     "StepInfo",
     "StepOutput",
     "Thresholding",
+    "WeightsUnavailableError",
     "__version__",
     "add_noise",
+    "conditioning",
     "convert_prediction",
+    "data",
+    "degradations",
     "edict_edit",
     "infer_model_dtype",
     "inference_timesteps",
     "karras_sigmas",
     "losses",
+    "metrics",
+    "nets",
     "randn",
     "respace_timesteps",
     "respaced_betas",
     "sigma_to_timestep",
+    "training",
     "training_target",
     "without_variance",
 ]

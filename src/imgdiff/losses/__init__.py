@@ -2,10 +2,13 @@
 
 from imgdiff.losses.denoising import (
     LOSS_NORMS,
+    MASK_NORMALIZATIONS,
     LossNorm,
+    MaskNormalization,
     denoising_loss,
     discretized_gaussian_log_likelihood,
     hybrid_loss,
+    masked_denoising_loss,
     min_snr_weight,
     normal_kl,
     vlb_term,
@@ -13,10 +16,13 @@ from imgdiff.losses.denoising import (
 
 __all__ = [
     "LOSS_NORMS",
+    "MASK_NORMALIZATIONS",
     "LossNorm",
+    "MaskNormalization",
     "denoising_loss",
     "discretized_gaussian_log_likelihood",
     "hybrid_loss",
+    "masked_denoising_loss",
     "min_snr_weight",
     "normal_kl",
     "vlb_term",

@@ -29,10 +29,13 @@ from imgdiff.schedules import NoiseSchedule, check_schedule
 
 __all__ = [
     "LOSS_NORMS",
+    "MASK_NORMALIZATIONS",
     "LossNorm",
+    "MaskNormalization",
     "denoising_loss",
     "discretized_gaussian_log_likelihood",
     "hybrid_loss",
+    "masked_denoising_loss",
     "min_snr_weight",
     "normal_kl",
     "vlb_term",
@@ -59,6 +62,47 @@ def denoising_loss(model_output: Tensor, target: Tensor, *, norm: LossNorm = "l2
     check_same_shape("target", target, "model_output", model_output)
     diff = model_output - target
     return _mean_flat(diff.square() if norm == "l2" else diff.abs())
+
+
+MaskNormalization = Literal["hole", "image"]
+"""How :func:`masked_denoising_loss` averages: over the hole's elements (``"hole"``, the faithful
+"loss on masked pixels only") or over all elements with zeros outside the hole (``"image"``,
+Palette's code: ``mse_loss(m eps, m eps_hat)``, which scales the loss by the hole fraction)."""
+MASK_NORMALIZATIONS: tuple[MaskNormalization, ...] = get_args(MaskNormalization)
+
+
+def masked_denoising_loss(
+    model_output: Tensor,
+    target: Tensor,
+    mask: Tensor,
+    *,
+    norm: LossNorm = "l2",
+    normalization: MaskNormalization = "hole",
+) -> Tensor:
+    """The denoising loss on the hole only (Palette inpainting), per sample ``(B,)`` (spec 2.6).
+
+    ``model_output``/``target`` ``(B, C, H, W)``; ``mask`` ``(B, 1, H, W)`` or ``(B, C, H, W)``,
+    1 = hole. ``"hole"``: ``sum(m |d|^p) / sum(m)`` over the hole's elements (a sample without
+    hole gives 0); ``"image"``: ``mean(m |d|^p)`` over all elements.
+    """
+    norm = check_choice("norm", norm, LOSS_NORMS)
+    normalization = check_choice("normalization", normalization, MASK_NORMALIZATIONS)
+    check_tensor("model_output", model_output, floating=True, ndim=4)
+    check_tensor("target", target, floating=True)
+    check_same_shape("target", target, "model_output", model_output)
+    m = check_tensor("mask", mask, ndim=4)
+    B, C, H, W = model_output.shape
+    if m.shape[0] != B or tuple(m.shape[2:]) != (H, W) or m.shape[1] not in (1, C):
+        raise InputValueError(
+            f"mask: expected shape ({B}, 1 or {C}, {H}, {W}), got {tuple(m.shape)}"
+        )
+    m = m.to(model_output.dtype).expand_as(model_output)
+    diff = model_output - target
+    per_element = m * (diff.square() if norm == "l2" else diff.abs())
+    if normalization == "image":
+        return _mean_flat(per_element)
+    total = per_element.reshape(B, -1).sum(dim=1)
+    return total / m.reshape(B, -1).sum(dim=1).clamp_min(1.0)
 
 
 def min_snr_weight(

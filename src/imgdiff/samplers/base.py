@@ -208,9 +208,10 @@ class Sampler(ABC, Generic[StateT, CoeffT]):
 
     def prediction_fields(self, plan: SamplingPlan) -> dict[str, Tensor]:
         """The linear coefficients recovering ``x0_hat`` and ``eps_hat`` at the level before each
-        step of ``plan`` (fields of :class:`~imgdiff.samplers.DenoiserCoefficients`), float64."""
+        step of ``plan``, and that level's noise scale ``sqrt(1 - alpha_bar)`` (the fields of
+        :class:`~imgdiff.samplers.DenoiserCoefficients`), float64 ``(N,)``."""
         lp = linear_prediction_coefficients(self.prediction, plan.alpha_bar, plan.timesteps)
-        return lp._asdict()
+        return {**lp._asdict(), "sqrt_one_minus_alpha_bar": torch.sqrt(1.0 - plan.alpha_bar)}
 
     def state_dtype(self, x: Tensor) -> torch.dtype:
         """The dtype the loop computes in for a starting sample ``x``."""
@@ -362,7 +363,10 @@ class Sampler(ABC, Generic[StateT, CoeffT]):
                 out = step(bound, state, c, ctx, noise)
                 state = out.state
                 if callback is not None:
-                    replaced = callback(StepInfo(ctx.step_index, ctx.num_steps, ctx.timestep, out))
+                    info = StepInfo(
+                        ctx.step_index, ctx.num_steps, ctx.timestep, out, ctx.next_timestep
+                    )
+                    replaced = callback(info)
                     if replaced is not None:
                         state = _checked_replacement(replaced, state)
         return state

@@ -31,7 +31,6 @@ class DDIMCoefficients(DenoiserCoefficients):
     """
 
     sqrt_alpha_bar: Scalar
-    sqrt_one_minus_alpha_bar: Scalar
     sqrt_alpha_bar_next: Scalar
     direction: Scalar
     sigma: Scalar
@@ -85,7 +84,6 @@ class DDIM(DenoisingSampler[DDIMCoefficients]):
         return DDIMCoefficients(
             **pred,
             sqrt_alpha_bar=torch.sqrt(ab),
-            sqrt_one_minus_alpha_bar=torch.sqrt(1.0 - ab),
             sqrt_alpha_bar_next=sqrt_ab_s,
             direction=direction,
             sigma=sigma,

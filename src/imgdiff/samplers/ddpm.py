@@ -137,7 +137,24 @@ class DDPM(DenoisingSampler[DDPMCoefficients]):
     def update(
         self, x: Tensor, out: Tensor, coeffs: DDPMCoefficients, noise: Tensor | None
     ) -> StepOutput[Tensor]:
+        return self._sample_posterior(*self.posterior(x, out, coeffs), coeffs, noise)
+
+    def guided_update(
+        self, x: Tensor, out: Tensor, coeffs: DDPMCoefficients, noise: Tensor | None, grad: Tensor
+    ) -> StepOutput[Tensor]:
+        """Dhariwal & Nichol's ``condition_mean``: ``mu <- mu + Sigma grad``, then sample."""
         mean, log_var, x0 = self.posterior(x, out, coeffs)
+        variance = torch.exp(torch.as_tensor(log_var, dtype=mean.dtype, device=mean.device))
+        return self._sample_posterior(mean + variance * grad, log_var, x0, coeffs, noise)
+
+    def _sample_posterior(
+        self,
+        mean: Tensor,
+        log_var: Scalar,
+        x0: Tensor | Callable[[], Tensor],
+        coeffs: DDPMCoefficients,
+        noise: Tensor | None,
+    ) -> StepOutput[Tensor]:
         if noise is not None:
             std: Scalar = coeffs.sigma
             if self.output_channels_factor == 2:  # learned: a per-element log-variance

@@ -22,6 +22,7 @@ from torch import Tensor
 from imgdiff._checks import check_same_shape, check_tensor, check_timestep_tensor, describe
 from imgdiff._ops import Scalar, fusable, lincomb
 from imgdiff.errors import InputTypeError, InputValueError
+from imgdiff.guidance import Guidance
 from imgdiff.models import BoundModel, check_model_output
 from imgdiff.randomness import Generators, randn
 from imgdiff.samplers.base import Sampler
@@ -36,14 +37,16 @@ __all__ = ["DenoiserCoefficients", "DenoisingSampler", "fused_coefficients"]
 class DenoiserCoefficients(StepCoefficients):
     """Recover ``x0_hat = x0_from_x x + x0_from_out out`` and ``eps_hat = eps_from_x x + eps_from_out out``.
 
-    Subclass it to add your update's coefficients; fill these four with
-    :meth:`DenoisingSampler.prediction_fields`.
+    ``sqrt_one_minus_alpha_bar`` is the noise scale of the step's input (used by guidance).
+    Subclass it to add your update's coefficients; fill these five with
+    :meth:`~imgdiff.samplers.Sampler.prediction_fields`.
     """
 
     x0_from_x: Scalar
     x0_from_out: Scalar
     eps_from_x: Scalar
     eps_from_out: Scalar
+    sqrt_one_minus_alpha_bar: Scalar
 
     def raw_x0_hat(self, x: Tensor, out: Tensor) -> Tensor:
         """``x0_hat`` from the sample and the model output, before any thresholding."""
@@ -90,6 +93,7 @@ class DenoisingSampler(Sampler[Tensor, DCoeffT]):
     """
 
     thresholding: Thresholding | None = None
+    guidance: Guidance | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -97,6 +101,10 @@ class DenoisingSampler(Sampler[Tensor, DCoeffT]):
             raise InputTypeError(
                 "thresholding: expected None or an imgdiff.Thresholding (Clip, DynamicThreshold), "
                 f"got {describe(self.thresholding)}"
+            )
+        if self.guidance is not None and not isinstance(self.guidance, Guidance):
+            raise InputTypeError(
+                f"guidance: expected None or an imgdiff.Guidance, got {describe(self.guidance)}"
             )
 
     # ------------------------------------------------------------------ to implement
@@ -170,7 +178,26 @@ class DenoisingSampler(Sampler[Tensor, DCoeffT]):
     ) -> StepOutput[Tensor]:
         out = model(state, ctx.t)
         self._check_output(out, state)
-        return self.update(state, out, coeffs, noise)
+        if self.guidance is None:
+            return self.update(state, out, coeffs, noise)
+        return self.guided_update(state, out, coeffs, noise, self.guidance.gradient(state, ctx.t))
+
+    def guided_update(
+        self, x: Tensor, out: Tensor, coeffs: DCoeffT, noise: Tensor | None, grad: Tensor
+    ) -> StepOutput[Tensor]:
+        """The update with guidance gradient ``grad`` (``x``'s shape): shift ``eps_hat`` by
+        ``-sqrt(1 - ab_t) grad`` (Dhariwal & Nichol's ``condition_score``), i.e. the model output
+        by ``-sqrt(1 - ab_t) / eps_from_out * grad``. DDPM overrides it (posterior-mean shift)."""
+        c = coeffs
+        C = x.shape[1]
+        shift = -c.sqrt_one_minus_alpha_bar / c.eps_from_out
+        guided = out.clone()
+        guided[:, :C] = (
+            lincomb(out[:, :C], 1.0, grad, shift)
+            if isinstance(shift, float)
+            else out[:, :C] + shift * grad
+        )
+        return self.update(x, guided, coeffs, noise)
 
     def _check_output(self, out: Tensor, x: Tensor, name: str = "model output") -> None:
         check_model_output(out, x, factor=self.output_channels_factor, name=name)

@@ -115,12 +115,14 @@ class StepInfo(Generic[StateT]):
         num_steps: number of steps in this run.
         timestep: training timestep the model saw at this step (a Python int).
         output: the step's :class:`StepOutput` (``output.state``, ``output.x0_hat``).
+        next_timestep: the timestep of the level the step moved to (``-1``: the final level).
     """
 
     index: int
     num_steps: int
     timestep: int
     output: StepOutput[StateT]
+    next_timestep: int = -1
 
     @property
     def state(self) -> StateT:

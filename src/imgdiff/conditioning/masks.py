@@ -1,0 +1,118 @@
+"""Mask conditioning by replacement: keep the known region of an image while sampling the hole.
+
+Two variants (spec 2.6 and 8.5):
+
+* ``"clean"`` (Palette): after every step the known pixels are reset to the clean image. This is
+  what a Palette network saw in training (its noisy input kept the known region clean).
+* ``"noised"`` (RePaint / Stable Diffusion's non-inpainting models): after a step to level ``s``
+  the known pixels are replaced by the clean image noised to ``s``,
+  ``sqrt(ab_s) x_known + sqrt(1 - ab_s) eps``; after the last step, by the clean image.
+
+:class:`KnownRegion` is a sampler callback (``sampler.sample(..., callback=known)``) that returns
+the replaced state; ``known.start(noise)`` gives a starting sample with the known region set.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+import torch
+from torch import Tensor
+
+from imgdiff._checks import check_choice, check_tensor, describe
+from imgdiff.errors import InputTypeError, InputValueError
+from imgdiff.randomness import Generators, check_generators, draw_normal
+from imgdiff.samplers.step import StepInfo
+from imgdiff.schedules import NoiseSchedule
+
+__all__ = ["PASTE_MODES", "KnownRegion", "PasteMode", "check_mask"]
+
+PasteMode = Literal["clean", "noised"]
+PASTE_MODES: tuple[PasteMode, ...] = get_args(PasteMode)
+
+
+def check_mask(name: str, mask: object, like: Tensor) -> Tensor:
+    """Check a hole mask for images ``like`` ``(B, C, H, W)``: shape ``(B or 1, 1, H, W)``, values 0/1."""
+    m = check_tensor(name, mask, ndim=4)
+    B, _, H, W = like.shape
+    if m.shape[1] != 1 or tuple(m.shape[2:]) != (H, W) or m.shape[0] not in (1, B):
+        raise InputValueError(
+            f"{name}: expected shape ({B}, 1, {H}, {W}) (1 = missing), got {tuple(m.shape)}"
+        )
+    if m.dtype == torch.bool:
+        return m.to(like.dtype)
+    if not bool(((m == 0) | (m == 1)).all()):
+        bad = m[(m != 0) & (m != 1)].reshape(-1)[0]
+        raise InputValueError(
+            f"{name}: expected a binary mask of 0 and 1 (1 = missing), got the value {float(bad)}"
+        )
+    return m.to(like.dtype)
+
+
+@dataclass(frozen=True, eq=False)
+class KnownRegion:
+    """Keep ``known`` ``(B, C, H, W)`` outside ``mask`` ``(B or 1, 1, H, W)`` (1 = missing) while sampling.
+
+    Args:
+        known: the image whose known pixels are kept (the hole's content is ignored).
+        mask: binary hole mask, 1 = to generate.
+        mode: ``"clean"`` (Palette) or ``"noised"`` (RePaint-style; needs ``schedule``).
+        schedule: the sampler's schedule (``"noised"`` only).
+        generator: for the noise of ``"noised"`` pastes (one, or one per sample).
+
+    Used as ``sampler.sample(model, known_region.start(noise), callback=known_region)``: after
+    each step the known pixels are replaced exactly (``(1 - m) x == (1 - m) known`` bitwise for
+    ``"clean"``). The noise of ``"noised"`` pastes is drawn per step, so it synchronises nothing but
+    costs one draw per step.
+    """
+
+    known: Tensor
+    mask: Tensor
+    mode: PasteMode = "clean"
+    schedule: NoiseSchedule | None = None
+    generator: Generators = None
+
+    def __post_init__(self) -> None:
+        check_tensor("known", self.known, ndim=4, floating=True)
+        object.__setattr__(self, "mask", check_mask("mask", self.mask, self.known).bool())
+        check_choice("mode", self.mode, PASTE_MODES)
+        if self.mode == "noised" and not isinstance(self.schedule, NoiseSchedule):
+            raise InputTypeError(
+                f"schedule: expected the sampler's NoiseSchedule for mode='noised', got {describe(self.schedule)}"
+            )
+        check_generators(self.generator, self.known.shape[0])
+
+    def _known_at(self, timestep: int, like: Tensor) -> Tensor:
+        known = self.known.to(device=like.device, dtype=like.dtype)
+        if self.mode == "clean" or timestep < 0:
+            return known
+        assert self.schedule is not None
+        ab = float(self.schedule.alphas_cumprod[timestep])  # a host table: no device read
+        noise = draw_normal(known.shape, self.generator, known.device, known.dtype)
+        return known * math.sqrt(ab) + noise * math.sqrt(1.0 - ab)
+
+    def paste(self, x: Tensor, timestep: int) -> Tensor:
+        """``x`` with the known region replaced by ``known`` at the level of ``timestep`` (-1: clean)."""
+        if x.shape != self.known.shape:
+            raise InputValueError(
+                f"x: expected shape {tuple(self.known.shape)} like known, got {tuple(x.shape)}"
+            )
+        return torch.where(self.mask.to(x.device), x, self._known_at(timestep, x))
+
+    def start(self, noise: Tensor, timestep: int | None = None) -> Tensor:
+        """A starting sample: ``noise`` in the hole, the known region at the first level.
+
+        For ``"clean"`` the known region is clean; for ``"noised"`` give the first timestep.
+        """
+        check_tensor("noise", noise, ndim=4, floating=True)
+        if self.mode == "noised" and timestep is None:
+            raise InputValueError(
+                "timestep: expected the plan's first timestep for mode='noised', got None"
+            )
+        return self.paste(noise, -1 if timestep is None else timestep)
+
+    def __call__(self, info: StepInfo[Tensor]) -> Tensor:
+        """The sampler callback: the state after the step, with the known region replaced."""
+        return self.paste(info.state, info.next_timestep)

@@ -1,0 +1,18 @@
+"""Small reference networks for examples, tests and small experiments (not a model zoo)."""
+
+from imgdiff.nets.attention import CrossAttention, SpatialAttention
+from imgdiff.nets.diffusers_adapter import DiffusersUNet
+from imgdiff.nets.embeddings import TimestepEmbedding, sinusoidal_embedding
+from imgdiff.nets.unet import NOISE_CONDITIONINGS, NoiseConditioning, UNet, UNetConfig
+
+__all__ = [
+    "NOISE_CONDITIONINGS",
+    "CrossAttention",
+    "DiffusersUNet",
+    "NoiseConditioning",
+    "SpatialAttention",
+    "TimestepEmbedding",
+    "UNet",
+    "UNetConfig",
+    "sinusoidal_embedding",
+]

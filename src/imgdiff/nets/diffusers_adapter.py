@@ -1,0 +1,64 @@
+"""Use a diffusers ``UNet2DModel`` / ``UNet2DConditionModel`` as an imgdiff model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, nn
+
+from imgdiff._checks import describe
+from imgdiff.errors import InputTypeError, InputValueError
+
+__all__ = ["DiffusersUNet"]
+
+
+@dataclass(frozen=True, eq=False)
+class DiffusersUNet:
+    """``model(x, t, context=..., class_labels=..., **rest) -> unet(x, t, ...).sample``.
+
+    ``context`` ``(B, L, d)`` becomes ``encoder_hidden_states`` (required by
+    ``UNet2DConditionModel``); ``class_labels`` and any other keyword arguments are passed through.
+    Shapes: ``x`` ``(B, C, H, W)``, ``t`` ``(B,)``; returns ``(B, C_out, H, W)`` (``2C`` for a
+    learned-variance checkpoint: use ``DDPM(variance="learned_range")`` or
+    :func:`imgdiff.without_variance`). diffusers is imported only by the caller.
+    """
+
+    unet: nn.Module
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.unet, nn.Module):
+            raise InputTypeError(
+                f"unet: expected a diffusers UNet (torch.nn.Module), got {describe(self.unet)}"
+            )
+
+    @property
+    def model(self) -> nn.Module:
+        """The wrapped network (lets imgdiff find its dtype)."""
+        return self.unet
+
+    @property
+    def takes_context(self) -> bool:
+        """Whether the UNet has cross-attention (``UNet2DConditionModel``)."""
+        return type(self.unet).__name__ == "UNet2DConditionModel"
+
+    def __call__(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
+        """The UNet's ``.sample`` at ``(x, t)``."""
+        context = cond.pop("context", None)
+        if self.takes_context:
+            if context is None:
+                raise InputValueError(
+                    "context: expected (B, L, d) text embeddings for a UNet2DConditionModel, got None"
+                )
+            cond["encoder_hidden_states"] = context
+        elif context is not None:
+            raise InputValueError(
+                f"context: {type(self.unet).__name__} has no cross-attention; got a context"
+            )
+        out = self.unet(x, t, **cond)
+        sample = getattr(out, "sample", out)
+        if not isinstance(sample, Tensor):
+            raise InputTypeError(
+                f"unet output: expected a tensor or an object with .sample, got {describe(out)}"
+            )
+        return sample

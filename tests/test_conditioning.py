@@ -1,0 +1,183 @@
+"""Conditioning adapters: PAL-2 (concat order), PAL-4 (known pixels kept), PAL-6 (gamma), COND-1, COND-3, COND-8."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import imgdiff
+from imgdiff import DDIM, DDPM, NoiseSchedule
+from imgdiff.conditioning import (
+    ClassifierFreeGuidance,
+    ConcatConditioning,
+    KnownRegion,
+    NoiseLevelConditioning,
+    drop_conditions,
+    sd_inpaint_input,
+)
+from imgdiff.nets import UNet, UNetConfig
+
+
+def test_pal2_concat_is_source_first() -> None:
+    """The network sees (B, 6, H, W) = (source, noisy target) and returns (B, 3, H, W)."""
+    seen: list[torch.Tensor] = []
+
+    def net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        seen.append(x)
+        return x[:, 3:] * 0.5
+
+    source, x_t = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    out = ConcatConditioning(net, source_channels=3)(x_t, torch.tensor([1, 2]), source=source)
+    assert seen[0].shape == (2, 6, 8, 8)
+    assert torch.equal(seen[0][:, :3], source)
+    assert torch.equal(seen[0][:, 3:], x_t)
+    assert out.shape == (2, 3, 8, 8)
+    with pytest.raises(
+        imgdiff.InputValueError,
+        match=r"^source: expected shape \(2, 3, 8, 8\) .* with 3 channels, got \(2, 1, 8, 8\)",
+    ):
+        ConcatConditioning(net, source_channels=3)(
+            x_t, torch.tensor([1, 2]), source=torch.randn(2, 1, 8, 8)
+        )
+    with pytest.raises(imgdiff.InputValueError, match=r"^source: expected the condition image"):
+        ConcatConditioning(net)(x_t, torch.tensor([1, 2]))
+    unet = UNet(UNetConfig(in_channels=6))
+    with pytest.raises(imgdiff.InputValueError, match=r"^x: expected 6 channels"):
+        ConcatConditioning(unet)(x_t, torch.tensor([1, 2]), source=torch.randn(2, 4, 8, 8))
+
+
+def test_cond8_sd_inpaint_layout() -> None:
+    """(B, 9, h, w) with z_t in channels 0-3, the mask at channel 4, masked latents in 5-8."""
+    z, m, zm = (
+        torch.randn(2, 4, 8, 8),
+        (torch.rand(2, 1, 8, 8) > 0.5).float(),
+        torch.randn(2, 4, 8, 8),
+    )
+    x = sd_inpaint_input(z, m, zm)
+    assert x.shape == (2, 9, 8, 8)
+    assert torch.equal(x[:, 4:5], m)
+    assert torch.equal(x[:, :4], z)
+    assert torch.equal(x[:, 5:], zm)
+    with pytest.raises(imgdiff.InputValueError, match=r"^mask: expected shape \(2, 1, 8, 8\)"):
+        sd_inpaint_input(z, torch.ones(2, 1, 16, 16), zm)
+
+
+@pytest.mark.parametrize(
+    "sampler",
+    [DDPM(NoiseSchedule.linear()), DDIM(NoiseSchedule.linear(), eta=1.0)],
+    ids=["ddpm", "ddim"],
+)
+def test_pal4_known_pixels_stay_exact(sampler: imgdiff.Sampler) -> None:  # type: ignore[type-arg]
+    """After every step (1 - m) x_t == (1 - m) x_0 bitwise, with the clean paste."""
+    g = torch.Generator().manual_seed(0)
+    known = torch.rand(2, 3, 8, 8, generator=g) * 2 - 1
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[:, :, 2:6, 2:6] = 1
+    region = KnownRegion(known, mask)
+    states: list[torch.Tensor] = []
+
+    def callback(info: imgdiff.StepInfo[torch.Tensor]) -> torch.Tensor:
+        x = region(info)
+        states.append(x)
+        return x
+
+    model = imgdiff.GaussianDenoiser(NoiseSchedule.linear(), mean=0.0, std=0.5)
+    out = sampler.sample(
+        model,
+        region.start(torch.randn(2, 3, 8, 8, generator=g)),
+        num_steps=20,
+        callback=callback,
+        generator=g,
+        progress=False,
+    )
+    keep = ~mask.bool().expand_as(known)
+    assert all(torch.equal(s[keep], known[keep]) for s in states)
+    assert torch.equal(out[keep], known[keep])
+    assert not torch.equal(out[~keep], known[~keep])
+
+
+def test_noised_paste_is_at_the_next_level() -> None:
+    """RePaint-style paste: known pixels at the step's next level have the forward marginal there."""
+    s = NoiseSchedule.linear()
+    known = torch.full((4000, 1, 2, 2), 0.6)
+    mask = torch.zeros(1, 1, 2, 2)
+    region = KnownRegion(
+        known, mask, mode="noised", schedule=s, generator=torch.Generator().manual_seed(0)
+    )
+    x = region.paste(torch.zeros_like(known), 300)
+    ab = float(s.alphas_cumprod[300])
+    assert abs(float(x.mean()) - math.sqrt(ab) * 0.6) < 0.02
+    assert abs(float(x.var()) / (1 - ab) - 1) < 0.05
+    assert torch.equal(region.paste(torch.zeros_like(known), -1), known)  # the final level is clean
+    with pytest.raises(
+        imgdiff.InputTypeError, match=r"^schedule: expected the sampler's NoiseSchedule"
+    ):
+        KnownRegion(known, mask, mode="noised")
+    with pytest.raises(
+        imgdiff.InputValueError,
+        match=r"^mask: expected a binary mask of 0 and 1 .* got the value 0.5",
+    ):
+        KnownRegion(known, torch.full((1, 1, 2, 2), 0.5))
+    with pytest.raises(imgdiff.InputValueError, match=r"^mask: expected shape \(4000, 1, 2, 2\)"):
+        KnownRegion(known, torch.zeros(1, 1, 3, 3))
+
+
+def test_pal6_gamma_conditioning_is_schedule_independent() -> None:
+    """A gamma-conditioned net gives the same output whenever the same gamma is reached, through the
+    training (T=2000) or a test (T=1000) schedule."""
+    train = NoiseSchedule.linear(2000, 1e-6, 0.01)
+    test = NoiseSchedule.from_alphas_cumprod(train.alphas_cumprod[1::2])  # shares every other level
+    torch.manual_seed(0)
+    net = UNet(UNetConfig(noise_conditioning="gamma")).eval()
+    for p in net.parameters():
+        if bool((p == 0).all()):
+            torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(2, 3, 8, 8)
+    t_test = torch.tensor([10, 700])
+    a = NoiseLevelConditioning(net, train)(x, 2 * t_test + 1)
+    b = NoiseLevelConditioning(net, test)(x, t_test)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.allclose(a, NoiseLevelConditioning(net, test)(x, t_test + 1))
+
+
+def test_cond1_cfg_endpoints_and_the_other_convention() -> None:
+    """w = 1 gives the conditional output, w = 0 the unconditional; (1 + w') c - w' u equals w = 1 + w'."""
+
+    def model(x: torch.Tensor, t: torch.Tensor, *, label: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x) * label.reshape(-1, 1, 1, 1)
+
+    x, t = torch.randn(2, 1, 4, 4), torch.tensor([3, 4])
+    null, cond = {"label": torch.zeros(1)}, {"label": torch.tensor([1.0, 2.0])}
+    c, u = model(x, t, **cond), model(x, t, label=torch.zeros(2))
+    torch.testing.assert_close(
+        ClassifierFreeGuidance(model, 1.0, null)(x, t, **cond), c, rtol=0, atol=1e-7
+    )
+    torch.testing.assert_close(
+        ClassifierFreeGuidance(model, 0.0, null)(x, t, **cond), u, rtol=0, atol=1e-7
+    )
+    w_prime = 2.5
+    torch.testing.assert_close(
+        ClassifierFreeGuidance(model, 1 + w_prime, null)(x, t, **cond),
+        (1 + w_prime) * c - w_prime * u,
+        rtol=0,
+        atol=1e-6,
+    )
+
+
+def test_cond3_condition_dropout() -> None:
+    """The empirical drop rate over 10 000 draws is within 3 sigma of p; dropped items carry the null exactly."""
+    B, p = 10_000, 0.1
+    cond = {"label": torch.arange(B) % 7 + 1, "context": torch.randn(B, 2, 3)}
+    null = {"label": torch.zeros(1, dtype=torch.int64), "context": torch.full((1, 2, 3), -5.0)}
+    out, dropped = drop_conditions(
+        cond, null, p, batch=B, generator=torch.Generator().manual_seed(0)
+    )
+    rate = float(dropped.float().mean())
+    assert abs(rate - p) < 3 * math.sqrt(p * (1 - p) / B)
+    assert bool((out["label"][dropped] == 0).all())
+    assert bool((out["context"][dropped] == -5.0).all())
+    assert torch.equal(out["label"][~dropped], cond["label"][~dropped])
+    with pytest.raises(imgdiff.InputValueError, match=r"^null: expected the keys of cond"):
+        drop_conditions(cond, {"label": null["label"]}, p, batch=B)

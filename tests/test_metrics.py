@@ -1,0 +1,55 @@
+"""PSNR and SSIM: identities and closed forms."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import imgdiff
+from imgdiff.metrics import psnr, ssim
+
+
+def test_psnr_closed_form() -> None:
+    """A constant error e gives 10 log10(range^2 / e^2); identical images give inf."""
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    torch.testing.assert_close(
+        psnr(x + 0.1, x), torch.full((2,), 10 * math.log10(4 / 0.01), dtype=torch.float64)
+    )
+    assert bool(torch.isinf(psnr(x, x)).all())
+
+
+def test_ssim_identities() -> None:
+    """SSIM(x, x) = 1; SSIM is symmetric, below 1 for noisy copies, lower for more noise."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    torch.testing.assert_close(ssim(x, x), torch.ones(2, dtype=torch.float64))
+    noisy = x + 0.1 * torch.randn(x.shape, generator=g)
+    noisier = x + 0.5 * torch.randn(x.shape, generator=g)
+    torch.testing.assert_close(ssim(noisy, x), ssim(x, noisy))
+    assert bool((ssim(noisier, x) < ssim(noisy, x)).all())
+    assert bool((ssim(noisy, x) < 1).all())
+
+
+def test_ssim_of_a_brightness_shift_is_the_luminance_term() -> None:
+    """For y = x + c the structure and contrast terms are 1: SSIM is the mean luminance term."""
+    x = torch.rand(1, 1, 16, 16) * 0.5
+    y = x + 0.3
+    c1 = (0.01 * 2.0) ** 2
+    # with an 11x11 window the local means shift by exactly c everywhere
+    s = ssim(y, x)
+    from imgdiff.metrics.quality import _gaussian_window
+
+    w = _gaussian_window(11, 1.5, x.device)[None, None]
+    mu = torch.nn.functional.conv2d(x.double(), w)
+    lum = ((2 * mu * (mu + 0.3) + c1) / (mu**2 + (mu + 0.3) ** 2 + c1)).mean()
+    torch.testing.assert_close(s, lum.reshape(1), rtol=1e-6, atol=1e-6)  # var via E[x^2] - mu^2
+
+
+def test_bad_input() -> None:
+    """Mismatched shapes and non-positive ranges are named."""
+    with pytest.raises(imgdiff.InputValueError, match=r"^target: expected shape \(1, 3, 8, 8\)"):
+        psnr(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 9))
+    with pytest.raises(imgdiff.InputValueError, match=r"^data_range: expected a float > 0"):
+        ssim(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 8), data_range=0.0)

@@ -1,0 +1,135 @@
+"""Reference networks: timestep embeddings (COND-6), cross-attention (COND-5), the U-Net's options."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import imgdiff
+from imgdiff.nets import CrossAttention, DiffusersUNet, UNet, UNetConfig, sinusoidal_embedding
+
+
+def test_cond6_timestep_embedding() -> None:
+    """t = 0 gives cos 1 and sin 0 (cos first); odd dims zero-pad; the closed form at t = 999."""
+    emb = sinusoidal_embedding(torch.tensor([0.0, 999.0]), 9)
+    assert emb.shape == (2, 9)
+    torch.testing.assert_close(emb[0, :4], torch.ones(4))
+    torch.testing.assert_close(emb[0, 4:8], torch.zeros(4))
+    assert float(emb[:, 8].abs().max()) == 0.0
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(4) / 4)
+    want = torch.cat([torch.cos(999 * freqs), torch.sin(999 * freqs)])
+    torch.testing.assert_close(emb[1, :8], want, rtol=0, atol=1e-4)
+    diffusers = pytest.importorskip("diffusers.models.embeddings")
+    ref = diffusers.get_timestep_embedding(
+        torch.tensor([0, 17, 999]), 8, flip_sin_to_cos=True, downscale_freq_shift=0
+    )
+    torch.testing.assert_close(
+        sinusoidal_embedding(torch.tensor([0, 17, 999]), 8), ref, rtol=0, atol=1e-6
+    )
+
+
+def test_cond5_cross_attention() -> None:
+    """Output (B, N, d); with one context token every query receives the same value vector."""
+    torch.manual_seed(0)
+    attn = CrossAttention(16, heads=4, context_dim=8)
+    h, c = torch.randn(2, 10, 16), torch.randn(2, 1, 8)
+    out = attn(h, c)
+    assert out.shape == (2, 10, 16)
+    torch.testing.assert_close(out, out[:, :1].expand_as(out), rtol=0, atol=1e-6)
+    with pytest.raises(imgdiff.InputValueError, match=r"^context: expected shape \(2, L, 8\)"):
+        attn(h, torch.randn(2, 3, 5))
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        UNetConfig(),
+        UNetConfig(in_channels=6, channel_mults=(1, 2), attention_levels=(0, 1), num_res_blocks=2),
+        UNetConfig(noise_conditioning="gamma", learned_variance=True),
+        UNetConfig(num_classes=5, palette_dim=18, context_dim=12),
+        UNetConfig(scale_shift=False),
+    ],
+    ids=[
+        "default",
+        "concat-deeper",
+        "gamma-learned-variance",
+        "class-palette-context",
+        "bias-embedding",
+    ],
+)
+def test_unet_shapes_and_conditioning(config: UNetConfig) -> None:
+    """Output shape (B, C_out or 2 C_out, H, W); each conditioning input changes the output."""
+    torch.manual_seed(0)
+    net = UNet(config).eval()
+    for p in net.parameters():  # zero-initialised layers (output, residual branches) get weights
+        if bool((p == 0).all()):
+            torch.nn.init.normal_(p, std=0.1)
+    B = 2
+    x = torch.randn(B, config.in_channels, 16, 16)
+    t = torch.rand(B) if config.noise_conditioning == "gamma" else torch.randint(0, 1000, (B,))
+    kw: dict[str, torch.Tensor | None] = {}
+    if config.num_classes:
+        kw["class_labels"] = torch.tensor([0, 3])
+    if config.palette_dim:
+        kw["palette"] = torch.randn(B, config.palette_dim)
+    if config.context_dim:
+        kw["context"] = torch.randn(B, 4, config.context_dim)
+    out = net(x, t, **kw)
+    assert out.shape == (B, config.out_channels * (2 if config.learned_variance else 1), 16, 16)
+    assert not torch.allclose(out, net(x, t.flip(0), **kw))
+    for key in kw:
+        other = dict(kw)
+        other[key] = (
+            None
+            if key == "palette"
+            else torch.tensor([1, 2])
+            if key == "class_labels"
+            else torch.randn(B, 4, config.context_dim or 1)
+        )
+        assert not torch.allclose(out, net(x, t, **other)), key
+
+
+def test_unet_rejects_bad_input() -> None:
+    """Wrong channel counts, sizes not divisible by the downsampling, missing conditions."""
+    net = UNet(UNetConfig(in_channels=6, num_classes=3))
+    with pytest.raises(imgdiff.InputValueError, match=r"^x: expected 6 channels .* got 3"):
+        net(torch.randn(1, 3, 16, 16), torch.tensor([1]), class_labels=torch.tensor([0]))
+    with pytest.raises(
+        imgdiff.InputValueError, match=r"^x: expected height and width divisible by 4, got 18x16"
+    ):
+        net(torch.randn(1, 6, 18, 16), torch.tensor([1]), class_labels=torch.tensor([0]))
+    with pytest.raises(imgdiff.InputValueError, match=r"^class_labels: expected"):
+        net(torch.randn(1, 6, 16, 16), torch.tensor([1]))
+    with pytest.raises(
+        imgdiff.InputValueError, match=r"^groups: expected groups \(8\) and heads \(4\) to divide"
+    ):
+        UNetConfig(base_channels=12)
+    with pytest.raises(imgdiff.InputValueError, match=r"^noise_conditioning: expected one of"):
+        UNetConfig(noise_conditioning="sigma")  # type: ignore[arg-type]
+
+
+def test_diffusers_unet_adapter() -> None:
+    """A diffusers UNet2DModel drives an imgdiff sampler through DiffusersUNet."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+    )
+    model = DiffusersUNet(unet)
+    x = torch.randn(2, 3, 8, 8)
+    out = imgdiff.DDIM(imgdiff.NoiseSchedule.linear()).sample(model, x, num_steps=3, progress=False)
+    assert out.shape == x.shape
+    torch.testing.assert_close(model(x, torch.tensor([5, 9])), unet(x, torch.tensor([5, 9])).sample)
+    with pytest.raises(
+        imgdiff.InputValueError, match=r"^context: UNet2DModel has no cross-attention"
+    ):
+        model(x, torch.tensor([5, 9]), context=torch.randn(2, 3, 4))

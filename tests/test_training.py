@@ -1,0 +1,178 @@
+"""Training: PAL-1 (gamma sampler), PAL-3 (masked loss), loss falls, resume equals an uninterrupted run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import imgdiff
+from imgdiff import NoiseSchedule
+from imgdiff.data import toy_shapes
+from imgdiff.losses import masked_denoising_loss
+from imgdiff.nets import UNet, UNetConfig
+from imgdiff.training import (
+    CheckpointError,
+    Trainer,
+    TrainingBatch,
+    TrainingConfig,
+    load_checkpoint,
+    sample_gamma,
+    save_checkpoint,
+)
+
+
+def test_pal1_gamma_sampler() -> None:
+    """10 000 draws: every gamma lies in [ab_t, ab_{t-1}] of its own t, and t >= 1."""
+    s = NoiseSchedule.linear(2000, 1e-6, 0.01)
+    t, gamma = sample_gamma(s, 10_000, generator=torch.Generator().manual_seed(0))
+    ab = s.alphas_cumprod
+    assert int(t.min()) >= 1
+    assert bool(((gamma >= ab[t]) & (gamma <= ab[t - 1])).all())
+    assert len(set(t.tolist())) > 1000  # spread over the schedule
+
+
+@pytest.mark.parametrize("normalization", ["hole", "image"])
+def test_pal3_masked_loss_ignores_the_known_region(normalization: str) -> None:
+    """A prediction equal to eps on hole pixels and arbitrary elsewhere has loss 0; the two
+    normalisations differ by the hole fraction."""
+    g = torch.Generator().manual_seed(0)
+    eps = torch.randn(3, 3, 8, 8, generator=g)
+    mask = torch.zeros(3, 1, 8, 8)
+    mask[:, :, :4] = 1  # hole fraction 0.5
+    pred = torch.where(mask.bool(), eps, torch.randn(3, 3, 8, 8, generator=g) * 10)
+    assert (
+        float(masked_denoising_loss(pred, eps, mask, normalization=normalization).abs().max())
+        == 0.0
+    )  # type: ignore[arg-type]
+    wrong = eps + 1.0
+    hole = masked_denoising_loss(wrong, eps, mask, normalization="hole")
+    image = masked_denoising_loss(wrong, eps, mask, normalization="image")
+    torch.testing.assert_close(hole, torch.ones(3))
+    torch.testing.assert_close(image, 0.5 * torch.ones(3))
+
+
+def _make_batch(data: torch.Tensor, batch: int = 16):  # type: ignore[no-untyped-def]
+    def make(step: int, g: torch.Generator) -> TrainingBatch:
+        return TrainingBatch(data[torch.randint(0, data.shape[0], (batch,), generator=g)])
+
+    return make
+
+
+def test_loss_falls_by_half_on_the_toy_data() -> None:
+    """Smoke test: the reference network's loss falls by at least half within 150 CPU steps."""
+    torch.manual_seed(0)
+    data, _ = toy_shapes(128, size=16, seed=0)
+    net = UNet(UNetConfig(base_channels=32, channel_mults=(1, 2), attention_levels=(1,)))
+    trainer = Trainer(
+        net,
+        NoiseSchedule.linear(),
+        _make_batch(data),
+        TrainingConfig(steps=150, lr=1e-3, warmup_steps=10),
+    )
+    losses = trainer.train(progress=False)
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < first / 2, (first, last)
+
+
+def _run(
+    steps: int, checkpoint: Path | None, data: torch.Tensor, noise_level: str = "timestep"
+) -> Trainer:
+    torch.manual_seed(0)
+    net = UNet(
+        UNetConfig(
+            base_channels=16,
+            channel_mults=(1, 2),
+            attention_levels=(1,),
+            dropout=0.1,
+            noise_conditioning=noise_level,
+        )
+    )  # type: ignore[arg-type]
+    config = TrainingConfig(steps=steps, lr=1e-3, noise_level=noise_level, checkpoint_every=5)  # type: ignore[arg-type]
+    trainer = Trainer(
+        net, NoiseSchedule.linear(), _make_batch(data, 4), config, checkpoint=checkpoint
+    )
+    trainer.train(progress=False)
+    return trainer
+
+
+@pytest.mark.parametrize("noise_level", ["timestep", "gamma"])
+def test_resumed_run_equals_an_uninterrupted_one(tmp_path: Path, noise_level: str) -> None:
+    """Train 10 steps, stop, resume to 20 (with other global RNG use in between): the weights, EMA and
+    losses equal a 20-step run bitwise."""
+    data, _ = toy_shapes(16, size=8, seed=0)
+    full = _run(20, None, data, noise_level)
+    ck = tmp_path / "ck.safetensors"
+    _run(10, ck, data, noise_level)
+    torch.manual_seed(123)
+    torch.rand(5)
+    resumed = _run(20, ck, data, noise_level)
+    assert resumed.step == 20
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(full.net.parameters(), resumed.net.parameters(), strict=True)
+    )
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(full.ema.parameters(), resumed.ema.parameters(), strict=True)
+    )
+    assert full.losses == resumed.losses
+
+
+def test_masked_batches_keep_the_known_region_clean() -> None:
+    """With a mask, the network input equals x0 outside the hole, and the loss ignores it."""
+    seen: list[torch.Tensor] = []
+    net = torch.nn.Conv2d(3, 3, 1)
+
+    def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        seen.append(x.detach().clone())
+        return net(x)
+
+    x0 = torch.rand(2, 3, 8, 8) * 2 - 1
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[:, :, 4:] = 1
+    trainer = Trainer(
+        net,
+        NoiseSchedule.linear(),
+        lambda step, g: TrainingBatch(x0, mask=mask),
+        TrainingConfig(steps=1),
+        model=model,
+    )
+    trainer.train(progress=False)
+    keep = ~mask.bool().expand_as(x0)
+    assert torch.equal(seen[0][keep], x0[keep])
+    assert not torch.equal(seen[0][~keep], x0[~keep])
+
+
+def test_checkpoints_are_atomic_and_validated(tmp_path: Path) -> None:
+    """A checkpoint round-trips; a failed write leaves the old file; foreign files are refused."""
+    path = tmp_path / "ck.safetensors"
+    save_checkpoint(path, {"a": torch.arange(3)}, {"step": 1})
+    tensors, meta = load_checkpoint(path)
+    assert torch.equal(tensors["a"], torch.arange(3))
+    assert meta == {"step": 1}
+    with pytest.raises(imgdiff.InputTypeError, match=r"^tensors\['b'\]: expected a tensor"):
+        save_checkpoint(path, {"b": [1, 2]}, {"step": 2})  # type: ignore[dict-item]
+    assert load_checkpoint(path)[1] == {"step": 1}
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
+    with pytest.raises(CheckpointError, match=r"^path: no checkpoint at"):
+        load_checkpoint(tmp_path / "missing.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"is not a readable safetensors checkpoint"):
+        load_checkpoint(tmp_path / "junk.safetensors")
+
+
+def test_config_validation() -> None:
+    """Bad training options are named."""
+    with pytest.raises(imgdiff.InputValueError, match=r"^steps: expected an int >= 1, got 0"):
+        TrainingConfig(steps=0)
+    with pytest.raises(imgdiff.InputValueError, match=r"^noise_level: expected one of"):
+        TrainingConfig(steps=1, noise_level="sigma")  # type: ignore[arg-type]
+    with pytest.raises(imgdiff.InputTypeError, match=r"^net: expected a torch.nn.Module"):
+        Trainer(
+            lambda x, t: x,
+            NoiseSchedule.linear(),
+            lambda s, g: TrainingBatch(torch.zeros(1, 3, 4, 4)),
+            TrainingConfig(steps=1),
+        )  # type: ignore[arg-type]
