@@ -28,6 +28,15 @@ def test_cond6_timestep_embedding() -> None:
     torch.testing.assert_close(
         sinusoidal_embedding(torch.tensor([0, 17, 999]), 8), ref, rtol=0, atol=1e-6
     )
+    # Continuous noise levels (gamma * 1000) take the same path.
+    torch.testing.assert_close(
+        sinusoidal_embedding(torch.tensor([0.5, 999.0]), 8),
+        diffusers.get_timestep_embedding(
+            torch.tensor([0.5, 999.0]), 8, flip_sin_to_cos=True, downscale_freq_shift=0
+        ),
+        rtol=0,
+        atol=1e-6,
+    )
 
 
 def test_cond5_cross_attention() -> None:
@@ -48,7 +57,7 @@ def test_cond5_cross_attention() -> None:
         UNetConfig(),
         UNetConfig(in_channels=6, channel_mults=(1, 2), attention_levels=(0, 1), num_res_blocks=2),
         UNetConfig(noise_conditioning="gamma", learned_variance=True),
-        UNetConfig(num_classes=5, palette_dim=18, context_dim=12),
+        UNetConfig(num_classes=5, palette_colors=6, context_dim=12),
         UNetConfig(scale_shift=False),
     ],
     ids=[
@@ -72,8 +81,8 @@ def test_unet_shapes_and_conditioning(config: UNetConfig) -> None:
     kw: dict[str, torch.Tensor | None] = {}
     if config.num_classes:
         kw["class_labels"] = torch.tensor([0, 3])
-    if config.palette_dim:
-        kw["palette"] = torch.randn(B, config.palette_dim)
+    if config.palette_colors:
+        kw["palette"] = torch.randn(B, config.palette_colors, 3) * 50
     if config.context_dim:
         kw["context"] = torch.randn(B, 4, config.context_dim)
     out = net(x, t, **kw)
@@ -89,6 +98,13 @@ def test_unet_shapes_and_conditioning(config: UNetConfig) -> None:
             else torch.randn(B, 4, config.context_dim or 1)
         )
         assert not torch.allclose(out, net(x, t, **other)), key
+    if config.palette_colors:
+        # Per-sample null flags: flagged samples match the all-null output, the rest are untouched.
+        flags = torch.tensor([True, False])
+        mixed = net(x, t, **{**kw, "palette_null": flags})
+        all_null = net(x, t, **{**kw, "palette": None})
+        torch.testing.assert_close(mixed[0], all_null[0])
+        torch.testing.assert_close(mixed[1], out[1])
 
 
 def test_unet_rejects_bad_input() -> None:
@@ -108,6 +124,26 @@ def test_unet_rejects_bad_input() -> None:
         UNetConfig(base_channels=12)
     with pytest.raises(imgdiff.InputValueError, match=r"^noise_conditioning: expected one of"):
         UNetConfig(noise_conditioning="sigma")  # type: ignore[arg-type]
+    x, t = torch.randn(2, 6, 16, 16), torch.tensor([1, 2])
+    with pytest.raises(imgdiff.InputValueError, match=r"^class_labels: expected \(2,\) integer"):
+        net(x, t, class_labels=torch.tensor([0.0, 1.0]))
+    with pytest.raises(imgdiff.InputValueError, match=r"^class_labels: expected \(2,\) integer"):
+        net(x, t, class_labels=torch.tensor([0, 1, 2]))
+    with pytest.raises(imgdiff.InputValueError, match=r"^palette: this UNet was not configured"):
+        net(x, t, class_labels=torch.tensor([0, 1]), palette=torch.zeros(2, 6, 3))
+    with pytest.raises(imgdiff.InputValueError, match=r"^context: this UNet was not configured"):
+        net(x, t, class_labels=torch.tensor([0, 1]), context=torch.zeros(2, 3, 4))
+    rich = UNet(UNetConfig(palette_colors=6, context_dim=8, attention_levels=(1,)))
+    x3 = torch.randn(2, 3, 16, 16)
+    with pytest.raises(imgdiff.InputValueError, match=r"^palette: expected shape \(B, 6, 3\)"):
+        rich(x3, t, palette=torch.zeros(2, 18), context=torch.zeros(2, 3, 8))
+    with pytest.raises(imgdiff.InputValueError, match=r"^context: expected shape \(2, L, 8\)"):
+        rich(x3, t, context=torch.zeros(2, 3, 5))
+    with pytest.raises(imgdiff.InputValueError, match=r"^context: expected a \(B, L, d\)"):
+        rich(x3, t)
+    gamma_net = UNet(UNetConfig(noise_conditioning="gamma"))
+    with pytest.raises(imgdiff.InputTypeError, match=r"^t: a gamma-conditioned UNet expects"):
+        gamma_net(x3, t)
 
 
 def test_diffusers_unet_adapter() -> None:
@@ -133,3 +169,23 @@ def test_diffusers_unet_adapter() -> None:
         imgdiff.InputValueError, match=r"^context: UNet2DModel has no cross-attention"
     ):
         model(x, torch.tensor([5, 9]), context=torch.randn(2, 3, 4))
+    cond = diffusers.UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=12,
+        norm_num_groups=8,
+        layers_per_block=1,
+        attention_head_dim=8,
+    )
+    text = DiffusersUNet(cond)
+    assert text.takes_context
+    assert not model.takes_context
+    z, context = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 12)
+    torch.testing.assert_close(
+        text(z, torch.tensor([5, 9]), context=context),
+        cond(z, torch.tensor([5, 9]), context).sample,
+    )
+    with pytest.raises(imgdiff.InputValueError, match=r"^context: expected \(B, L, d\) text"):
+        text(z, torch.tensor([5, 9]))

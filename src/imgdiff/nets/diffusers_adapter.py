@@ -39,8 +39,13 @@ class DiffusersUNet:
 
     @property
     def takes_context(self) -> bool:
-        """Whether the UNet has cross-attention (``UNet2DConditionModel``)."""
-        return type(self.unet).__name__ == "UNet2DConditionModel"
+        """Whether the UNet has cross-attention (its config names a ``cross_attention_dim``, as
+        ``UNet2DConditionModel``'s and its subclasses' do)."""
+        config = getattr(self.unet, "config", None)
+        dim = config.get("cross_attention_dim") if isinstance(config, dict) else None
+        if dim is None:
+            dim = getattr(config, "cross_attention_dim", None)
+        return dim is not None
 
     def __call__(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
         """The UNet's ``.sample`` at ``(x, t)``."""
@@ -48,7 +53,8 @@ class DiffusersUNet:
         if self.takes_context:
             if context is None:
                 raise InputValueError(
-                    "context: expected (B, L, d) text embeddings for a UNet2DConditionModel, got None"
+                    f"context: expected (B, L, d) text embeddings for a {type(self.unet).__name__} "
+                    "with cross-attention, got None"
                 )
             cond["encoder_hidden_states"] = context
         elif context is not None:

@@ -58,7 +58,7 @@ class TimestepEmbedding(nn.Module):
 
     def forward(self, t: Tensor) -> Tensor:
         """``(B,)`` -> ``(B, 4 dim)`` in the MLP's dtype."""
-        emb = sinusoidal_embedding(t * self.scale, self.dim, self.max_period)
+        emb = sinusoidal_embedding(t.to(torch.float32) * self.scale, self.dim, self.max_period)
         hidden = nn.functional.silu(self.linear_1(emb.to(self.linear_1.weight.dtype)))
         out: Tensor = self.linear_2(hidden)
         return out

@@ -1,7 +1,7 @@
 """A compact, configurable U-Net for examples, tests and small experiments (not a model zoo).
 
-The layout follows Ho et al. 2020 / Dhariwal & Nichol 2021 in miniature: residual blocks with the
-noise embedding added after the first convolution, self-attention (and optional cross-attention)
+The layout follows Ho et al. 2020 / Dhariwal & Nichol 2021 in miniature: residual blocks whose
+normalisation the noise embedding scales and shifts (ADM; or adds to, DDPM), self-attention (and optional cross-attention)
 at chosen levels, strided-convolution downsampling and nearest-neighbour upsampling with skip
 connections. Options cover what imgdiff's conditioning adapters need: extra input channels for
 channel concatenation (Palette/SR3), timestep or continuous noise-level (gamma) conditioning, a
@@ -17,10 +17,11 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor, nn
 
-from imgdiff._checks import check_choice, check_float, check_int, check_tensor
-from imgdiff.errors import InputValueError
+from imgdiff._checks import check_choice, check_float, check_int, check_tensor, describe
+from imgdiff.errors import InputTypeError, InputValueError
 from imgdiff.nets.attention import SpatialAttention
 from imgdiff.nets.embeddings import TimestepEmbedding
+from imgdiff.nets.palette_embedding import PaletteEmbedding
 
 __all__ = ["NOISE_CONDITIONINGS", "NoiseConditioning", "UNet", "UNetConfig"]
 
@@ -48,7 +49,8 @@ class UNetConfig:
         noise_conditioning: ``"timestep"`` or ``"gamma"``.
         gamma_scale: multiplier of gamma before the embedding (``"gamma"`` only).
         num_classes: size of a class embedding (``None``: none); label ``num_classes`` is null.
-        palette_dim: size of a global palette vector (e.g. 18 for six Lab colours; ``None``: none).
+        palette_colors: colours of a global palette embedding (PaletteNet: 6 Lab colours, input
+            ``(B, 6, 3)``; :class:`~imgdiff.nets.PaletteEmbedding`, with a learned null); ``None``: none.
         context_dim: size of cross-attention context tokens (``None``: no cross-attention).
         learned_variance: output ``2 * out_channels`` (improved DDPM's ``learned_range``).
         scale_shift: the noise embedding scales and shifts the residual blocks' normalisation
@@ -67,7 +69,7 @@ class UNetConfig:
     noise_conditioning: NoiseConditioning = "timestep"
     gamma_scale: float = 1000.0
     num_classes: int | None = None
-    palette_dim: int | None = None
+    palette_colors: int | None = None
     context_dim: int | None = None
     learned_variance: bool = False
     scale_shift: bool = True
@@ -90,7 +92,8 @@ class UNetConfig:
         check_float("dropout", self.dropout, min=0.0, max=1.0, max_open=True)
         check_choice("noise_conditioning", self.noise_conditioning, NOISE_CONDITIONINGS)
         check_float("gamma_scale", self.gamma_scale, min=0.0, min_open=True)
-        for name in ("num_classes", "palette_dim", "context_dim"):
+        check_int("groups", self.groups, min=1)
+        for name in ("num_classes", "palette_colors", "context_dim"):
             value = getattr(self, name)
             if value is not None:
                 check_int(name, value, min=1)
@@ -151,9 +154,13 @@ class UNet(nn.Module):
         x: ``(B, in_channels, H, W)`` (conditions already concatenated, see
             :class:`imgdiff.conditioning.ConcatConditioning`).
         t: ``(B,)`` timesteps (``"timestep"``) or noise levels gamma in [0, 1] (``"gamma"``).
-        class_labels: ``(B,)`` int64 in ``[0, num_classes]`` (``num_classes`` = null) if configured.
-        palette: ``(B, palette_dim)`` or ``None`` (null palette) if configured.
+        class_labels: ``(B,)`` integer labels in ``[0, num_classes]`` (``num_classes`` = null) if
+            configured.
+        palette: ``(B, palette_colors, 3)`` Lab palettes, or ``None`` (all null), if configured.
+        palette_null: ``(B,)`` flags marking samples without a palette (CFG's null half,
+            condition dropout), if configured.
         context: ``(B, L, context_dim)`` if configured.
+    Conditions the network was not configured for are refused.
     Returns ``(B, out_channels, H, W)``, or ``2 out_channels`` with a learned variance.
     """
 
@@ -166,12 +173,9 @@ class UNet(nn.Module):
         )
         emb_dim = self.time_embed.out_dim
         self.class_embed = nn.Embedding(cfg.num_classes + 1, emb_dim) if cfg.num_classes else None
-        self.palette_embed: nn.Sequential | None = None
-        if cfg.palette_dim:
-            self.palette_embed = nn.Sequential(
-                nn.Linear(cfg.palette_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
-            )
-            self.null_palette = nn.Parameter(torch.zeros(emb_dim))
+        self.palette_embed = (
+            PaletteEmbedding(emb_dim, num_colors=cfg.palette_colors) if cfg.palette_colors else None
+        )
         self.input_conv = nn.Conv2d(cfg.in_channels, ch0, 3, padding=1)
 
         def attention(ch: int, level: int) -> SpatialAttention | None:
@@ -251,6 +255,7 @@ class UNet(nn.Module):
         *,
         class_labels: Tensor | None = None,
         palette: Tensor | None = None,
+        palette_null: Tensor | None = None,
         context: Tensor | None = None,
     ) -> Tensor:
         cfg = self.config
@@ -269,18 +274,37 @@ class UNet(nn.Module):
             raise InputValueError(
                 f"t: expected shape ({B},) to match the batch, got {tuple(t.shape)}"
             )
+        if cfg.noise_conditioning == "gamma" and not t.dtype.is_floating_point:
+            raise InputTypeError(
+                f"t: a gamma-conditioned UNet expects noise levels in [0, 1] (floating), got dtype "
+                f"{t.dtype}; wrap it in imgdiff.conditioning.NoiseLevelConditioning to sample"
+            )
+        self._check_unused(
+            class_labels=class_labels, palette=palette, palette_null=palette_null, context=context
+        )
         emb = self.time_embed(t)
         if self.class_embed is not None:
-            if class_labels is None:
+            if (
+                not isinstance(class_labels, Tensor)
+                or class_labels.shape != (B,)
+                or class_labels.dtype.is_floating_point
+                or class_labels.dtype.is_complex
+                or class_labels.dtype == torch.bool
+            ):
                 raise InputValueError(
-                    "class_labels: expected (B,) labels for a class-conditional UNet, got None"
+                    f"class_labels: expected ({B},) integer labels in [0, {cfg.num_classes}] "
+                    f"(the last is null) for a class-conditional UNet, got {describe(class_labels)}"
                 )
-            emb = emb + self.class_embed(class_labels.long())
+            emb = emb + self.class_embed(class_labels)
         if self.palette_embed is not None:
-            emb = emb + (
-                self.null_palette.expand(B, -1)
-                if palette is None
-                else self.palette_embed(palette.to(emb.dtype))
+            emb = emb + self.palette_embed(
+                palette, palette_null, batch_size=None if palette is not None else B
+            )
+        if context is not None and (
+            context.ndim != 3 or context.shape[0] != B or context.shape[2] != cfg.context_dim
+        ):
+            raise InputValueError(
+                f"context: expected shape ({B}, L, {cfg.context_dim}), got {tuple(context.shape)}"
             )
         h = self.input_conv(x)
         hs = [h]
@@ -305,6 +329,21 @@ class UNet(nn.Module):
                 )
         out: Tensor = self.output(h)
         return out
+
+    def _check_unused(self, **conditions: Tensor | None) -> None:
+        cfg = self.config
+        configured = {
+            "class_labels": cfg.num_classes is not None,
+            "palette": cfg.palette_colors is not None,
+            "palette_null": cfg.palette_colors is not None,
+            "context": cfg.context_dim is not None,
+        }
+        for name, value in conditions.items():
+            if value is not None and not configured[name]:
+                raise InputValueError(
+                    f"{name}: this UNet was not configured for it (see UNetConfig); expected None, "
+                    f"got {describe(value)}"
+                )
 
     @staticmethod
     def _blocks(blocks: nn.ModuleList) -> list[nn.ModuleDict]:
