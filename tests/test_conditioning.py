@@ -124,6 +124,43 @@ def test_noised_paste_is_at_the_next_level() -> None:
         KnownRegion(known, torch.zeros(1, 1, 3, 3))
 
 
+def test_noised_paste_through_a_sampler_run() -> None:
+    """As a DDIM callback: after each step the known pixels follow q(x_s | x_0) at the step's next
+    level s, and the returned sample's known region is exactly the clean image."""
+    s = NoiseSchedule.linear()
+    known = torch.full((2000, 1, 2, 2), -0.4)
+    mask = torch.zeros(1, 1, 2, 2)
+    mask[..., 0, 0] = 1
+    region = KnownRegion(
+        known, mask, mode="noised", schedule=s, generator=torch.Generator().manual_seed(1)
+    )
+    seen: dict[int, torch.Tensor] = {}
+
+    def callback(info: imgdiff.StepInfo[torch.Tensor]) -> torch.Tensor:
+        x = region(info)
+        seen[info.next_timestep] = x[..., 1, 1].clone()
+        return x
+
+    sampler = DDIM(s)
+    first = sampler.timesteps(5)[0]
+    out = sampler.sample(
+        imgdiff.GaussianDenoiser(s, mean=0.0, std=0.5),
+        region.start(torch.randn(2000, 1, 2, 2), int(first)),
+        num_steps=5,
+        callback=callback,
+        progress=False,
+    )
+    assert sorted(seen) == [-1, *sorted(int(t) for t in sampler.timesteps(5)[1:])]
+    for t, values in seen.items():
+        if t < 0:
+            continue
+        ab = float(s.alphas_cumprod[t])
+        assert abs(float(values.mean()) - math.sqrt(ab) * -0.4) < 0.05, t
+        assert abs(float(values.var()) / (1 - ab) - 1) < 0.1, t
+    keep = ~mask.bool().expand_as(known)
+    assert torch.equal(out[keep], known[keep])
+
+
 def test_pal6_gamma_conditioning_is_schedule_independent() -> None:
     """A gamma-conditioned net gives the same output whenever the same gamma is reached, through the
     training (T=2000) or a test (T=1000) schedule."""
@@ -140,6 +177,8 @@ def test_pal6_gamma_conditioning_is_schedule_independent() -> None:
     b = NoiseLevelConditioning(net, test)(x, t_test)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert not torch.allclose(a, NoiseLevelConditioning(net, test)(x, t_test + 1))
+    with pytest.raises(imgdiff.InputValueError, match=r"^net: expected a network conditioned on"):
+        NoiseLevelConditioning(UNet(UNetConfig()), test)
 
 
 def test_cond1_cfg_endpoints_and_the_other_convention() -> None:

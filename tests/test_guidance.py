@@ -9,8 +9,6 @@ import imgdiff
 from imgdiff import DDIM, DDPM, NoiseSchedule
 from imgdiff.guidance import ClassifierGuidance, Guidance
 
-from .conftest import TanhModel
-
 
 class GaussianLikelihood(Guidance):
     """log p(y | x) = -|x - c|^2 / 2, so g = scale (c - x): an analytic gradient."""
@@ -109,4 +107,80 @@ def test_classifier_guidance_gradient() -> None:
         imgdiff.InputTypeError, match=r"^guidance: expected None or an imgdiff.Guidance"
     ):
         DDIM(NoiseSchedule.linear(), guidance=lambda x, t: x)  # type: ignore[arg-type]
-    assert TanhModel  # the shared helpers import cleanly
+
+
+def test_cond4_ddpm_learned_variance_shifts_by_its_own_variance() -> None:
+    """With a learned variance, the mean moves by exp(log_var) g, element by element."""
+    s = NoiseSchedule.linear()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 1, 3, 3, generator=g, dtype=torch.float64)
+    out = torch.randn(2, 2, 3, 3, generator=g, dtype=torch.float64)
+    t, prev = torch.tensor([700, 40]), torch.tensor([690, 30])
+    guide = GaussianLikelihood(0.4, scale=3.0)
+    sampler = DDPM(s, variance="learned_range", guidance=guide)
+    coeffs = sampler.coefficients(
+        imgdiff.SamplingPlan(t, prev, s.alphas_cumprod[t], s.alphas_cumprod[prev])
+    ).per_sample(4, torch.float64)
+    mean, log_var, _ = sampler.posterior(x, out, coeffs)
+    assert isinstance(log_var, torch.Tensor)
+    assert log_var.shape == x.shape
+    grad = guide.gradient(x, t)
+    guided = sampler.guided_update(x, out, coeffs, None, grad).state
+    torch.testing.assert_close(guided, mean + log_var.exp() * grad, rtol=1e-12, atol=1e-12)
+    # DDIM with a learned-variance model shifts only the mean channels.
+    ddim = DDIM(s, guidance=guide)
+    plain = DDIM(s).step_at(
+        out[:, :1] - (1 - s.alphas_cumprod[t]).sqrt().reshape(-1, 1, 1, 1) * grad, x, t, prev
+    )
+    dcoeffs = ddim.coefficients(
+        imgdiff.SamplingPlan(t, prev, s.alphas_cumprod[t], s.alphas_cumprod[prev])
+    ).per_sample(4, torch.float64)
+    torch.testing.assert_close(
+        ddim.guided_update(x, out[:, :1], dcoeffs, None, grad).state, plain.state
+    )
+
+
+class WrongShape(Guidance):
+    def gradient(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(x.shape[0], 1)
+
+
+class RecordDtype(Guidance):
+    def __init__(self) -> None:
+        self.seen: list[torch.dtype] = []
+
+    def gradient(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.dtype)
+        return torch.zeros_like(x)
+
+
+def test_guidance_bad_gradients_and_zero_snr_are_refused() -> None:
+    """A gradient of the wrong shape, and v-prediction at zero terminal SNR, raise clearly."""
+    s = NoiseSchedule.linear()
+    model = imgdiff.GaussianDenoiser(s, mean=0.0, std=0.5)
+    x = torch.randn(2, 1, 2, 2, dtype=torch.float64)
+    with pytest.raises(
+        imgdiff.InputValueError,
+        match=r"^guidance: expected a gradient of the sample's shape \(2, 1, 2, 2\)",
+    ):
+        DDIM(s, guidance=WrongShape()).sample(model, x, num_steps=3, progress=False)
+    zsnr = s.rescale_zero_terminal_snr()
+    v_model = imgdiff.GaussianDenoiser(zsnr, mean=0.0, std=0.5, prediction="v")
+    with pytest.raises(
+        imgdiff.InputValueError,
+        match=r"^guidance: the model output carries no noise estimate at timestep 999",
+    ):
+        DDIM(zsnr, prediction="v", spacing="trailing", guidance=GaussianLikelihood(0.0)).sample(
+            v_model, x, num_steps=3, progress=False
+        )
+
+
+def test_guidance_sees_the_model_dtype() -> None:
+    """The guidance gets x in the model's dtype (a float32 classifier beside a float64 state)."""
+    s = NoiseSchedule.linear()
+    record = RecordDtype()
+    x = torch.randn(2, 1, 2, 2)
+    DDIM(s, dtype=torch.float64, guidance=record).sample(
+        imgdiff.GaussianDenoiser(s, mean=0.0, std=0.5), x, num_steps=2, progress=False
+    )
+    assert record.seen == [torch.float32, torch.float32]

@@ -15,7 +15,7 @@ the replaced state; ``known.start(noise)`` gives a starting sample with the know
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 import torch
@@ -33,8 +33,12 @@ PasteMode = Literal["clean", "noised"]
 PASTE_MODES: tuple[PasteMode, ...] = get_args(PasteMode)
 
 
-def check_mask(name: str, mask: object, like: Tensor) -> Tensor:
-    """Check a hole mask for images ``like`` ``(B, C, H, W)``: shape ``(B or 1, 1, H, W)``, values 0/1."""
+def check_mask(name: str, mask: object, like: Tensor, *, values: bool = True) -> Tensor:
+    """Check a hole mask for images ``like`` ``(B, C, H, W)``: shape ``(B or 1, 1, H, W)``, values 0/1.
+
+    Returns the mask in ``like``'s dtype. Checking the values of a non-bool mask reads it on the
+    host; ``values=False`` checks only its shape and dtype (for a loop that checked once).
+    """
     m = check_tensor(name, mask, ndim=4)
     B, _, H, W = like.shape
     if m.shape[1] != 1 or tuple(m.shape[2:]) != (H, W) or m.shape[0] not in (1, B):
@@ -43,7 +47,9 @@ def check_mask(name: str, mask: object, like: Tensor) -> Tensor:
         )
     if m.dtype == torch.bool:
         return m.to(like.dtype)
-    if not bool(((m == 0) | (m == 1)).all()):
+    if m.dtype.is_complex:
+        raise InputTypeError(f"{name}: expected a bool or real 0/1 mask, got dtype {m.dtype}")
+    if values and not bool(((m == 0) | (m == 1)).all()):
         bad = m[(m != 0) & (m != 1)].reshape(-1)[0]
         raise InputValueError(
             f"{name}: expected a binary mask of 0 and 1 (1 = missing), got the value {float(bad)}"
@@ -65,7 +71,8 @@ class KnownRegion:
     Used as ``sampler.sample(model, known_region.start(noise), callback=known_region)``: after
     each step the known pixels are replaced exactly (``(1 - m) x == (1 - m) known`` bitwise for
     ``"clean"``). The noise of ``"noised"`` pastes is drawn per step, so it synchronises nothing but
-    costs one draw per step.
+    costs one draw per step. ``known`` and ``mask`` are copied to the sample's device and dtype on
+    first use and reused (do not modify ``known`` in place while sampling).
     """
 
     known: Tensor
@@ -73,6 +80,9 @@ class KnownRegion:
     mode: PasteMode = "clean"
     schedule: NoiseSchedule | None = None
     generator: Generators = None
+    _placed: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         check_tensor("known", self.known, ndim=4, floating=True)
@@ -84,8 +94,19 @@ class KnownRegion:
             )
         check_generators(self.generator, self.known.shape[0])
 
-    def _known_at(self, timestep: int, like: Tensor) -> Tensor:
-        known = self.known.to(device=like.device, dtype=like.dtype)
+    def _on(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        """``known`` and ``mask`` on ``like``'s device and dtype, copied once per placement."""
+        key = (like.device, like.dtype)
+        placed = self._placed.get(key)
+        if placed is None:
+            placed = (
+                self.known.to(device=like.device, dtype=like.dtype),
+                self.mask.to(like.device),
+            )
+            self._placed[key] = placed
+        return placed
+
+    def _known_at(self, timestep: int, known: Tensor) -> Tensor:
         if self.mode == "clean" or timestep < 0:
             return known
         assert self.schedule is not None
@@ -99,7 +120,8 @@ class KnownRegion:
             raise InputValueError(
                 f"x: expected shape {tuple(self.known.shape)} like known, got {tuple(x.shape)}"
             )
-        return torch.where(self.mask.to(x.device), x, self._known_at(timestep, x))
+        known, mask = self._on(x)
+        return torch.where(mask, x, self._known_at(timestep, known))
 
     def start(self, noise: Tensor, timestep: int | None = None) -> Tensor:
         """A starting sample: ``noise`` in the hole, the known region at the first level.

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from imgdiff._checks import describe
-from imgdiff.errors import InputTypeError
+from imgdiff.errors import InputTypeError, InputValueError
 from imgdiff.models import Model
 from imgdiff.schedules import NoiseSchedule, check_schedule
 
@@ -27,19 +28,37 @@ class NoiseLevelConditioning:
 
     net: Model
     schedule: NoiseSchedule
+    _tables: dict[torch.device, Tensor] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         if not callable(self.net):
             raise InputTypeError(f"net: expected a callable network, got {describe(self.net)}")
         check_schedule("schedule", self.schedule)
+        mode = getattr(getattr(self.net, "config", None), "noise_conditioning", None)
+        if isinstance(mode, str) and mode != "gamma":
+            raise InputValueError(
+                f"net: expected a network conditioned on noise levels (config.noise_conditioning "
+                f"'gamma'), got {mode!r}; pass such a network to the sampler directly"
+            )
 
     @property
     def model(self) -> Model:
         """The wrapped network (lets imgdiff find its dtype)."""
         return self.net
 
+    def gamma(self, t: Tensor) -> Tensor:
+        """``alpha_bar_t`` ``(B,)`` for timesteps ``t`` ``(B,)``, float64 where the device has it."""
+        table = self._tables.get(t.device)
+        if table is None:
+            dtype = torch.float32 if t.device.type == "mps" else torch.float64
+            table = self.schedule.alphas_cumprod.to(device=t.device, dtype=dtype)
+            self._tables[t.device] = table
+        return table[t.long()]
+
     def __call__(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
-        """The network's output at noise level ``alpha_bar_t``."""
-        table = self.schedule.alphas_cumprod.to(device=t.device, dtype=x.dtype)
-        out: Tensor = self.net(x, table[t.long()], **cond)
+        """The network's output at noise level ``alpha_bar_t`` (in at least float32)."""
+        gamma = self.gamma(t).to(torch.promote_types(x.dtype, torch.float32))
+        out: Tensor = self.net(x, gamma, **cond)
         return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, get_args
@@ -10,7 +11,7 @@ import torch
 from torch import Tensor
 
 from imgdiff._checks import check_choice
-from imgdiff._ops import Scalar, add_scaled_
+from imgdiff._ops import Scalar, add_scaled_, lincomb
 from imgdiff.posterior import (
     POSTERIOR_VARIANCE_FLOOR,
     learned_range_log_variance,
@@ -142,10 +143,16 @@ class DDPM(DenoisingSampler[DDPMCoefficients]):
     def guided_update(
         self, x: Tensor, out: Tensor, coeffs: DDPMCoefficients, noise: Tensor | None, grad: Tensor
     ) -> StepOutput[Tensor]:
-        """Dhariwal & Nichol's ``condition_mean``: ``mu <- mu + Sigma grad``, then sample."""
+        """Dhariwal & Nichol's ``condition_mean``: ``mu <- mu + Sigma grad``, then sample.
+
+        The posterior mean (with its thresholded ``x0_hat``) is formed first, then shifted.
+        """
         mean, log_var, x0 = self.posterior(x, out, coeffs)
-        variance = torch.exp(torch.as_tensor(log_var, dtype=mean.dtype, device=mean.device))
-        return self._sample_posterior(mean + variance * grad, log_var, x0, coeffs, noise)
+        if isinstance(log_var, float):
+            return self._sample_posterior(
+                lincomb(mean, 1.0, grad, math.exp(log_var)), log_var, x0, coeffs, noise
+            )
+        return self._sample_posterior(mean + torch.exp(log_var) * grad, log_var, x0, coeffs, noise)
 
     def _sample_posterior(
         self,

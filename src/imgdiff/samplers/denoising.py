@@ -180,23 +180,48 @@ class DenoisingSampler(Sampler[Tensor, DCoeffT]):
         self._check_output(out, state)
         if self.guidance is None:
             return self.update(state, out, coeffs, noise)
-        return self.guided_update(state, out, coeffs, noise, self.guidance.gradient(state, ctx.t))
+        eps_from_out = coeffs.eps_from_out
+        if isinstance(eps_from_out, float) and eps_from_out == 0.0:
+            raise InputValueError(
+                f"guidance: the model output carries no noise estimate at timestep {ctx.timestep} "
+                "(eps_from_out = 0, e.g. v-prediction at zero terminal SNR), so the score cannot "
+                "be shifted; leave that timestep out or sample without guidance"
+            )
+        grad = self.guidance_gradient(self.guidance, model, state, ctx.t)
+        return self.guided_update(state, out, coeffs, noise, grad)
+
+    @staticmethod
+    def guidance_gradient(guidance: Guidance, model: BoundModel, x: Tensor, t: Tensor) -> Tensor:
+        """``guidance.gradient`` at ``x`` ``(B, C, ...)`` cast to the model's dtype, checked, and
+        returned in ``x``'s dtype."""
+        xm = x if x.dtype == model.model_dtype else x.to(model.model_dtype)
+        grad = guidance.gradient(xm, t)
+        if not isinstance(grad, Tensor) or grad.shape != x.shape:
+            raise InputValueError(
+                f"guidance: expected a gradient of the sample's shape {tuple(x.shape)}, "
+                f"got {describe(grad)}"
+            )
+        if not grad.dtype.is_floating_point:
+            raise InputTypeError(f"guidance: expected a floating-point gradient, got {grad.dtype}")
+        return grad if grad.dtype == x.dtype else grad.to(x.dtype)
 
     def guided_update(
         self, x: Tensor, out: Tensor, coeffs: DCoeffT, noise: Tensor | None, grad: Tensor
     ) -> StepOutput[Tensor]:
         """The update with guidance gradient ``grad`` (``x``'s shape): shift ``eps_hat`` by
         ``-sqrt(1 - ab_t) grad`` (Dhariwal & Nichol's ``condition_score``), i.e. the model output
-        by ``-sqrt(1 - ab_t) / eps_from_out * grad``. DDPM overrides it (posterior-mean shift)."""
+        by ``-sqrt(1 - ab_t) / eps_from_out * grad``; ``x0_hat`` follows from the shifted output
+        and is thresholded after the shift. DDPM overrides it (posterior-mean shift)."""
         c = coeffs
         C = x.shape[1]
         shift = -c.sqrt_one_minus_alpha_bar / c.eps_from_out
-        guided = out.clone()
-        guided[:, :C] = (
-            lincomb(out[:, :C], 1.0, grad, shift)
+        mean_out = out[:, :C] if out.shape[1] != C else out
+        shifted = (
+            lincomb(mean_out, 1.0, grad, shift)
             if isinstance(shift, float)
-            else out[:, :C] + shift * grad
+            else mean_out + shift * grad
         )
+        guided = shifted if out.shape[1] == C else torch.cat([shifted, out[:, C:]], dim=1)
         return self.update(x, guided, coeffs, noise)
 
     def _check_output(self, out: Tensor, x: Tensor, name: str = "model output") -> None:

@@ -122,7 +122,7 @@ class StepInfo(Generic[StateT]):
     num_steps: int
     timestep: int
     output: StepOutput[StateT]
-    next_timestep: int = -1
+    next_timestep: int
 
     @property
     def state(self) -> StateT:
