@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 from imgdiff.degradations import TASKS
+from imgdiff.demo import main
+from imgdiff.training import load_checkpoint
 
 
 def test_quick_demo_writes_grids_and_metrics(tmp_path: Path) -> None:
@@ -37,5 +39,9 @@ def test_quick_demo_writes_grids_and_metrics(tmp_path: Path) -> None:
             m = summary["metrics"][task][sampler]
             assert 0 < m["psnr"] < 100
             assert -1 <= m["ssim"] <= 1
-    assert (tmp_path / "model.safetensors").is_file()
-    assert summary["total_seconds"] < 60
+    assert load_checkpoint(tmp_path / "model.safetensors")[1]["step"] == 40
+    # --resume continues that checkpoint to the new step count instead of starting again.
+    main(["demo", "--quick", "--out", str(tmp_path), "--steps", "44", "--resume", "--no-progress"])
+    tensors, meta = load_checkpoint(tmp_path / "model.safetensors")
+    assert meta["step"] == 44
+    assert tensors["losses"].shape == (44,)

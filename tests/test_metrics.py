@@ -53,3 +53,10 @@ def test_bad_input() -> None:
         psnr(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 9))
     with pytest.raises(imgdiff.InputValueError, match=r"^data_range: expected a float > 0"):
         ssim(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 8), data_range=0.0)
+    z = torch.zeros(1, 3, 8, 8)
+    with pytest.raises(imgdiff.InputValueError, match=r"^window_size: expected an int >= 1, got 0"):
+        ssim(z, z, window_size=0)
+    with pytest.raises(imgdiff.InputValueError, match=r"^sigma: expected a float > 0"):
+        ssim(z, z, sigma=0.0)
+    with pytest.raises(imgdiff.InputValueError, match=r"^k2: expected a float > 0"):
+        ssim(z, z, k2=-0.1)

@@ -77,7 +77,11 @@ def test_loss_falls_by_half_on_the_toy_data() -> None:
 
 
 def _run(
-    steps: int, checkpoint: Path | None, data: torch.Tensor, noise_level: str = "timestep"
+    steps: int,
+    checkpoint: Path | None,
+    data: torch.Tensor,
+    noise_level: str = "timestep",
+    disturb: bool = False,
 ) -> Trainer:
     torch.manual_seed(0)
     net = UNet(
@@ -89,6 +93,8 @@ def _run(
             noise_conditioning=noise_level,
         )
     )  # type: ignore[arg-type]
+    if disturb:  # the global RNG (dropout) must come back from the checkpoint, not from here
+        torch.rand(7)
     config = TrainingConfig(steps=steps, lr=1e-3, noise_level=noise_level, checkpoint_every=5)  # type: ignore[arg-type]
     trainer = Trainer(
         net, NoiseSchedule.linear(), _make_batch(data, 4), config, checkpoint=checkpoint
@@ -105,9 +111,7 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path: Path, noise_level: st
     full = _run(20, None, data, noise_level)
     ck = tmp_path / "ck.safetensors"
     _run(10, ck, data, noise_level)
-    torch.manual_seed(123)
-    torch.rand(5)
-    resumed = _run(20, ck, data, noise_level)
+    resumed = _run(20, ck, data, noise_level, disturb=True)
     assert resumed.step == 20
     assert all(
         torch.equal(a, b)
@@ -176,3 +180,164 @@ def test_config_validation() -> None:
             lambda s, g: TrainingBatch(torch.zeros(1, 3, 4, 4)),
             TrainingConfig(steps=1),
         )  # type: ignore[arg-type]
+
+
+def test_resume_refuses_other_options_and_can_start_afresh(tmp_path: Path) -> None:
+    """A checkpoint written with other options is refused by name; resume=False starts at step 0."""
+    data, _ = toy_shapes(8, size=8, seed=0)
+    ck = tmp_path / "ck.safetensors"
+    _run(3, ck, data)
+    net = UNet(UNetConfig(base_channels=16, channel_mults=(1, 2), attention_levels=(1,)))
+    other = TrainingConfig(steps=6, lr=5e-4, noise_level="timestep")
+    with pytest.raises(CheckpointError, match=r"^config: .* \(lr: saved 0.001, now 0.0005\)"):
+        Trainer(net, NoiseSchedule.linear(), _make_batch(data, 4), other, checkpoint=ck)
+    fresh = Trainer(
+        net, NoiseSchedule.linear(), _make_batch(data, 4), other, checkpoint=ck, resume=False
+    )
+    assert fresh.step == 0
+    fresh.train(progress=False)
+    assert load_checkpoint(ck)[1]["config"]["lr"] == 5e-4
+    save_checkpoint(tmp_path / "foreign.safetensors", {"a": torch.zeros(1)}, {"step": 1})
+    with pytest.raises(CheckpointError, match=r"has no training config; not a Trainer checkpoint"):
+        fresh.load(tmp_path / "foreign.safetensors")
+    small = UNet(UNetConfig(base_channels=8, channel_mults=(1, 2), attention_levels=(1,)))
+    with pytest.raises(CheckpointError, match=r"is not a Trainer checkpoint for this network"):
+        Trainer(small, NoiseSchedule.linear(), _make_batch(data, 4), other, checkpoint=ck)
+
+
+def test_checkpoint_write_failing_midway_keeps_the_old_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crash inside the write leaves the previous checkpoint intact and no temporary file; the
+    file gets the permissions of an ordinary new file."""
+    import os
+
+    import safetensors.torch
+
+    path = tmp_path / "ck.safetensors"
+    save_checkpoint(path, {"a": torch.arange(3)}, {"step": 1})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    before = path.read_bytes()
+
+    def torn(tensors: object, filename: str, metadata: object = None) -> None:
+        with open(filename, "wb") as fh:
+            fh.write(b"half a checkpo")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", torn)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, {"a": torch.arange(5)}, {"step": 2})
+    assert path.read_bytes() == before
+    assert list(tmp_path.iterdir()) == [path]
+
+
+class _Recorder(torch.nn.Module):
+    """A 1x1 convolution that records its inputs; optionally doubles its output channels."""
+
+    def __init__(self, channels: int = 3, factor: int = 1) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(channels, factor * channels, 1)
+        self.seen: list[dict[str, torch.Tensor]] = []
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
+        self.seen.append({"t": t, **cond})
+        out: torch.Tensor = self.conv(x)
+        return out
+
+
+def _draws(
+    seed: int, x0: torch.Tensor, schedule: NoiseSchedule
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The noise and timesteps a fresh trainer with ``seed`` draws for its first batch."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(x0.shape, generator=g, dtype=x0.dtype)
+    return noise, imgdiff.training.sample_timesteps(schedule, x0.shape[0], generator=g)
+
+
+def test_min_snr_weights_the_per_sample_loss() -> None:
+    """With min_snr_gamma the per-sample loss is the plain one times min(SNR, gamma) / SNR (eps)."""
+    s = NoiseSchedule.linear()
+    x0 = torch.rand(6, 3, 4, 4) * 2 - 1
+    batch = TrainingBatch(x0)
+    net = _Recorder()
+
+    def trainer(config: TrainingConfig) -> Trainer:
+        return Trainer(net, s, lambda step, g: batch, config)
+
+    plain = trainer(TrainingConfig(steps=1)).loss(batch)
+    weighted = trainer(TrainingConfig(steps=1, min_snr_gamma=5.0)).loss(batch)
+    _, t = _draws(0, x0, s)
+    ab = s.alphas_cumprod[t]
+    snr = ab / (1 - ab)
+    want = (snr.clamp(max=5.0) / snr).float()
+    torch.testing.assert_close(weighted, plain * want)
+
+
+def test_condition_dropout_replaces_conditions_by_the_null() -> None:
+    """p_uncond = 1 feeds only null conditions; 0 < p < 1 drops some; the null is required."""
+    s = NoiseSchedule.linear()
+    x0 = torch.rand(64, 3, 4, 4)
+    labels = torch.arange(64) % 5
+    batch = TrainingBatch(x0, {"class_labels": labels})
+    null = {"class_labels": torch.tensor([5])}
+    net = _Recorder()
+    Trainer(
+        net, s, lambda step, g: batch, TrainingConfig(steps=1, p_uncond=1.0), null_conditions=null
+    ).loss(batch)
+    assert bool((net.seen[-1]["class_labels"] == 5).all())
+    Trainer(
+        net, s, lambda step, g: batch, TrainingConfig(steps=1, p_uncond=0.5), null_conditions=null
+    ).loss(batch)
+    seen = net.seen[-1]["class_labels"]
+    dropped = seen == 5
+    assert 0 < int(dropped.sum()) < 64
+    assert torch.equal(seen[~dropped], labels[~dropped])
+    with pytest.raises(imgdiff.InputValueError, match=r"^null_conditions: expected the null value"):
+        Trainer(net, s, lambda step, g: batch, TrainingConfig(steps=1, p_uncond=0.1))
+    with pytest.raises(
+        imgdiff.InputValueError, match=r"^batch.model_kwargs: expected the conditions"
+    ):
+        Trainer(
+            net,
+            s,
+            lambda step, g: batch,
+            TrainingConfig(steps=1, p_uncond=0.1),
+            null_conditions={"context": torch.zeros(1, 2, 3)},
+        ).loss(batch)
+
+
+def test_learned_variance_trains_with_the_hybrid_loss() -> None:
+    """A 2C-channel output gets improved DDPM's L_simple + lambda T L_vlb (against hybrid_loss)."""
+    s = NoiseSchedule.linear()
+    x0 = torch.rand(4, 3, 4, 4, dtype=torch.float64) * 2 - 1
+    batch = TrainingBatch(x0)
+    net = _Recorder(factor=2).double()
+    got = Trainer(net, s, lambda step, g: batch, TrainingConfig(steps=1, vlb_weight=0.01)).loss(
+        batch
+    )
+    noise, t = _draws(0, x0, s)
+    ab = s.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+    out = net.conv(x_t)
+    want = imgdiff.losses.hybrid_loss(s, out, x0, x_t, noise, t, vlb_weight=0.01)
+    torch.testing.assert_close(got, want)
+    gamma = Trainer(net, s, lambda step, g: batch, TrainingConfig(steps=1, noise_level="gamma"))
+    with pytest.raises(imgdiff.InputValueError, match=r"^model output: a learned variance"):
+        gamma.loss(batch)
+    wrong = Trainer(_Recorder(factor=3), s, lambda step, g: batch, TrainingConfig(steps=1))
+    with pytest.raises(
+        imgdiff.InputValueError, match=r"^model output: expected shape \(4, 3 or 6, 4, 4\)"
+    ):
+        wrong.loss(TrainingBatch(x0.float()))
+
+
+def test_masked_loss_refuses_non_binary_masks() -> None:
+    """A float mask must hold 0 and 1 only; bool masks are taken as they are."""
+    x = torch.zeros(2, 3, 4, 4)
+    soft = torch.full((2, 1, 4, 4), 0.5)
+    with pytest.raises(imgdiff.InputValueError, match=r"^mask: expected a binary mask of 0 and 1"):
+        masked_denoising_loss(x, x + 1, soft)
+    hard = soft > 0.2
+    torch.testing.assert_close(masked_denoising_loss(x, x + 1, hard), torch.ones(2))

@@ -96,9 +96,13 @@ def build_model(cfg: DemoConfig) -> UNet:
 
 
 def train_model(
-    cfg: DemoConfig, out: Path, progress: bool
+    cfg: DemoConfig, out: Path, progress: bool, *, resume: bool = False
 ) -> tuple[UNet, NoiseSchedule, list[float]]:
-    """Train the multi-task model; returns the EMA network, the schedule and the losses."""
+    """Train the multi-task model; returns the EMA network, the schedule and the losses.
+
+    With ``resume``, an existing ``out/model.safetensors`` from the same configuration is
+    continued (a longer ``train_steps`` trains further); otherwise training starts afresh.
+    """
     torch.manual_seed(cfg.seed)
     schedule = NoiseSchedule.linear()
     data, _ = toy_shapes(cfg.dataset_size, cfg.image_size, seed=cfg.seed)
@@ -128,6 +132,7 @@ def train_model(
         config,
         model=ConcatConditioning(net, source_channels=3),
         checkpoint=out / "model.safetensors",
+        resume=resume,
     )
     trainer.train(progress=progress)
     ema = trainer.ema.module
@@ -167,11 +172,13 @@ def sample_task(
     return pair.source, x.clamp(-1, 1)
 
 
-def run_demo(cfg: DemoConfig, out: Path, *, progress: bool = True) -> dict[str, Any]:
+def run_demo(
+    cfg: DemoConfig, out: Path, *, progress: bool = True, resume: bool = False
+) -> dict[str, Any]:
     """Train, sample every task with DDPM and DDIM, write grids and ``metrics.json``; returns the metrics."""
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    net, schedule, losses = train_model(cfg, out, progress)
+    net, schedule, losses = train_model(cfg, out, progress, resume=resume)
     train_seconds = time.perf_counter() - t0
     held_out, _ = toy_shapes(cfg.eval_images, cfg.image_size, seed=cfg.seed + 1000)
     samplers: dict[str, tuple[Sampler[Any, Any], int]] = {
@@ -209,7 +216,7 @@ def run_demo(cfg: DemoConfig, out: Path, *, progress: bool = True) -> dict[str, 
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: ``python -m imgdiff demo [--out DIR] [--quick]``."""
+    """Command line: ``python -m imgdiff demo [--out DIR] [--quick] [--steps N] [--resume]``."""
     parser = argparse.ArgumentParser(prog="python -m imgdiff", description="imgdiff command line")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser(
@@ -226,11 +233,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--steps", type=int, default=None, help="training steps (default: 1000; quick: 40)"
     )
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    demo.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUT/model.safetensors of an earlier run with the same options",
+    )
     args = parser.parse_args(argv)
     cfg = DemoConfig.quick() if args.quick else DemoConfig()
     if args.steps is not None:
         cfg = DemoConfig(**{**asdict(cfg), "train_steps": args.steps})
-    summary = run_demo(cfg, args.out, progress=not args.no_progress)
+    summary = run_demo(cfg, args.out, progress=not args.no_progress, resume=args.resume)
     print(
         f"trained {cfg.train_steps} steps in {summary['train_seconds']} s; total {summary['total_seconds']} s"
     )

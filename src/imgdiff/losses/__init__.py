@@ -10,6 +10,7 @@ from imgdiff.losses.denoising import (
     hybrid_loss,
     masked_denoising_loss,
     min_snr_weight,
+    min_snr_weight_from_alpha_bar,
     normal_kl,
     vlb_term,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "hybrid_loss",
     "masked_denoising_loss",
     "min_snr_weight",
+    "min_snr_weight_from_alpha_bar",
     "normal_kl",
     "vlb_term",
 ]

@@ -37,6 +37,7 @@ __all__ = [
     "hybrid_loss",
     "masked_denoising_loss",
     "min_snr_weight",
+    "min_snr_weight_from_alpha_bar",
     "normal_kl",
     "vlb_term",
 ]
@@ -82,7 +83,7 @@ def masked_denoising_loss(
     """The denoising loss on the hole only (Palette inpainting), per sample ``(B,)`` (spec 2.6).
 
     ``model_output``/``target`` ``(B, C, H, W)``; ``mask`` ``(B, 1, H, W)`` or ``(B, C, H, W)``,
-    1 = hole. ``"hole"``: ``sum(m |d|^p) / sum(m)`` over the hole's elements (a sample without
+    1 = hole (bool, or 0/1 values, which are checked on the host). ``"hole"``: ``sum(m |d|^p) / sum(m)`` over the hole's elements (a sample without
     hole gives 0); ``"image"``: ``mean(m |d|^p)`` over all elements.
     """
     norm = check_choice("norm", norm, LOSS_NORMS)
@@ -95,6 +96,11 @@ def masked_denoising_loss(
     if m.shape[0] != B or tuple(m.shape[2:]) != (H, W) or m.shape[1] not in (1, C):
         raise InputValueError(
             f"mask: expected shape ({B}, 1 or {C}, {H}, {W}), got {tuple(m.shape)}"
+        )
+    if m.dtype != torch.bool and (m.dtype.is_complex or not bool(((m == 0) | (m == 1)).all())):
+        raise InputValueError(
+            "mask: expected a binary mask of 0 and 1 (1 = hole) or a bool mask, got "
+            f"{'dtype ' + str(m.dtype) if m.dtype.is_complex else 'other values'}"
         )
     m = m.to(model_output.dtype).expand_as(model_output)
     diff = model_output - target
@@ -127,6 +133,20 @@ def min_snr_weight(
         "t", t, batch=t.shape[0], num_train_timesteps=len(schedule), device=t.device
     )
     ab = schedule.alpha_bar_at(idx)
+    return min_snr_weight_from_alpha_bar(ab, prediction, gamma, dtype=dtype)
+
+
+def min_snr_weight_from_alpha_bar(
+    alpha_bar: Tensor,
+    prediction: PredictionType,
+    gamma: float = 5.0,
+    *,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """:func:`min_snr_weight` at noise levels ``alpha_bar`` ``(B,)`` in [0, 1] (e.g. Palette's gamma)."""
+    prediction = check_choice("prediction", prediction, PREDICTION_TYPES)
+    gamma = check_float("gamma", gamma, min=0.0, min_open=True)
+    ab = check_tensor("alpha_bar", alpha_bar, ndim=1, floating=True).to(torch.float64)
     snr = ab / (1.0 - ab)
     clipped = torch.clamp(snr, max=gamma)
     if prediction == "epsilon":

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - torch's conventional alias
 from torch import Tensor
 
-from imgdiff._checks import check_float, check_same_shape, check_tensor
+from imgdiff._checks import check_float, check_int, check_same_shape, check_tensor
 
 __all__ = ["psnr", "ssim"]
 
@@ -55,6 +55,10 @@ def ssim(
     """
     x, y = _pair(preds, target)
     data_range = check_float("data_range", data_range, min=0.0, min_open=True)
+    window_size = check_int("window_size", window_size, min=1)
+    sigma = check_float("sigma", sigma, min=0.0, min_open=True)
+    k1 = check_float("k1", k1, min=0.0, min_open=True)
+    k2 = check_float("k2", k2, min=0.0, min_open=True)
     size = min(window_size, x.shape[2], x.shape[3])
     C = x.shape[1]
     w = _gaussian_window(size, sigma, x.device).expand(C, 1, size, size)

@@ -2,8 +2,11 @@
 
 It trains ``model(x_t, noise_level, **conditions)`` to predict eps, x0 or v (DDPM Algorithm 1),
 with Palette's options: a mask whose known region stays clean in the network input and is left
-out of the loss, and continuous noise levels (gamma) instead of timesteps. Everything random
-comes from one generator whose state is checkpointed, so a resumed run equals an uninterrupted one.
+out of the loss, and continuous noise levels (gamma) instead of timesteps. Optional: min-SNR loss
+weights (Hang et al. 2023), condition dropout for classifier-free guidance (Ho & Salimans 2022)
+and improved DDPM's hybrid loss for networks with a learned variance (Nichol & Dhariwal 2021).
+Everything random comes from one generator whose state is checkpointed together with the global
+CPU (and CUDA) generators, so a resumed run equals an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from imgdiff._checks import check_choice, check_float, check_int, check_tensor, describe
+from imgdiff.conditioning.dropout import drop_conditions
 from imgdiff.conditioning.masks import check_mask
-from imgdiff.errors import InputTypeError
+from imgdiff.errors import InputTypeError, InputValueError
 from imgdiff.losses.denoising import (
     LOSS_NORMS,
     MASK_NORMALIZATIONS,
@@ -27,11 +31,13 @@ from imgdiff.losses.denoising import (
     MaskNormalization,
     denoising_loss,
     masked_denoising_loss,
+    min_snr_weight_from_alpha_bar,
+    vlb_term,
 )
 from imgdiff.models import Model
 from imgdiff.prediction import PREDICTION_TYPES, PredictionType
 from imgdiff.schedules import NoiseSchedule, check_schedule
-from imgdiff.training.checkpoint import load_checkpoint, save_checkpoint
+from imgdiff.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from imgdiff.training.ema import ema_model
 from imgdiff.training.noise import sample_gamma, sample_timesteps
 
@@ -39,6 +45,10 @@ __all__ = ["Trainer", "TrainingBatch", "TrainingConfig"]
 
 NoiseLevel = Literal["timestep", "gamma"]
 _NOISE_LEVELS: tuple[NoiseLevel, ...] = get_args(NoiseLevel)
+
+_CHANGEABLE_ON_RESUME = frozenset({"steps", "log_every", "checkpoint_every"})
+"""Options a resumed run may change; any other difference from the checkpoint's is refused."""
+_MISSING = object()
 
 
 @dataclass(frozen=True, eq=False)
@@ -68,6 +78,12 @@ class TrainingConfig:
         checkpoint_every: also checkpoint every this many steps (0: only at the end).
         seed: seed of the generator behind batches, noise and noise levels.
         log_every: steps between progress-bar loss updates (each reads the loss on the host).
+        min_snr_gamma: weight each sample's loss by Min-SNR-gamma (Hang et al. 2023; 5 in the
+            paper), from its ``alpha_bar_t`` or gamma (``None``: unweighted).
+        p_uncond: probability of replacing a sample's conditions by ``null_conditions`` (CFG
+            training, Ho & Salimans 2022; typically 0.1), drawn from the training generator.
+        vlb_weight: ``lambda`` of improved DDPM's hybrid loss, used when the network outputs a
+            learned variance (``2 C`` channels; ``"timestep"`` levels, no mask).
     """
 
     steps: int
@@ -82,6 +98,9 @@ class TrainingConfig:
     checkpoint_every: int = 0
     seed: int = 0
     log_every: int = 10
+    min_snr_gamma: float | None = None
+    p_uncond: float = 0.0
+    vlb_weight: float = 0.001
 
     def __post_init__(self) -> None:
         check_int("steps", self.steps, min=1)
@@ -97,6 +116,10 @@ class TrainingConfig:
         check_int("checkpoint_every", self.checkpoint_every, min=0)
         check_int("seed", self.seed)
         check_int("log_every", self.log_every, min=1)
+        if self.min_snr_gamma is not None:
+            check_float("min_snr_gamma", self.min_snr_gamma, min=0.0, min_open=True)
+        check_float("p_uncond", self.p_uncond, min=0.0, max=1.0)
+        check_float("vlb_weight", self.vlb_weight, min=0.0)
 
 
 class Trainer:
@@ -104,9 +127,24 @@ class Trainer:
     :class:`~imgdiff.conditioning.ConcatConditioning` wrapping ``net``).
 
     ``make_batch(step, generator) -> TrainingBatch`` supplies data; draw all its randomness from
-    ``generator`` for reproducible, resumable runs. With ``checkpoint`` set, training resumes from
-    that file when it exists and writes it (atomically) every ``checkpoint_every`` steps and at the
-    end. After :meth:`train`, ``trainer.ema.module`` holds the averaged network.
+    ``generator`` for reproducible, resumable runs. With ``checkpoint`` set, the trainer writes it
+    (atomically) every ``checkpoint_every`` steps and at the end; with ``resume`` (default) an
+    existing file is loaded first and training continues from it, after checking that it was
+    written with the same options (only ``steps``, ``log_every`` and ``checkpoint_every`` may
+    change). ``resume=False`` starts afresh and overwrites it. After :meth:`train`,
+    ``trainer.ema.module`` holds the averaged network (in eval mode).
+
+    Args:
+        net: the trained module (its parameters go to Adam and the EMA).
+        schedule: the training noise schedule.
+        make_batch: the data, see above.
+        config: :class:`TrainingConfig`.
+        model: what is called as ``model(x_t, level, **batch.model_kwargs)`` (default ``net``).
+        checkpoint: file to write (and resume from).
+        resume: load ``checkpoint`` when it exists.
+        null_conditions: the null value of each condition dropped with ``config.p_uncond``
+            (batch 1 or B; e.g. ``{"class_labels": torch.tensor([K])}``), see
+            :func:`imgdiff.conditioning.drop_conditions`.
     """
 
     def __init__(
@@ -118,6 +156,8 @@ class Trainer:
         *,
         model: Model | None = None,
         checkpoint: str | Path | None = None,
+        resume: bool = True,
+        null_conditions: Mapping[str, Tensor] | None = None,
     ) -> None:
         if not isinstance(net, nn.Module):
             raise InputTypeError(f"net: expected a torch.nn.Module, got {describe(net)}")
@@ -127,30 +167,50 @@ class Trainer:
             )
         if not callable(make_batch):
             raise InputTypeError(f"make_batch: expected a callable, got {describe(make_batch)}")
+        if null_conditions is not None and not isinstance(null_conditions, Mapping):
+            raise InputTypeError(
+                f"null_conditions: expected a mapping of condition name to null tensor, got "
+                f"{describe(null_conditions)}"
+            )
+        if config.p_uncond > 0 and not null_conditions:
+            raise InputValueError(
+                f"null_conditions: expected the null value of every dropped condition for "
+                f"p_uncond={config.p_uncond}, got {describe(null_conditions)}"
+            )
         self.net = net
         self.model: Model = model if model is not None else net
         self.schedule = check_schedule("schedule", schedule)
         self.make_batch = make_batch
         self.config = config
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
+        self.null_conditions = dict(null_conditions) if null_conditions else None
         self.optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)
         self.ema = ema_model(net, config.ema_decay)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.step = 0
         self.losses: list[float] = []  # mean loss of every step so far (flushed from _pending)
         self._pending: list[Tensor] = []
-        if self.checkpoint is not None and self.checkpoint.is_file():
+        self._mask_values_checked = False
+        if resume and self.checkpoint is not None and self.checkpoint.is_file():
             self.load(self.checkpoint)
 
     # ------------------------------------------------------------------ one step
 
     def loss(self, batch: TrainingBatch) -> Tensor:
-        """The per-sample loss ``(B,)`` of one batch (noise and levels drawn from the generator)."""
+        """The per-sample loss ``(B,)`` of one batch (noise, levels and dropout from the generator).
+
+        The model output is ``(B, C, H, W)``, or ``(B, 2 C, H, W)`` with a learned variance (then
+        the hybrid loss: the simple loss on the first ``C`` channels plus
+        ``vlb_weight * T * L_t``).
+        """
         cfg = self.config
+        if not isinstance(batch, TrainingBatch):
+            raise InputTypeError(f"batch: expected a TrainingBatch, got {describe(batch)}")
         x0 = check_tensor("batch.x0", batch.x0, ndim=4, floating=True)
-        B = x0.shape[0]
+        B, C = x0.shape[:2]
         g = self.generator
         noise = torch.randn(x0.shape, generator=g, dtype=x0.dtype).to(x0.device)
+        t: Tensor | None = None
         if cfg.noise_level == "gamma":
             _, level = sample_gamma(self.schedule, B, generator=g)
             net_level: Tensor = level.to(device=x0.device, dtype=torch.float32)
@@ -161,11 +221,21 @@ class Trainer:
         a = level.sqrt().to(device=x0.device, dtype=x0.dtype).reshape(-1, 1, 1, 1)
         s = (1.0 - level).sqrt().to(device=x0.device, dtype=x0.dtype).reshape(-1, 1, 1, 1)
         x_t = a * x0 + s * noise
-        mask = None
-        if batch.mask is not None:
-            mask = check_mask("batch.mask", batch.mask, x0).bool()
+        mask = self._checked_mask(batch.mask, x0)
+        if mask is not None:
             x_t = torch.where(mask, x_t, x0)  # Palette: the known region is clean in the input
-        out = self.model(x_t, net_level, **batch.model_kwargs)
+        out = self.model(x_t, net_level, **self._conditions(batch, B))
+        if (
+            not isinstance(out, Tensor)
+            or out.ndim != 4
+            or out.shape[0] != B
+            or out.shape[1] not in (C, 2 * C)
+            or out.shape[2:] != x0.shape[2:]
+        ):
+            raise InputValueError(
+                f"model output: expected shape ({B}, {C} or {2 * C}, {x0.shape[2]}, "
+                f"{x0.shape[3]}), got {describe(out)}"
+            )
         target = (
             noise
             if cfg.prediction == "epsilon"
@@ -173,16 +243,60 @@ class Trainer:
             if cfg.prediction == "sample"
             else a * noise - s * x0
         )
+        mean_out = out[:, :C]
         if mask is None:
-            return denoising_loss(out, target, norm=cfg.norm)
-        return masked_denoising_loss(
-            out, target, mask, norm=cfg.norm, normalization=cfg.mask_normalization
+            loss = denoising_loss(mean_out, target, norm=cfg.norm)
+        else:
+            loss = masked_denoising_loss(
+                mean_out, target, mask, norm=cfg.norm, normalization=cfg.mask_normalization
+            )
+        if cfg.min_snr_gamma is not None:
+            w = min_snr_weight_from_alpha_bar(level, cfg.prediction, cfg.min_snr_gamma)
+            loss = loss * w.to(device=loss.device, dtype=loss.dtype)
+        if out.shape[1] == 2 * C:
+            if t is None or mask is not None:
+                raise InputValueError(
+                    "model output: a learned variance (2 C channels) is trained with the hybrid "
+                    "loss, which needs noise_level='timestep' and no mask; got "
+                    f"noise_level={cfg.noise_level!r} and "
+                    f"{'a mask' if mask is not None else 'no mask'}"
+                )
+            vlb = vlb_term(self.schedule, out, x0, x_t, t.to(x0.device), prediction=cfg.prediction)
+            loss = loss + (cfg.vlb_weight * len(self.schedule)) * vlb.to(loss.dtype)
+        return loss
+
+    def _checked_mask(self, mask: Tensor | None, x0: Tensor) -> Tensor | None:
+        """The batch mask as bool; its 0/1 values are read (a host sync) on the first mask only."""
+        if mask is None:
+            return None
+        checked = check_mask("batch.mask", mask, x0, values=not self._mask_values_checked)
+        self._mask_values_checked = True
+        return checked.bool()
+
+    def _conditions(self, batch: TrainingBatch, B: int) -> dict[str, Any]:
+        """``batch.model_kwargs`` with conditions dropped to the null ones at rate ``p_uncond``."""
+        kwargs = dict(batch.model_kwargs)
+        if self.config.p_uncond == 0 or self.null_conditions is None:
+            return kwargs
+        missing = sorted(set(self.null_conditions) - set(kwargs))
+        if missing:
+            raise InputValueError(
+                f"batch.model_kwargs: expected the conditions {sorted(self.null_conditions)} "
+                f"that null_conditions drops, missing {missing}"
+            )
+        cond = {k: kwargs[k] for k in self.null_conditions}
+        dropped, _ = drop_conditions(
+            cond, self.null_conditions, self.config.p_uncond, batch=B, generator=self.generator
         )
+        kwargs.update(dropped)
+        return kwargs
 
     def train(self, *, progress: bool = True) -> list[float]:
         """Run until ``config.steps``; returns the mean loss of every step of this call.
 
-        :attr:`losses` keeps every step's loss since the first run (restored on resume).
+        :attr:`losses` keeps every step's loss since the first run (restored on resume). The
+        progress bar reads the loss on the host every ``log_every`` steps; nothing else
+        synchronises inside the loop.
         """
         cfg = self.config
         self.net.train()
@@ -211,6 +325,7 @@ class Trainer:
             ):
                 self.save(self.checkpoint)
         self.net.eval()
+        self.ema.eval()
         self._flush()
         if self.checkpoint is not None:
             self.save(self.checkpoint)
@@ -225,7 +340,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def save(self, path: str | Path) -> Path:
-        """Write model, EMA, optimiser and generator states (safetensors, atomic)."""
+        """Write model, EMA, optimiser, generator (CPU, CUDA) states and the losses (atomic)."""
         self._flush()
         tensors: dict[str, Tensor] = {f"net.{k}": v for k, v in self.net.state_dict().items()}
         tensors.update({f"ema.{k}": v for k, v in self.ema.state_dict().items()})
@@ -235,27 +350,69 @@ class Trainer:
                 tensors[f"optim.{index}.{key}"] = torch.as_tensor(value)
         tensors["rng.generator"] = self.generator.get_state()
         tensors["rng.torch"] = torch.get_rng_state()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+            for i, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
+                tensors[f"rng.cuda.{i}"] = cuda_state
+        tensors["losses"] = torch.tensor(self.losses, dtype=torch.float64)
         meta = {
             "step": self.step,
             "config": asdict(self.config),
             "param_groups": optim["param_groups"],
-            "losses": self.losses,
         }
         return save_checkpoint(path, tensors, meta)
 
     def load(self, path: str | Path) -> None:
-        """Restore a checkpoint written by :meth:`save` (the next :meth:`train` continues from it)."""
+        """Restore a checkpoint written by :meth:`save` (the next :meth:`train` continues from it).
+
+        Raises :class:`~imgdiff.training.CheckpointError` when the file is not a trainer
+        checkpoint, does not fit this network, or was written with other options than
+        ``steps``, ``log_every`` and ``checkpoint_every``.
+        """
         tensors, meta = load_checkpoint(path)
-        self.net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
-        self.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
-        state: dict[int, dict[str, Tensor]] = {}
-        for name, value in tensors.items():
-            if name.startswith("optim."):
-                _, index, key = name.split(".", 2)
-                state.setdefault(int(index), {})[key] = value
-        self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-        self.generator.set_state(tensors["rng.generator"])
-        torch.set_rng_state(tensors["rng.torch"])
-        self.step = int(meta["step"])
-        self.losses = [float(v) for v in meta.get("losses", [])]
+        where = str(path)
+        self._check_saved_config(meta.get("config"), where)
+        try:
+            net_state = {k[4:]: v for k, v in tensors.items() if k.startswith("net.")}
+            ema_state = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
+            self.net.load_state_dict(net_state)
+            self.ema.load_state_dict(ema_state)
+            state: dict[int, dict[str, Tensor]] = {}
+            for name, value in tensors.items():
+                if name.startswith("optim."):
+                    _, index, key = name.split(".", 2)
+                    state.setdefault(int(index), {})[key] = value
+            self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+            self.generator.set_state(tensors["rng.generator"])
+            torch.set_rng_state(tensors["rng.torch"])
+            step = int(meta["step"])
+            losses = tensors["losses"].tolist()
+        except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+            raise CheckpointError(
+                f"path: {where!r} is not a Trainer checkpoint for this network "
+                f"({type(exc).__name__}: {exc})"
+            ) from exc
+        if torch.cuda.is_available():
+            for i in range(torch.cuda.device_count()):
+                if f"rng.cuda.{i}" in tensors:
+                    torch.cuda.set_rng_state(tensors[f"rng.cuda.{i}"], i)
+        self.step = step
+        self.losses = [float(v) for v in losses]
         self._pending = []
+
+    def _check_saved_config(self, saved: object, where: str) -> None:
+        if not isinstance(saved, dict):
+            raise CheckpointError(
+                f"path: {where!r} has no training config; not a Trainer checkpoint"
+            )
+        now = asdict(self.config)
+        diffs = [
+            f"{k}: saved {saved[k]!r}, now {v!r}" if k in saved else f"{k}: not saved, now {v!r}"
+            for k, v in now.items()
+            if k not in _CHANGEABLE_ON_RESUME and saved.get(k, _MISSING) != v
+        ]
+        if diffs:
+            raise CheckpointError(
+                f"config: the checkpoint at {where!r} was written with other options "
+                f"({'; '.join(diffs)}); resume with the same TrainingConfig (only steps, "
+                "log_every and checkpoint_every may change) or pass resume=False to start afresh"
+            )
