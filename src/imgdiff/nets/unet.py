@@ -178,6 +178,9 @@ class UNet(nn.Module):
         )
         self.input_conv = nn.Conv2d(cfg.in_channels, ch0, 3, padding=1)
 
+        def res(in_ch: int, out_ch: int) -> ResBlock:
+            return ResBlock(in_ch, out_ch, emb_dim, cfg.dropout, cfg.groups, cfg.scale_shift)
+
         def attention(ch: int, level: int) -> SpatialAttention | None:
             if level not in cfg.attention_levels:
                 return None
@@ -190,18 +193,7 @@ class UNet(nn.Module):
         ch = ch0
         for level, mult in enumerate(cfg.channel_mults):
             for _ in range(cfg.num_res_blocks):
-                block = nn.ModuleDict(
-                    {
-                        "res": ResBlock(
-                            ch,
-                            ch0 * mult,
-                            emb_dim,
-                            cfg.dropout,
-                            cfg.groups,
-                            cfg.scale_shift,
-                        )
-                    }
-                )
+                block = nn.ModuleDict({"res": res(ch, ch0 * mult)})
                 ch = ch0 * mult
                 if (attn := attention(ch, level)) is not None:
                     block["attn"] = attn
@@ -214,28 +206,17 @@ class UNet(nn.Module):
                 skips.append(ch)
         self.middle = nn.ModuleDict(
             {
-                "res1": ResBlock(ch, ch, emb_dim, cfg.dropout, cfg.groups, cfg.scale_shift),
+                "res1": res(ch, ch),
                 "attn": SpatialAttention(
                     ch, heads=cfg.heads, context_dim=cfg.context_dim, groups=cfg.groups
                 ),
-                "res2": ResBlock(ch, ch, emb_dim, cfg.dropout, cfg.groups, cfg.scale_shift),
+                "res2": res(ch, ch),
             }
         )
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mults))):
             for i in range(cfg.num_res_blocks + 1):
-                block = nn.ModuleDict(
-                    {
-                        "res": ResBlock(
-                            ch + skips.pop(),
-                            ch0 * mult,
-                            emb_dim,
-                            cfg.dropout,
-                            cfg.groups,
-                            cfg.scale_shift,
-                        )
-                    }
-                )
+                block = nn.ModuleDict({"res": res(ch + skips.pop(), ch0 * mult)})
                 ch = ch0 * mult
                 if (attn := attention(ch, level)) is not None:
                     block["attn"] = attn
