@@ -22,6 +22,8 @@ from imgdiff.errors import (
     PrecisionWarning,
     WeightsUnavailableError,
 )
+from imgdiff.guidance import ClassifierGuidance, Guidance, ModelGuidance
+from imgdiff.loss_guidance import GuidanceInputs, LossGuidance, LossTerm
 from imgdiff.models import BoundModel, Model, infer_model_dtype, without_variance
 from imgdiff.noising import add_noise, training_target
 from imgdiff.oracles import EmpiricalDenoiser, GaussianDenoiser
@@ -47,6 +49,7 @@ from imgdiff.timesteps import (
     respace_timesteps,
     respaced_betas,
 )
+from imgdiff.zecon import ZeConConfig, zecon_edit
 
 __version__ = "0.1.0.dev0"
 
@@ -56,16 +59,22 @@ __all__ = [
     "EDICT",
     "BoundModel",
     "ClassifierFreeGuidance",
+    "ClassifierGuidance",
     "Clip",
     "DenoisingSampler",
     "DynamicThreshold",
     "EmpiricalDenoiser",
     "GaussianDenoiser",
     "Generators",
+    "Guidance",
+    "GuidanceInputs",
     "ImgdiffError",
     "InputTypeError",
     "InputValueError",
+    "LossGuidance",
+    "LossTerm",
     "Model",
+    "ModelGuidance",
     "NoiseSchedule",
     "PrecisionWarning",
     "PredictionType",
@@ -78,6 +87,7 @@ __all__ = [
     "StepOutput",
     "Thresholding",
     "WeightsUnavailableError",
+    "ZeConConfig",
     "__version__",
     "add_noise",
     "conditioning",
@@ -98,4 +108,5 @@ __all__ = [
     "training",
     "training_target",
     "without_variance",
+    "zecon_edit",
 ]

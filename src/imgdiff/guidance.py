@@ -8,7 +8,8 @@ with ``guidance=`` applies it the way its family does (spec 3.2, 8.3):
   (``condition_score``), and recompute ``x0_hat`` from it.
 
 :class:`ClassifierGuidance` is the noisy-classifier case; losses on ``x0_hat`` (CLIP, perceptual)
-are other guidances built the same way.
+are other guidances built the same way: a :class:`ModelGuidance` differentiates through the
+model's clean estimate, and :class:`~imgdiff.LossGuidance` turns weighted losses into one.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -23,7 +25,11 @@ from torch import Tensor
 from imgdiff._checks import check_float, check_tensor, describe
 from imgdiff.errors import InputTypeError, InputValueError
 
-__all__ = ["ClassifierGuidance", "Guidance"]
+if TYPE_CHECKING:
+    from imgdiff._ops import Scalar
+    from imgdiff.samplers.step import StepContext
+
+__all__ = ["ClassifierGuidance", "Guidance", "ModelGuidance"]
 
 
 class Guidance(ABC):
@@ -81,3 +87,33 @@ class ClassifierGuidance(Guidance):
             picked = log_p.gather(1, self.labels.to(log_p.device).long()[:, None]).sum()
             (grad,) = torch.autograd.grad(picked, xg)
         return (grad * self.scale).to(x.dtype)
+
+
+class ModelGuidance(Guidance):
+    """Guidance from the model's clean estimate ``x0_hat(x_t)``, differentiated through the model.
+
+    A :class:`~imgdiff.DenoisingSampler` with such a guidance calls the model once per step with
+    autograd on, passes the sample and its ``x0_hat`` (a differentiable function of it, before
+    thresholding) to :meth:`gradient_from_estimate`, and steps with the detached output.
+    """
+
+    def gradient(self, x: Tensor, t: Tensor) -> Tensor:
+        raise InputValueError(
+            f"{type(self).__name__} differentiates through the model: pass it as guidance= to a "
+            "DenoisingSampler (DDPM, DDIM), which calls gradient_from_estimate"
+        )
+
+    @abstractmethod
+    def gradient_from_estimate(
+        self, x: Tensor, x0_hat: Tensor, ctx: StepContext, sigma: Scalar
+    ) -> Tensor:
+        """``g = -grad_x L`` at the step's sample.
+
+        Args:
+            x: ``(B, C, ...)`` the sample ``x_t``, a leaf that requires grad.
+            x0_hat: ``(B, C, ...)`` the model's clean estimate, a function of ``x`` in the graph.
+            ctx: the step (``ctx.timestep``, ``ctx.t`` are training timesteps).
+            sigma: ``sqrt(1 - alpha_bar_t)`` of the step's input (a float, or ``(B, 1, ...)``).
+
+        Called with autograd on; returns a tensor of ``x``'s shape (detached).
+        """

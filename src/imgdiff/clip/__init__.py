@@ -11,16 +11,24 @@ place it looked and how to provide the weights. ``pretrained=None`` gives random
 layer norm, as Stable Diffusion 1.x uses, spec 8.4) and the pooled, projected embedding
 ``(B, d_embed)`` that ``encode_text`` returns, both float32.
 
+:class:`CLIPEncoder` is both towers for losses: images in ``[-1, 1]`` are preprocessed
+differentiably inside (resize or pool to the model's size, CLIP normalisation), prompts can be
+averaged over templates, embeddings are float32.
+
 open_clip (the ``clip`` extra) is imported inside the functions: ``import imgdiff`` never loads it.
 """
 
+from imgdiff.clip.encoder import IMAGENET_TEMPLATES, CLIPEncoder, Resize
 from imgdiff.clip.model import LoadedCLIP, load_clip, register_clip_config, tiny_clip_config
 from imgdiff.clip.text import CLIPTextEncoder, TextEmbedding
 from imgdiff.errors import WeightsUnavailableError
 
 __all__ = [
+    "IMAGENET_TEMPLATES",
+    "CLIPEncoder",
     "CLIPTextEncoder",
     "LoadedCLIP",
+    "Resize",
     "TextEmbedding",
     "WeightsUnavailableError",
     "load_clip",

@@ -204,6 +204,7 @@ class UNet(nn.Module):
                     nn.ModuleDict({"downsample": nn.Conv2d(ch, ch, 3, stride=2, padding=1)})
                 )
                 skips.append(ch)
+        self._encoder_channels = tuple(skips)
         self.middle = nn.ModuleDict(
             {
                 "res1": res(ch, ch),
@@ -239,6 +240,57 @@ class UNet(nn.Module):
         palette_null: Tensor | None = None,
         context: Tensor | None = None,
     ) -> Tensor:
+        emb = self._embedding(x, t, class_labels, palette, palette_null, context)
+        hs = self._encode(x, emb, context)
+        h = hs[-1]
+        h = self.middle["res1"](h, emb)
+        h = self.middle["attn"](h, context)
+        h = self.middle["res2"](h, emb)
+        for block in self._blocks(self.up):
+            h = block["res"](torch.cat([h, hs.pop()], dim=1), emb)
+            if "attn" in block:
+                h = block["attn"](h, context)
+            if "upsample" in block:
+                h = block["upsample"](
+                    nn.functional.interpolate(h, scale_factor=2.0, mode="nearest")
+                )
+        out: Tensor = self.output(h)
+        return out
+
+    def encoder_features(
+        self,
+        x: Tensor,
+        t: Tensor,
+        *,
+        class_labels: Tensor | None = None,
+        palette: Tensor | None = None,
+        palette_null: Tensor | None = None,
+        context: Tensor | None = None,
+    ) -> list[Tensor]:
+        """The encoder's feature maps: the input convolution's output, then every down block's.
+
+        Same arguments as :meth:`forward`; the middle and decoder are not run (ZeCon's
+        ``forward_enc``, spec 7.5). Returns ``1 + len(self.down)`` tensors ``(B, C_l, H_l, W_l)``
+        (``len(self.encoder_channels)``), shallow to deep.
+        """
+        emb = self._embedding(x, t, class_labels, palette, palette_null, context)
+        return self._encode(x, emb, context)
+
+    @property
+    def encoder_channels(self) -> tuple[int, ...]:
+        """Channels ``C_l`` of the maps :meth:`encoder_features` returns."""
+        return self._encoder_channels
+
+    def _embedding(
+        self,
+        x: Tensor,
+        t: Tensor,
+        class_labels: Tensor | None,
+        palette: Tensor | None,
+        palette_null: Tensor | None,
+        context: Tensor | None,
+    ) -> Tensor:
+        """Checks the inputs; the ``(B, emb_dim)`` timestep (+ class, palette) embedding."""
         cfg = self.config
         check_tensor("x", x, ndim=4, floating=True)
         B, C, H, W = x.shape
@@ -263,7 +315,7 @@ class UNet(nn.Module):
         self._check_unused(
             class_labels=class_labels, palette=palette, palette_null=palette_null, context=context
         )
-        emb = self.time_embed(t)
+        emb: Tensor = self.time_embed(t)
         if self.class_embed is not None:
             if (
                 not isinstance(class_labels, Tensor)
@@ -287,7 +339,10 @@ class UNet(nn.Module):
             raise InputValueError(
                 f"context: expected shape ({B}, L, {cfg.context_dim}), got {tuple(context.shape)}"
             )
-        h = self.input_conv(x)
+        return emb
+
+    def _encode(self, x: Tensor, emb: Tensor, context: Tensor | None) -> list[Tensor]:
+        h: Tensor = self.input_conv(x)
         hs = [h]
         for block in self._blocks(self.down):
             if "downsample" in block:
@@ -297,19 +352,7 @@ class UNet(nn.Module):
                 if "attn" in block:
                     h = block["attn"](h, context)
             hs.append(h)
-        h = self.middle["res1"](h, emb)
-        h = self.middle["attn"](h, context)
-        h = self.middle["res2"](h, emb)
-        for block in self._blocks(self.up):
-            h = block["res"](torch.cat([h, hs.pop()], dim=1), emb)
-            if "attn" in block:
-                h = block["attn"](h, context)
-            if "upsample" in block:
-                h = block["upsample"](
-                    nn.functional.interpolate(h, scale_factor=2.0, mode="nearest")
-                )
-        out: Tensor = self.output(h)
-        return out
+        return hs
 
     def _check_unused(self, **conditions: Tensor | None) -> None:
         cfg = self.config

@@ -22,7 +22,7 @@ from torch import Tensor
 from imgdiff._checks import check_same_shape, check_tensor, check_timestep_tensor, describe
 from imgdiff._ops import Scalar, fusable, lincomb
 from imgdiff.errors import InputTypeError, InputValueError
-from imgdiff.guidance import Guidance
+from imgdiff.guidance import Guidance, ModelGuidance
 from imgdiff.models import BoundModel, check_model_output
 from imgdiff.randomness import Generators, randn
 from imgdiff.samplers.base import Sampler
@@ -176,9 +176,9 @@ class DenoisingSampler(Sampler[Tensor, DCoeffT]):
         ctx: StepContext,
         noise: Tensor | None,
     ) -> StepOutput[Tensor]:
-        out = model(state, ctx.t)
-        self._check_output(out, state)
         if self.guidance is None:
+            out = model(state, ctx.t)
+            self._check_output(out, state)
             return self.update(state, out, coeffs, noise)
         eps_from_out = coeffs.eps_from_out
         if isinstance(eps_from_out, float) and eps_from_out == 0.0:
@@ -187,8 +187,40 @@ class DenoisingSampler(Sampler[Tensor, DCoeffT]):
                 "(eps_from_out = 0, e.g. v-prediction at zero terminal SNR), so the score cannot "
                 "be shifted; leave that timestep out or sample without guidance"
             )
-        grad = self.guidance_gradient(self.guidance, model, state, ctx.t)
+        if isinstance(self.guidance, ModelGuidance):
+            out, grad = self.model_guidance(self.guidance, model, state, coeffs, ctx)
+        else:
+            out = model(state, ctx.t)
+            self._check_output(out, state)
+            grad = self.guidance_gradient(self.guidance, model, state, ctx.t)
         return self.guided_update(state, out, coeffs, noise, grad)
+
+    def model_guidance(
+        self,
+        guidance: ModelGuidance,
+        model: BoundModel,
+        x: Tensor,
+        coeffs: DenoiserCoefficients,
+        ctx: StepContext,
+    ) -> tuple[Tensor, Tensor]:
+        """One model call with autograd on: the detached output and ``guidance``'s gradient.
+
+        ``x0_hat`` is formed from the mean channels before thresholding (ZeCon's
+        ``clip_denoised=False``), as a differentiable function of ``x`` ``(B, C, ...)``.
+        """
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            out = model(xg, ctx.t)
+            self._check_output(out, x)
+            C = x.shape[1]
+            x0_hat = coeffs.raw_x0_hat(xg, out if out.shape[1] == C else out[:, :C])
+            grad = guidance.gradient_from_estimate(xg, x0_hat, ctx, coeffs.sqrt_one_minus_alpha_bar)
+        if not isinstance(grad, Tensor) or grad.shape != x.shape:
+            raise InputValueError(
+                f"guidance: expected a gradient of the sample's shape {tuple(x.shape)}, "
+                f"got {describe(grad)}"
+            )
+        return out.detach(), grad.detach().to(x.dtype)
 
     @staticmethod
     def guidance_gradient(guidance: Guidance, model: BoundModel, x: Tensor, t: Tensor) -> Tensor:

@@ -1,0 +1,332 @@
+"""CLIP losses (spec 7.2-7.4, LOSS-1/2/3/6): distances, image/text encoders, augmentations.
+
+A tiny random open_clip model stands in for CLIP: every property checked here holds for any
+weights.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812 - torch's conventional alias
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import imgdiff
+from imgdiff.clip import (
+    CLIPEncoder,
+    WeightsUnavailableError,
+    load_clip,
+    register_clip_config,
+    tiny_clip_config,
+)
+from imgdiff.losses import (
+    CLIPAugment,
+    CLIPDirectionalLoss,
+    CLIPGlobalLoss,
+    cosine_distance,
+    diffusionclip_transform,
+    directional_loss,
+    spherical_distance,
+)
+
+pytest.importorskip("open_clip")
+
+IVE = imgdiff.InputValueError
+ITE = imgdiff.InputTypeError
+TINY = "imgdiff-test-tiny"
+
+
+@pytest.fixture(scope="module")
+def encoder() -> CLIPEncoder:
+    register_clip_config(TINY, tiny_clip_config())
+    return CLIPEncoder(load_clip(TINY, seed=0))
+
+
+def _images(B: int, size: int = 32, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(B, 3, size, size, generator=g) * 2 - 1
+
+
+# -- LOSS-1: spherical distance ---------------------------------------------------------------
+
+
+def test_spherical_distance_identical_orthogonal_antipodal() -> None:
+    e = torch.eye(4, dtype=torch.float64)
+    assert spherical_distance(e[0], e[0]).item() == pytest.approx(0.0, abs=1e-12)
+    assert spherical_distance(e[0], e[1]).item() == pytest.approx(math.pi**2 / 8, abs=1e-6)
+    assert spherical_distance(e[0], -e[0]).item() == pytest.approx(math.pi**2 / 2, abs=1e-6)
+
+
+def test_spherical_distance_is_half_the_squared_angle() -> None:
+    a, b = torch.randn(2, 64, 16, dtype=torch.float64)
+    theta = torch.arccos(F.cosine_similarity(a, b, dim=-1))
+    torch.testing.assert_close(spherical_distance(a, b), theta**2 / 2)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.floats(0.01, 100.0), st.floats(0.01, 100.0), st.integers(0, 1000))
+def test_clip_distances_are_scale_invariant(sa: float, sb: float, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(2, 3, 8, generator=g, dtype=torch.float64)
+    for dist in (spherical_distance, cosine_distance, directional_loss):
+        torch.testing.assert_close(dist(sa * a, sb * b), dist(a, b))
+
+
+def test_spherical_distance_gradient_is_finite_at_equal_directions() -> None:
+    a = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    spherical_distance(a, a.detach() * 2).sum().backward()
+    assert a.grad is not None
+    assert torch.isfinite(a.grad).all()
+    assert a.grad.abs().max() < 1e-6
+
+
+# -- LOSS-2, LOSS-3: directional loss and DiffusionCLIP's transform --------------------------------
+
+
+def test_directional_loss_parallel_antiparallel() -> None:
+    d = torch.randn(5, 16, dtype=torch.float64)
+    torch.testing.assert_close(directional_loss(d, 3 * d), torch.zeros(5, dtype=torch.float64))
+    torch.testing.assert_close(directional_loss(d, -d), torch.full((5,), 2.0, dtype=torch.float64))
+    # one text direction for the whole batch
+    torch.testing.assert_close(
+        directional_loss(d[:1].expand(5, -1), d[0]), torch.zeros(5, dtype=torch.float64)
+    )
+
+
+def test_diffusionclip_transform() -> None:
+    values = diffusionclip_transform(torch.tensor([0.0, 1.0], dtype=torch.float64))
+    assert values[0].item() == pytest.approx(0.0, abs=1e-12)
+    assert values[1].item() == pytest.approx(math.log(2), abs=1e-12)
+
+
+def test_nada_zero_direction_guard_gives_a_finite_loss_and_gradient(encoder: CLIPEncoder) -> None:
+    loss = CLIPDirectionalLoss(encoder, "photo", "sketch", variant="nada")
+    y = _images(2)
+    x = y.clone().requires_grad_(True)
+    value = loss(x, y)
+    value.backward()
+    assert torch.isfinite(value)
+    assert x.grad is not None
+    assert torch.isfinite(x.grad).all()
+    assert x.grad.abs().sum() > 0
+
+
+def test_nada_directional_loss_equals_its_formula(encoder: CLIPEncoder) -> None:
+    templates = ["a photo of a {}.", "a drawing of a {}."]
+    loss = CLIPDirectionalLoss(
+        encoder, "dog", "cat", variant="nada", templates=templates, reduction="none"
+    )
+    x, y = _images(3, seed=1), _images(3, seed=2)
+    t = [
+        F.normalize(encoder.encode_text([s.format(w) for s in templates]), dim=-1)
+        for w in ("dog", "cat")
+    ]
+    d_t = F.normalize((t[1] - t[0]).mean(0), dim=-1)
+    d_i = F.normalize(encoder.encode_image(x), dim=-1) - F.normalize(
+        encoder.encode_image(y), dim=-1
+    )
+    expected = 1 - F.cosine_similarity(d_i, d_t[None], dim=-1)
+    torch.testing.assert_close(loss(x, y), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_zecon_directional_loss_differences_raw_embeddings(encoder: CLIPEncoder) -> None:
+    loss = CLIPDirectionalLoss(encoder, "photo", "painting", variant="zecon", reduction="none")
+    x, y = _images(2, seed=3), _images(2, seed=4)
+    d_t = encoder.encode_text(["painting"])[0] - encoder.encode_text(["photo"])[0]
+    d_i = encoder.encode_image(x) - encoder.encode_image(y)
+    expected = 1 - F.cosine_similarity(d_i, d_t[None], dim=-1)
+    torch.testing.assert_close(loss(x, y), expected, rtol=1e-5, atol=1e-6)
+    # texts or their embeddings: the same loss
+    given_emb = CLIPDirectionalLoss(
+        encoder,
+        encoder.encode_text(["photo"])[0],
+        encoder.encode_text(["painting"])[0],
+        variant="zecon",
+        reduction="none",
+    )
+    torch.testing.assert_close(given_emb(x, y), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_directional_gradient_reaches_only_the_edited_image(encoder: CLIPEncoder) -> None:
+    loss = CLIPDirectionalLoss(encoder, "photo", "painting", variant="zecon")
+    x = _images(2, seed=5).requires_grad_(True)
+    y = _images(2, seed=6).requires_grad_(True)
+    loss(x, y).backward()
+    assert x.grad is not None
+    assert x.grad.abs().sum() > 0
+    assert y.grad is None
+
+
+# -- the image encoder -------------------------------------------------------------------------
+
+
+def test_image_preprocessing_matches_clip_normalisation(encoder: CLIPEncoder) -> None:
+    x = _images(2, size=32)
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    torch.testing.assert_close(encoder.preprocess(x), ((x + 1) / 2 - mean) / std)
+    pooled = CLIPEncoder(encoder.clip, resize="pool").preprocess(_images(2, size=64))
+    assert pooled.shape == (2, 3, 32, 32)
+    wide = encoder.preprocess(_images(1, size=64)[..., :48])  # (1, 3, 64, 48) -> centre crop
+    assert wide.shape == (1, 3, 32, 32)
+
+
+def test_global_loss_gradients_reach_the_pixels(encoder: CLIPEncoder) -> None:
+    for metric in ("spherical", "cosine"):
+        loss = CLIPGlobalLoss(encoder, "a cat", metric=metric)
+        x = _images(2, size=48).requires_grad_(True)
+        loss(x).backward()
+        assert x.grad is not None
+        assert torch.isfinite(x.grad).all()
+        assert x.grad.abs().sum() > 0
+
+
+def test_global_loss_is_the_distance_to_the_text_and_scale_invariant(encoder: CLIPEncoder) -> None:
+    x = _images(3, seed=7)
+    text = encoder.encode_text(["a cat"])[0]
+    expected = spherical_distance(encoder.encode_image(x), text)
+    by_text = CLIPGlobalLoss(encoder, "a cat", reduction="none")
+    by_scaled_embedding = CLIPGlobalLoss(encoder, 7.5 * text, reduction="none")
+    torch.testing.assert_close(by_text(x), expected)
+    torch.testing.assert_close(by_scaled_embedding(x), expected)
+    torch.testing.assert_close(CLIPGlobalLoss(encoder, "a cat")(x), expected.sum())
+    torch.testing.assert_close(
+        CLIPGlobalLoss(encoder, "a cat", reduction="mean")(x), expected.mean()
+    )
+
+
+def test_global_loss_averages_each_images_own_copies(encoder: CLIPEncoder) -> None:
+    # p = 0 and no patches: every copy of image b is image b, so each image's mean over its copies
+    # is its unaugmented loss; copies taken from the wrong rows would mix the two images.
+    x = _images(2, seed=8)
+    plain = CLIPGlobalLoss(encoder, "a cat", reduction="none")(x)
+    same = CLIPAugment(n_patch=3, p=0.0, output_size=32)
+    augmented = CLIPGlobalLoss(encoder, "a cat", augment=same, reduction="none")(x)
+    torch.testing.assert_close(augmented, plain, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(plain[0], plain[1])
+
+
+def test_text_embedding_averages_unit_template_embeddings(encoder: CLIPEncoder) -> None:
+    templates = ["a photo of a {}.", "a sketch of a {}."]
+    emb = encoder.text_embedding("cat", templates)
+    each = F.normalize(encoder.encode_text(["a photo of a cat.", "a sketch of a cat."]), dim=-1)
+    torch.testing.assert_close(emb, each.mean(0))
+    with pytest.raises(IVE, match=r"templates\[0\]"):
+        encoder.text_embedding("cat", ["no placeholder"])
+
+
+# -- LOSS-6: augmentations ---------------------------------------------------------------------
+
+
+def test_patch_augmenter_shapes_and_global_repeat() -> None:
+    x = _images(2, size=256)
+    aug = CLIPAugment(n_patch=4, patch=True)
+    assert aug(x, generator=torch.Generator().manual_seed(0)).shape == (8, 3, 224, 224)
+    big = _images(2, size=448)
+    repeated = CLIPAugment(n_patch=3, patch=True)(big, is_global=True)
+    assert repeated.shape == (6, 3, 224, 224)
+    pooled = F.avg_pool2d(big, 2)
+    for b in range(2):
+        for copy in repeated[b::2]:
+            torch.testing.assert_close(copy, pooled[b])
+
+
+def test_augmenter_without_warps_is_the_identity_copy_major() -> None:
+    x = _images(3, size=32)
+    out = CLIPAugment(n_patch=2, p=0.0, output_size=32)(x)
+    torch.testing.assert_close(out, x.repeat(2, 1, 1, 1))
+
+
+def test_patch_crops_have_the_requested_area_and_lie_inside() -> None:
+    aug = CLIPAugment(n_patch=64, patch=True, patch_min=0.05, patch_max=0.2, p=0.0, patch_size=16)
+    grid, inside = aug.sampling_grid(64, 100, 100, generator=torch.Generator().manual_seed(1))
+    assert bool(inside.all())
+    lo, hi = grid.amin(dim=(1, 2)), grid.amax(dim=(1, 2))  # (N, 2) extents of pixel centres
+    assert bool((lo >= -1).all() and (hi <= 1).all())
+    # the crop spans (hi - lo) * n / (n - 1) in normalised units (pixel centres are inset)
+    span = (hi - lo) * 16 / 15 / 2
+    area = span.prod(dim=-1)
+    assert bool((area > 0.05 - 1e-3).all() and (area < 0.2 + 1e-3).all())
+
+
+def test_augmentations_are_random_reproducible_and_differentiable() -> None:
+    x = _images(2, size=64).requires_grad_(True)
+    aug = CLIPAugment(n_patch=3, output_size=64)
+    a = aug(x, generator=torch.Generator().manual_seed(5))
+    b = aug(x, generator=torch.Generator().manual_seed(5))
+    c = aug(x, generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, c)
+    assert not torch.allclose(a[0], a[2])  # two copies of image 0 differ
+    a.sum().backward()
+    assert x.grad is not None
+    assert x.grad.abs().sum() > 0
+
+
+def test_perspective_pads_with_zeros_and_affine_with_the_border() -> None:
+    x = torch.ones(1, 3, 32, 32)
+    persp = CLIPAugment(n_patch=8, output_size=32, degrees=0.0, translate=0.0, distortion=0.7)
+    out = persp(x, generator=torch.Generator().manual_seed(0))
+    assert float(out.min()) == 0.0  # corners outside the warped image
+    affine = CLIPAugment(n_patch=8, output_size=32, distortion=0.0)
+    torch.testing.assert_close(
+        affine(x, generator=torch.Generator().manual_seed(0)), x.repeat(8, 1, 1, 1)
+    )
+
+
+def test_paired_augmentations_share_parameters(encoder: CLIPEncoder) -> None:
+    # non-patch directional loss: x and y get the same warps, so x == y gives no direction
+    aug = CLIPAugment(n_patch=2, output_size=32)
+    loss = CLIPDirectionalLoss(encoder, "a", "b", variant="zecon", augment=aug, reduction="none")
+    y = _images(2, seed=9)
+    value = loss(y.clone(), y, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(value, torch.ones(2))  # 1 - cos(0, d) = 1 for a zero direction
+
+
+# -- bad input and offline ---------------------------------------------------------------------
+
+
+def test_bad_input(encoder: CLIPEncoder) -> None:
+    with pytest.raises(IVE, match="metric"):
+        CLIPGlobalLoss(encoder, "cat", metric="euclid")  # type: ignore[arg-type]
+    with pytest.raises(IVE, match="variant"):
+        CLIPDirectionalLoss(encoder, "a", "b", variant="clip")  # type: ignore[arg-type]
+    with pytest.raises(IVE, match="reduction"):
+        CLIPGlobalLoss(encoder, "cat", reduction="max")  # type: ignore[arg-type]
+    with pytest.raises(ITE, match="encoder"):
+        CLIPGlobalLoss(object(), "cat")  # type: ignore[arg-type]
+    with pytest.raises(IVE, match="templates"):
+        CLIPDirectionalLoss(encoder, "a", "b", variant="zecon", templates=["a {}"])
+    with pytest.raises(IVE, match="target"):
+        CLIPGlobalLoss(encoder, torch.zeros(2, 32))
+    loss = CLIPGlobalLoss(encoder, "cat")
+    with pytest.raises(IVE, match=r"x: expected \(B, 3, H, W\)"):
+        loss(torch.zeros(1, 1, 32, 32))
+    with pytest.raises(ITE, match="x"):
+        loss(torch.zeros(1, 3, 32, 32, dtype=torch.long))
+    d = CLIPDirectionalLoss(encoder, "a", "b")
+    with pytest.raises(IVE, match="y"):
+        d(_images(2), _images(3))
+    with pytest.raises(IVE, match="b: expected embeddings of width"):
+        spherical_distance(torch.ones(2, 4), torch.ones(5))
+    with pytest.raises(IVE, match="n_patch"):
+        CLIPAugment(n_patch=0)
+    with pytest.raises(IVE, match="patch_max"):
+        CLIPAugment(patch_min=0.5, patch_max=0.1)
+    with pytest.raises(IVE, match="resize"):
+        CLIPEncoder(encoder.clip, resize="crop")  # type: ignore[arg-type]
+
+
+def test_clip_encoder_offline_error_is_fast_and_clear(
+    tmp_path: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.monotonic()
+    with pytest.raises(WeightsUnavailableError, match="offline") as info:
+        CLIPEncoder.load("ViT-B-32", "openai", cache_dir=str(tmp_path))
+    assert time.monotonic() - start < 10
+    assert "cache_dir" in str(info.value)
