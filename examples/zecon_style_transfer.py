@@ -126,7 +126,8 @@ def main() -> None:
 
     source = load_source(args.image, args.size)
     schedule = imgdiff.NoiseSchedule.linear()
-    sampler = imgdiff.DDPM(schedule, variance="learned_range")
+    # ZeCon's respacing is close to linspace spacing (it includes t = 999)
+    sampler = imgdiff.DDPM(schedule, variance="learned_range", spacing="linspace")
 
     def report(ctx: StepContext, values: dict[str, Tensor]) -> None:
         terms = "  ".join(f"{name} {float(v):10.4f}" for name, v in values.items())

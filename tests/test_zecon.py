@@ -119,6 +119,52 @@ def test_edit_without_active_guidance_is_ddim_inversion_and_reconstruction() -> 
     torch.testing.assert_close(out, expected)
 
 
+def test_edit_runs_exactly_num_steps_minus_skip_steps() -> None:
+    model = imgdiff.GaussianDenoiser(SCHED, std=0.2)
+    encoder = object.__new__(CLIPEncoder)  # never called: no CLIP term has weight
+    for num_steps, skip in ((22, 7), (49, 48), (10, 0)):
+        steps: list[int] = []
+        zecon_edit(
+            imgdiff.DDIM(SCHED),
+            model,
+            _source(),
+            clip=encoder,
+            source_text="a",
+            target_text="b",
+            config=ZeConConfig(clip_dir_patch=0.0, num_steps=num_steps, skip=skip),
+            callback=lambda info, steps=steps: steps.append(info.timestep),
+            progress=False,
+        )
+        assert steps == list(imgdiff.DDIM(SCHED).timesteps(num_steps))[skip:]
+
+
+def test_generator_reproduces_the_edit_and_float64_sources_work(
+    clip: CLIPEncoder, net: UNet
+) -> None:
+    config = replace(ZeConConfig.readme(), vgg=0.0, mse=0.0, num_steps=4, skip=2, n_patch=2)
+    contrastive = ZeroShotContrastiveLoss(UNetEncoderFeatures(net))
+
+    def edit(global_seed: int) -> Tensor:
+        torch.manual_seed(global_seed)
+        return zecon_edit(
+            imgdiff.DDPM(SCHED, variance="learned_range"),
+            net,
+            _source().double(),  # a float64 state with the float32 network and losses
+            clip=clip,
+            source_text="photo",
+            target_text="sketch",
+            config=config,
+            contrastive=contrastive,
+            generator=torch.Generator().manual_seed(7),
+            progress=False,
+        )
+
+    a, b = edit(0), edit(1)
+    assert a.dtype == torch.float64
+    assert torch.isfinite(a).all()
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_bad_input(clip: CLIPEncoder, net: UNet) -> None:
     sampler = imgdiff.DDPM(SCHED, variance="learned_range")
     kw = {"clip": clip, "source_text": "a", "target_text": "b", "progress": False}
@@ -138,6 +184,8 @@ def test_bad_input(clip: CLIPEncoder, net: UNet) -> None:
         ZeConConfig(mse=-1.0)
     with pytest.raises(IVE, match="patch_min"):
         ZeConConfig(patch_min=0.5, patch_max=0.1)
+    with pytest.raises(IVE, match="gate_on"):
+        ZeConConfig(gate_on="index")  # type: ignore[arg-type]
 
 
 def test_example_runs_and_reports_each_term_per_step(tmp_path: Path) -> None:

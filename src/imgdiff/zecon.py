@@ -23,6 +23,7 @@ from imgdiff.errors import InputTypeError, InputValueError
 from imgdiff.loss_guidance import GateOn, GuidanceInputs, LossGuidance, LossTerm, TermCallback
 from imgdiff.losses.augment import CLIPAugment
 from imgdiff.losses.clip import CLIPDirectionalLoss, CLIPGlobalLoss
+from imgdiff.losses.contrastive import ZeroShotContrastiveLoss
 from imgdiff.losses.perceptual import mse_loss, range_loss
 from imgdiff.models import Model, without_variance
 from imgdiff.noising import add_noise
@@ -34,6 +35,7 @@ __all__ = ["Inversion", "ZeConConfig", "zecon_edit"]
 
 Inversion = Literal["ddim", "diffuse"]
 _INVERSIONS: tuple[Inversion, ...] = ("ddim", "diffuse")
+_GATES: tuple[GateOn, ...] = ("timestep", "respaced_index")
 PairLoss = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -78,7 +80,9 @@ class ZeConConfig:
             elif f.name.endswith("max_timestep"):
                 if value is not None:
                     check_int(f.name, value, min=0)
-            elif f.name != "gate_on":
+            elif f.name == "gate_on":
+                check_choice("gate_on", value, _GATES)
+            else:
                 check_float(f.name, value, min=0.0)
         if self.skip >= self.num_steps:
             raise InputValueError(
@@ -111,7 +115,8 @@ class ZeConConfig:
 
     @property
     def strength(self) -> float:
-        """The fraction of the plan that runs, ``(num_steps - skip) / num_steps``."""
+        """The fraction of the plan that runs, ``(num_steps - skip) / num_steps`` (informative:
+        :func:`zecon_edit` keeps exactly the last ``num_steps - skip`` timesteps)."""
         return (self.num_steps - self.skip) / self.num_steps
 
 
@@ -138,21 +143,26 @@ def zecon_edit(
 
     Args:
         sampler: the reverse sampler; ZeCon uses :class:`~imgdiff.DDPM` (with the model's learned
-            variance, ``variance="learned_range"``) or :class:`~imgdiff.DDIM` with ``eta = 0``.
-            Its ``guidance`` is replaced by the ZeCon guidance.
+            variance, ``variance="learned_range"``) or :class:`~imgdiff.DDIM` with ``eta = 0``
+            (give DDIM a mean-only model: :func:`~imgdiff.without_variance`). Its ``guidance``
+            is replaced by the ZeCon guidance; its spacing picks the timesteps (ZeCon's
+            respacing is close to ``spacing="linspace"``).
         model: the unconditional diffusion network ``model(x, t, **model_kwargs)``.
         source: ``(B, 3, H, W)`` images in ``[-1, 1]``.
         clip: the CLIP encoder of the CLIP losses (ZeCon: ViT-B/16).
         source_text / target_text: what the source shows and the style wanted (``"photo"`` ->
             ``"watercolor painting"``); the directional losses use both.
-        config: weights and schedule (default :meth:`ZeConConfig.readme`).
+        config: weights and schedule (default :meth:`ZeConConfig.readme`, which needs
+            ``contrastive`` and ``vgg``).
         contrastive / vgg / lpips: the content losses ``loss(x_in, y_in) -> scalar`` for the
             weights ``zecon``, ``vgg``, ``lpips`` (e.g.
             :class:`~imgdiff.losses.ZeroShotContrastiveLoss` on the model's encoder,
             :class:`~imgdiff.losses.VGGFeatureLoss`, :class:`~imgdiff.losses.LPIPSLoss`);
             required where the weight is not 0.
-        inversion: ``"ddim"`` (deterministic DDIM inversion, ZeCon's ``ddim_ddpm``) or
-            ``"diffuse"`` (``q_sample`` with noise from ``generator``).
+        inversion: ``"ddim"`` (deterministic DDIM inversion, as ZeCon's ``ddim_ddpm``, though
+            :meth:`~imgdiff.DDIM.invert` evaluates the model at the target timestep, diffusers'
+            convention, where ZeCon's code uses the current one) or ``"diffuse"``
+            (``q_sample`` with noise from ``generator``).
         generator: the randomness of the edit (augmentations, the source's ``y_t``, sampling);
             on the CPU.
         on_terms: called each step with the weighted value of every active loss term.
@@ -195,7 +205,9 @@ def zecon_edit(
         terms, source=source, gate_on=cfg.gate_on, generator=generator, on_terms=on_terms
     )
     guided = replace(sampler, guidance=guidance)
-    plan_kwargs: dict[str, Any] = {"num_steps": cfg.num_steps, "strength": cfg.strength}
+    # the plan's last num_steps - skip timesteps, as an explicit list (exact for every pair)
+    kept = list(sampler.timesteps(cfg.num_steps))[cfg.skip :]
+    plan_kwargs: dict[str, Any] = {"timesteps": kept}
     if inversion == "ddim":
         inverter = DDIM(
             sampler.schedule,
@@ -210,7 +222,7 @@ def zecon_edit(
             eps_model, source, model_kwargs=model_kwargs, progress=progress, **plan_kwargs
         )
     else:
-        t0 = int(sampler.timesteps(cfg.num_steps, strength=cfg.strength)[0])
+        t0 = int(kept[0])
         noise = torch.randn(source.shape, generator=generator, dtype=source.dtype)
         start = add_noise(sampler.schedule, source, noise.to(source.device), t0)
     return guided.sample(
@@ -272,7 +284,10 @@ def _terms(
             cfg.clip_dir_patch,
             lambda v: dir_p(v.x, _source(v), generator=generator),
         )
-    if contrastive is not None:
+    if isinstance(contrastive, ZeroShotContrastiveLoss):  # its patch positions are random too
+        zecon_loss = contrastive
+        add("zecon", cfg.zecon, lambda v: zecon_loss(v.x, _source(v), generator=generator))
+    elif contrastive is not None:
         add("zecon", cfg.zecon, lambda v: contrastive(v.x, _source(v)))
     add("mse", cfg.mse, lambda v: mse_loss(v.x, _source(v)), max_timestep=cfg.mse_max_timestep)
     if vgg is not None:

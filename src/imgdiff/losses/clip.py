@@ -73,7 +73,8 @@ def spherical_distance(a: Tensor, b: Tensor) -> Tensor:
 
     Equals ``theta^2 / 2`` for the angle ``theta`` between ``a`` and ``b``: 0 for equal
     directions, ``pi^2 / 8`` for orthogonal, ``pi^2 / 2`` for opposite ones (spec 7.2). The
-    gradient is finite everywhere (0 at equal directions).
+    gradient is finite everywhere: 0 at equal directions, and also at (numerically) opposite
+    ones, where ``arcsin`` is clamped at 1 (within ~1e-4 of opposite in float32).
     """
     a, b = _pair(a, b, "a", "b")
     chord2 = (F.normalize(a, dim=-1) - F.normalize(b, dim=-1)).pow(2).sum(dim=-1)

@@ -530,7 +530,11 @@ class UNetEncoderFeatures:
         return x
 
     def __call__(self, x: Tensor) -> list[Tensor]:
-        """The selected encoder maps of ``x`` ``(B, C, H, W)``: a list of ``(B, C_l, h_l, w_l)``."""
+        """The selected encoder maps of ``x`` ``(B, C, H, W)``: a list of ``(B, C_l, h_l, w_l)``.
+
+        The net's input is cast to the dtype of its parameters (differentiably), so a float64
+        or half sampler state works with a float32 or bf16 network.
+        """
         check_tensor("x", x, ndim=4, floating=True)
         inp = self.net_input(x)
         in_channels = getattr(getattr(self.net, "config", None), "in_channels", None)
@@ -539,6 +543,9 @@ class UNetEncoderFeatures:
                 f"x: the net expects {in_channels} input channels (config.in_channels), got "
                 f"{inp.shape[1]}; for a channel-concatenation net give concat or prepare"
             )
+        param = next(iter(getattr(self.net, "parameters", lambda: iter(()))()), None)
+        if isinstance(param, Tensor) and param.dtype.is_floating_point and inp.dtype != param.dtype:
+            inp = inp.to(param.dtype)  # e.g. a float64 sampler state into a float32 or bf16 net
         encode = cast(Callable[..., object], self.net.encoder_features)
         out = encode(inp, self.timesteps(x), **self.conditions)
         maps = _feature_list("net.encoder_features", out, x.shape[0])

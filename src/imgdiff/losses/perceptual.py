@@ -105,8 +105,8 @@ def _check_bool(name: str, value: object) -> bool:
 def _check_image_pair(
     x: object, y: object, *, min_size: int, reference: Tensor, what: str
 ) -> tuple[Tensor, Tensor]:
-    """``x`` and ``y`` as ``(B, 3, H, W)`` floating tensors of one shape, on the network's device
-    and dtype (``reference`` is one of its parameters), at least ``min_size`` high and wide."""
+    """``x`` and ``y`` as ``(B, 3, H, W)`` floating tensors of one shape, on the network's device,
+    cast to its dtype (``reference`` is one of its parameters), at least ``min_size`` high and wide."""
     xt = _check_image("x", x, min_size=min_size, reference=reference, what=what)
     yt = _check_image("y", y, min_size=min_size, reference=reference, what=what)
     check_same_shape("y", yt, "x", xt)
@@ -129,17 +129,13 @@ def _check_image(
             f"{name}: {what} needs images at least {min_size}x{min_size}, got shape "
             f"{tuple(t.shape)}"
         )
-    if t.dtype != reference.dtype:
-        raise InputTypeError(
-            f"{name}: dtype {t.dtype} differs from the {what} network's {reference.dtype}; "
-            f"convert the input or move the loss with .to({t.dtype})"
-        )
     if t.device != reference.device:
         raise InputValueError(
             f"{name}: on {t.device}, but the {what} network is on {reference.device}; "
             "move one of them with .to(device)"
         )
-    return t
+    # a sampler's state may be float64 or half while the network is float32: cast (differentiably)
+    return t if t.dtype == reference.dtype else t.to(reference.dtype)
 
 
 def _freeze(module: nn.Module) -> None:
