@@ -8,6 +8,11 @@ import pytest
 import torch
 from torch import Tensor
 
+# Without a GPU the Triton kernels run under Triton's interpreter; the variable must be set before
+# Triton is first imported (it decides how @triton.jit functions, its own included, are built).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def pytest_configure(config: pytest.Config) -> None:
     """Under ``pytest -n N`` give each worker one intra-op thread.

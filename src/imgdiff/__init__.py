@@ -12,7 +12,7 @@ Ten lines to an image::
 LPIPS, metrics) are imported only when used.
 """
 
-from imgdiff import conditioning, data, degradations, losses, metrics, nets, training
+from imgdiff import conditioning, data, degradations, kernels, losses, metrics, nets, training
 from imgdiff.conditioning import ClassifierFreeGuidance
 from imgdiff.editing import edict_edit
 from imgdiff.errors import (
@@ -98,6 +98,7 @@ __all__ = [
     "infer_model_dtype",
     "inference_timesteps",
     "karras_sigmas",
+    "kernels",
     "losses",
     "metrics",
     "nets",

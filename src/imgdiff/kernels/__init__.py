@@ -1,0 +1,176 @@
+"""Fused updates of the samplers' hot loops: a plain-torch reference and a Triton kernel each.
+
+Every function takes ``backend``: ``"auto"`` (the Triton kernel for CUDA tensors of float32,
+bfloat16 or float16 when Triton is installed, else the reference), ``"torch"`` or ``"triton"``
+(forced; on a CPU only under ``TRITON_INTERPRET=1``, which the parity tests use). float64 always
+runs the reference. The kernels compute in float32 and read each input once and write each
+output once; a Triton kernel equals its reference to float32 rounding (tested).
+
+* :func:`lincomb3`: ``a x + b y + c noise``: the DDIM step (``x_coef``, ``out_coef``, ``sigma``),
+  DDPM with a fixed variance, the x0/eps/v conversions; noise injected or drawn in the kernel
+  from a seed (Philox).
+* :func:`inpaint_blend`: ``(1 - m) x + m (known_scale known + noise_scale noise)``: Palette's
+  clean paste and RePaint's noised paste, with a ``(B, 1, ...)`` or full-size mask.
+* :func:`edict_mix`: EDICT's mixing pair in one pass.
+
+Not yet wired into the samplers (they use the lean torch path of ``imgdiff._ops``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from imgdiff._checks import check_choice, check_float, check_int, check_tensor, describe
+from imgdiff.errors import InputTypeError, InputValueError
+from imgdiff.kernels import reference
+
+__all__ = ["BACKENDS", "Backend", "edict_mix", "inpaint_blend", "lincomb3", "resolve_backend"]
+
+Backend = Literal["auto", "torch", "triton"]
+BACKENDS: tuple[Backend, ...] = ("auto", "torch", "triton")
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "").strip() not in ("", "0")
+
+
+def resolve_backend(backend: Backend, x: Tensor) -> Literal["torch", "triton"]:
+    """The implementation ``backend`` picks for a sample ``x`` (see the module docstring)."""
+    check_choice("backend", backend, BACKENDS)
+    if backend == "torch" or x.dtype not in _FUSED_DTYPES:
+        return "torch"
+    has_triton = importlib.util.find_spec("triton") is not None
+    if backend == "auto":
+        return "triton" if x.is_cuda and has_triton else "torch"
+    if not has_triton:
+        raise InputValueError("backend: 'triton' needs the triton package (pip install triton)")
+    if not x.is_cuda and not _interpreting():
+        raise InputValueError(
+            f"backend: 'triton' runs on CUDA tensors, or on the CPU under TRITON_INTERPRET=1; "
+            f"got a tensor on {x.device}"
+        )
+    return "triton"
+
+
+def _same(name: str, value: object, x: Tensor) -> Tensor:
+    t = check_tensor(name, value, floating=True)
+    if t.shape != x.shape:
+        raise InputValueError(
+            f"{name}: expected shape {tuple(x.shape)} (x's), got {tuple(t.shape)}"
+        )
+    if t.device != x.device:
+        raise InputValueError(f"{name}: expected a tensor on {x.device} (x's), got {t.device}")
+    return t
+
+
+def _seed(seed: object, noise: Tensor | None) -> int | None:
+    if seed is None:
+        return None
+    if noise is not None:
+        raise InputValueError("seed: give either noise or a seed to draw it from, not both")
+    return check_int("seed", seed, min=0, max=2**31 - 1)
+
+
+def _torch_noise(x: Tensor, seed: int) -> Tensor:
+    """The reference path's noise for a seed (its stream differs from the kernel's Philox)."""
+    g = torch.Generator(device=x.device).manual_seed(seed)
+    return torch.randn(x.shape, generator=g, device=x.device, dtype=torch.float32)
+
+
+def lincomb3(
+    x: Tensor,
+    a: float,
+    y: Tensor,
+    b: float,
+    noise: Tensor | None = None,
+    c: float = 0.0,
+    *,
+    seed: int | None = None,
+    backend: Backend = "auto",
+) -> Tensor:
+    """``a x + b y + c noise``, all ``(B, ...)`` of one shape, as a new tensor of ``x``'s dtype.
+
+    ``noise`` is injected, or drawn from ``seed`` (in the kernel with Triton, from a seeded
+    ``torch.Generator`` with the reference: the two streams differ).
+    """
+    x = check_tensor("x", x, floating=True, min_ndim=1)
+    y = _same("y", y, x)
+    if noise is not None:
+        noise = _same("noise", noise, x)
+    a, b, c = check_float("a", a), check_float("b", b), check_float("c", c)
+    s = _seed(seed, noise)
+    if resolve_backend(backend, x) == "triton":
+        from imgdiff.kernels import fused
+
+        return fused.lincomb3(x, a, y, b, noise, c, s)
+    if s is not None:
+        noise = _torch_noise(x, s)
+    return reference.lincomb3(x, a, y, b, noise, c)
+
+
+def inpaint_blend(
+    x: Tensor,
+    known: Tensor,
+    mask: Tensor,
+    *,
+    known_scale: float = 1.0,
+    noise: Tensor | None = None,
+    noise_scale: float = 0.0,
+    seed: int | None = None,
+    backend: Backend = "auto",
+) -> Tensor:
+    """``(1 - m) x + m (known_scale known + noise_scale noise)`` as a new tensor.
+
+    ``x``, ``known``, ``noise``: ``(B, C, ...)``; ``mask``: 1 on the known region, of ``x``'s
+    shape or ``(B, 1, ...)`` (values are not checked here: a sampling loop must not read them).
+    """
+    x = check_tensor("x", x, floating=True, min_ndim=2)
+    known = _same("known", known, x)
+    if noise is not None:
+        noise = _same("noise", noise, x)
+    mask = check_tensor("mask", mask)
+    single = (x.shape[0], 1, *x.shape[2:])
+    if mask.shape not in (x.shape, torch.Size(single)):
+        raise InputValueError(
+            f"mask: expected shape {tuple(x.shape)} or {single}, got {tuple(mask.shape)}"
+        )
+    if mask.device != x.device:
+        raise InputValueError(f"mask: expected a tensor on {x.device} (x's), got {mask.device}")
+    if mask.dtype.is_complex:
+        raise InputTypeError(f"mask: expected a real or bool tensor, got {describe(mask)}")
+    ks = check_float("known_scale", known_scale)
+    ns = check_float("noise_scale", noise_scale)
+    s = _seed(seed, noise)
+    if mask.dtype == torch.bool:
+        mask = mask.to(x.dtype)
+    if resolve_backend(backend, x) == "triton":
+        from imgdiff.kernels import fused
+
+        return fused.inpaint_blend(
+            x, known, mask, known_scale=ks, noise=noise, noise_scale=ns, seed=s
+        )
+    if s is not None:
+        noise = _torch_noise(x, s)
+    return reference.inpaint_blend(x, known, mask, known_scale=ks, noise=noise, noise_scale=ns)
+
+
+def edict_mix(
+    x: Tensor, y: Tensor, p: float, *, backend: Backend = "auto"
+) -> tuple[Tensor, Tensor]:
+    """EDICT's mixing pair ``x' = p x + (1 - p) y``, ``y' = p y + (1 - p) x'`` (new tensors)."""
+    x = check_tensor("x", x, floating=True, min_ndim=1)
+    y = _same("y", y, x)
+    if y.dtype != x.dtype:
+        raise InputTypeError(f"y: expected x's dtype {x.dtype}, got {y.dtype}")
+    mix = check_float("p", p, min=0.0, max=1.0, min_open=True)
+    if resolve_backend(backend, x) == "triton":
+        from imgdiff.kernels import fused
+
+        return fused.edict_mix(x, y, mix)
+    return reference.edict_mix(x, y, mix)

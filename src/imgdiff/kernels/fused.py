@@ -1,0 +1,201 @@
+"""Triton kernels of the sampler updates: one launch, one read of each input, one write.
+
+Imported only when a fused kernel is asked for (``import imgdiff`` never loads Triton). The
+kernels walk the tensors' memory linearly, so every full-size operand must share ``x``'s layout
+(both contiguous, or both channels-last); others are made contiguous first. Arithmetic is
+float32 whatever the storage dtype (float32, bfloat16, float16); coefficients are float32
+scalars. On a CPU they run only under Triton's interpreter (``TRITON_INTERPRET=1``), which is
+how the parity tests run them without a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["edict_mix", "inpaint_blend", "lincomb3"]
+
+BLOCK = 1024
+
+
+@triton.jit
+def _lincomb3_kernel(
+    x_ptr,
+    y_ptr,
+    n_ptr,
+    out_ptr,
+    numel,
+    a,
+    b,
+    c,
+    seed,
+    HAS_NOISE: tl.constexpr,
+    RANDOM: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < numel
+    acc = a * tl.load(x_ptr + offs, mask=inside).to(tl.float32)
+    acc += b * tl.load(y_ptr + offs, mask=inside).to(tl.float32)
+    if HAS_NOISE:
+        acc += c * tl.load(n_ptr + offs, mask=inside).to(tl.float32)
+    if RANDOM:
+        acc += c * tl.randn(seed, offs)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _inpaint_kernel(
+    x_ptr,
+    k_ptr,
+    m_ptr,
+    n_ptr,
+    out_ptr,
+    numel,
+    channels,
+    plane,
+    known_scale,
+    noise_scale,
+    seed,
+    MASK_MODE: tl.constexpr,
+    HAS_NOISE: tl.constexpr,
+    RANDOM: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < numel
+    if MASK_MODE == 0:  # the mask has x's shape and layout
+        m_offs = offs
+    elif MASK_MODE == 1:  # (B, 1, *spatial) against contiguous (B, C, *spatial)
+        m_offs = (offs // (channels * plane)) * plane + offs % plane
+    else:  # (B, 1, *spatial) against channels-last (B, *spatial, C) memory
+        m_offs = offs // channels
+    m = tl.load(m_ptr + m_offs, mask=inside).to(tl.float32)
+    x = tl.load(x_ptr + offs, mask=inside).to(tl.float32)
+    pasted = known_scale * tl.load(k_ptr + offs, mask=inside).to(tl.float32)
+    if HAS_NOISE:
+        pasted += noise_scale * tl.load(n_ptr + offs, mask=inside).to(tl.float32)
+    if RANDOM:
+        pasted += noise_scale * tl.randn(seed, offs)
+    out = x * (1.0 - m) + pasted * m
+    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _edict_mix_kernel(x_ptr, y_ptr, xo_ptr, yo_ptr, numel, p, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < numel
+    x = tl.load(x_ptr + offs, mask=inside).to(tl.float32)
+    y = tl.load(y_ptr + offs, mask=inside).to(tl.float32)
+    x_new = p * x + (1.0 - p) * y
+    y_new = p * y + (1.0 - p) * x_new
+    tl.store(xo_ptr + offs, x_new.to(xo_ptr.dtype.element_ty), mask=inside)
+    tl.store(yo_ptr + offs, y_new.to(yo_ptr.dtype.element_ty), mask=inside)
+
+
+def _layout(x: Tensor) -> torch.memory_format:
+    if x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _dense(t: Tensor, like: Tensor, fmt: torch.memory_format) -> Tensor:
+    """``t`` with ``like``'s strides (a copy only when they differ)."""
+    if t.stride() == like.stride() and t.is_contiguous(memory_format=fmt):
+        return t
+    return t.contiguous(memory_format=fmt)
+
+
+def _grid(numel: int) -> tuple[int]:
+    return (triton.cdiv(numel, BLOCK),)
+
+
+def lincomb3(
+    x: Tensor,
+    a: float,
+    y: Tensor,
+    b: float,
+    noise: Tensor | None = None,
+    c: float = 0.0,
+    seed: int | None = None,
+) -> Tensor:
+    """Fused ``a x + b y + c noise``; with ``seed`` the noise is drawn in the kernel (Philox)."""
+    fmt = _layout(x)
+    x = x.contiguous(memory_format=fmt)
+    y = _dense(y, x, fmt)
+    n = x if noise is None else _dense(noise, x, fmt)
+    out = torch.empty_like(x)
+    numel = x.numel()
+    _lincomb3_kernel[_grid(numel)](
+        x,
+        y,
+        n,
+        out,
+        numel,
+        float(a),
+        float(b),
+        float(c),
+        0 if seed is None else int(seed),
+        HAS_NOISE=noise is not None,
+        RANDOM=seed is not None,
+        BLOCK=BLOCK,
+    )
+    return out
+
+
+def inpaint_blend(
+    x: Tensor,
+    known: Tensor,
+    mask: Tensor,
+    *,
+    known_scale: float = 1.0,
+    noise: Tensor | None = None,
+    noise_scale: float = 0.0,
+    seed: int | None = None,
+) -> Tensor:
+    """Fused ``(1 - m) x + m (known_scale known + noise_scale noise)``."""
+    fmt = _layout(x)
+    x = x.contiguous(memory_format=fmt)
+    known = _dense(known, x, fmt)
+    n = x if noise is None else _dense(noise, x, fmt)
+    C = x.shape[1]
+    plane = x[0, 0].numel()
+    if mask.shape == x.shape:
+        m, mode = _dense(mask, x, fmt), 0
+    elif fmt == torch.channels_last:
+        m, mode = mask.contiguous(), 2
+    else:
+        m, mode = mask.contiguous(), 1
+    out = torch.empty_like(x)
+    numel = x.numel()
+    _inpaint_kernel[_grid(numel)](
+        x,
+        known,
+        m,
+        n,
+        out,
+        numel,
+        C,
+        plane,
+        float(known_scale),
+        float(noise_scale),
+        0 if seed is None else int(seed),
+        MASK_MODE=mode,
+        HAS_NOISE=noise is not None,
+        RANDOM=seed is not None,
+        BLOCK=BLOCK,
+    )
+    return out
+
+
+def edict_mix(x: Tensor, y: Tensor, p: float) -> tuple[Tensor, Tensor]:
+    """Fused EDICT mixing pair: both outputs in one pass."""
+    fmt = _layout(x)
+    x = x.contiguous(memory_format=fmt)
+    y = _dense(y, x, fmt)
+    x_out, y_out = torch.empty_like(x), torch.empty_like(y)
+    numel = x.numel()
+    _edict_mix_kernel[_grid(numel)](x, y, x_out, y_out, numel, float(p), BLOCK=BLOCK)
+    return x_out, y_out

@@ -1,0 +1,152 @@
+"""Fused kernels equal their torch references: on a GPU when there is one, else through Triton's
+interpreter on the CPU (``TRITON_INTERPRET=1``, set by conftest before Triton is imported)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor
+
+import imgdiff
+from imgdiff import kernels
+from imgdiff.kernels import reference
+
+CUDA = torch.cuda.is_available()
+if not CUDA:  # conftest sets it before anything imports Triton; this guards a direct run
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+DEVICE = "cuda" if CUDA else "cpu"
+IVE = imgdiff.InputValueError
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _tol(dtype: torch.dtype, ref: Tensor) -> float:
+    """float32: 1e-6 relative to the values; half types: one rounding step of the largest value."""
+    scale = float(ref.float().abs().max()) + 1e-30
+    return (1e-6 if dtype == torch.float32 else torch.finfo(dtype).eps) * scale
+
+
+def _close(got: Tensor, want: Tensor) -> None:
+    assert got.dtype == want.dtype
+    assert got.shape == want.shape
+    err = float((got.float() - want.float()).abs().max()) if got.numel() else 0.0
+    assert err <= _tol(want.dtype, want), err
+
+
+@st.composite
+def _case(draw: st.DrawFn) -> tuple[tuple[int, ...], torch.dtype, bool, int]:
+    shape = (
+        draw(st.integers(1, 3)),
+        draw(st.integers(1, 5)),
+        draw(st.integers(1, 19)),
+        draw(st.integers(1, 23)),
+    )
+    return shape, draw(st.sampled_from(DTYPES)), draw(st.booleans()), draw(st.integers(0, 10**6))
+
+
+def _tensors(
+    shape: tuple[int, ...], dtype: torch.dtype, channels_last: bool, seed: int, n: int
+) -> list[Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        t = torch.randn(shape, generator=g).to(device=DEVICE, dtype=dtype)
+        out.append(t.contiguous(memory_format=torch.channels_last) if channels_last else t)
+    return out
+
+
+COEF = st.floats(-3.0, 3.0, allow_nan=False)
+
+
+@settings(max_examples=25, deadline=None)
+@given(_case(), COEF, COEF, COEF)
+def test_lincomb3_equals_reference(case: tuple, a: float, b: float, c: float) -> None:
+    shape, dtype, channels_last, seed = case
+    x, y, n = _tensors(shape, dtype, channels_last, seed, 3)
+    before = [t.clone() for t in (x, y, n)]
+    got = kernels.lincomb3(x, a, y, b, n, c, backend="triton")
+    _close(got, reference.lincomb3(x, a, y, b, n, c))
+    _close(kernels.lincomb3(x, a, y, b, backend="triton"), reference.lincomb3(x, a, y, b))
+    assert got.stride() == x.stride()  # the output keeps x's layout
+    for t, t0 in zip((x, y, n), before, strict=True):
+        assert torch.equal(t, t0)
+
+
+@settings(max_examples=20, deadline=None)
+@given(_case(), st.floats(0.0, 1.0), st.floats(0.0, 1.0), st.booleans(), st.booleans())
+def test_inpaint_blend_equals_reference(
+    case: tuple, ks: float, ns: float, single_channel_mask: bool, with_noise: bool
+) -> None:
+    shape, dtype, channels_last, seed = case
+    x, known, noise = _tensors(shape, dtype, channels_last, seed, 3)
+    g = torch.Generator().manual_seed(seed + 1)
+    mshape = (shape[0], 1, *shape[2:]) if single_channel_mask else shape
+    mask = (torch.rand(mshape, generator=g) > 0.5).to(device=DEVICE, dtype=dtype)
+    kw = {"known_scale": ks, "noise": noise if with_noise else None, "noise_scale": ns}
+    got = kernels.inpaint_blend(x, known, mask, backend="triton", **kw)  # type: ignore[arg-type]
+    _close(got, reference.inpaint_blend(x, known, mask, **kw))  # type: ignore[arg-type]
+
+
+@settings(max_examples=20, deadline=None)
+@given(_case(), st.floats(0.5, 0.99))
+def test_edict_mix_equals_reference(case: tuple, p: float) -> None:
+    shape, dtype, channels_last, seed = case
+    x, y = _tensors(shape, dtype, channels_last, seed, 2)
+    gx, gy = kernels.edict_mix(x, y, p, backend="triton")
+    rx, ry = reference.edict_mix(x, y, p)
+    _close(gx, rx)
+    _close(gy, ry)
+
+
+def test_in_kernel_noise_is_seeded_standard_normal() -> None:
+    x = torch.zeros(4, 4, 64, 64, device=DEVICE)
+    a = kernels.lincomb3(x, 1.0, x, 1.0, c=1.0, seed=3, backend="triton")
+    b = kernels.lincomb3(x, 1.0, x, 1.0, c=1.0, seed=3, backend="triton")
+    other = kernels.lincomb3(x, 1.0, x, 1.0, c=1.0, seed=4, backend="triton")
+    assert torch.equal(a, b)
+    assert not torch.equal(a, other)
+    assert abs(float(a.mean())) < 0.02
+    assert abs(float(a.std()) - 1.0) < 0.02
+    blended = kernels.inpaint_blend(
+        x, x, torch.ones_like(x), noise_scale=0.5, seed=3, backend="triton"
+    )
+    torch.testing.assert_close(blended, 0.5 * a)  # the same stream for the same elements
+
+
+def test_non_dense_inputs_and_float64_fall_back_correctly() -> None:
+    x = torch.randn(2, 3, 8, 9, device=DEVICE).transpose(2, 3)  # neither layout
+    y = torch.randn(2, 3, 9, 8, device=DEVICE)
+    _close(kernels.lincomb3(x, 0.5, y, -1.5, backend="triton"), reference.lincomb3(x, 0.5, y, -1.5))
+    x64, y64 = x.double(), y.double()
+    assert torch.equal(
+        kernels.lincomb3(x64, 0.5, y64, -1.5, backend="triton"),
+        reference.lincomb3(x64, 0.5, y64, -1.5),
+    )
+
+
+def test_auto_backend_and_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = torch.zeros(1, 2, 2, 2)
+    assert kernels.resolve_backend("auto", cpu) == "torch"
+    assert kernels.resolve_backend("triton", cpu.double()) == "torch"
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(IVE, match="TRITON_INTERPRET"):
+        kernels.resolve_backend("triton", cpu)
+    with pytest.raises(IVE, match="backend"):
+        kernels.resolve_backend("cuda", cpu)  # type: ignore[arg-type]
+    with pytest.raises(IVE, match="y: expected shape"):
+        kernels.lincomb3(cpu, 1.0, torch.zeros(1, 2, 2, 3), 1.0)
+    with pytest.raises(IVE, match="seed"):
+        kernels.lincomb3(cpu, 1.0, cpu, 1.0, cpu, 1.0, seed=1)
+    with pytest.raises(IVE, match="mask: expected shape"):
+        kernels.inpaint_blend(cpu, cpu, torch.zeros(1, 2, 2, 1))
+    with pytest.raises(IVE, match="p: expected"):
+        kernels.edict_mix(cpu, cpu, 0.0)
+    # the reference path with a seed draws from a seeded torch generator
+    torch.testing.assert_close(
+        kernels.lincomb3(cpu, 0.0, cpu, 0.0, c=1.0, seed=5, backend="torch"),
+        torch.randn(cpu.shape, generator=torch.Generator().manual_seed(5)),
+    )
