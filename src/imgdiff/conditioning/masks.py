@@ -21,8 +21,10 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
+from imgdiff import kernels
 from imgdiff._checks import check_choice, check_tensor, describe
 from imgdiff.errors import InputTypeError, InputValueError
+from imgdiff.kernels import BACKENDS, Backend, use_triton
 from imgdiff.randomness import Generators, check_generators, draw_normal
 from imgdiff.samplers.step import StepInfo
 from imgdiff.schedules import NoiseSchedule
@@ -67,6 +69,8 @@ class KnownRegion:
         mode: ``"clean"`` (Palette) or ``"noised"`` (RePaint-style; needs ``schedule``).
         schedule: the sampler's schedule (``"noised"`` only).
         generator: for the noise of ``"noised"`` pastes (one, or one per sample).
+        backend: the paste's implementation (:mod:`imgdiff.kernels`): one fused Triton kernel
+            for CUDA samples where it resolves to ``"triton"``, ``torch.where`` otherwise.
 
     Used as ``sampler.sample(model, known_region.start(noise), callback=known_region)``: after
     each step the known pixels are replaced exactly (``(1 - m) x == (1 - m) known`` bitwise for
@@ -80,7 +84,11 @@ class KnownRegion:
     mode: PasteMode = "clean"
     schedule: NoiseSchedule | None = None
     generator: Generators = None
+    backend: Backend = "auto"
     _placed: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+    _keep: dict[tuple[torch.device, torch.dtype], Tensor] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
 
@@ -93,6 +101,7 @@ class KnownRegion:
                 f"schedule: expected the sampler's NoiseSchedule for mode='noised', got {describe(self.schedule)}"
             )
         check_generators(self.generator, self.known.shape[0])
+        check_choice("backend", self.backend, BACKENDS)
 
     def _on(self, like: Tensor) -> tuple[Tensor, Tensor]:
         """``known`` and ``mask`` on ``like``'s device and dtype, copied once per placement."""
@@ -105,6 +114,16 @@ class KnownRegion:
             )
             self._placed[key] = placed
         return placed
+
+    def _known_mask(self, like: Tensor) -> Tensor:
+        """``(B, 1, H, W)``, 1 on the known pixels, in ``like``'s dtype (cached): the kernel's mask."""
+        key = (like.device, like.dtype)
+        keep = self._keep.get(key)
+        if keep is None:
+            _, hole = self._on(like)
+            keep = (~hole).to(like.dtype).expand(like.shape[0], 1, *hole.shape[2:]).contiguous()
+            self._keep[key] = keep
+        return keep
 
     def _known_at(self, timestep: int, known: Tensor) -> Tensor:
         if self.mode == "clean" or timestep < 0:
@@ -121,6 +140,22 @@ class KnownRegion:
                 f"x: expected shape {tuple(self.known.shape)} like known, got {tuple(x.shape)}"
             )
         known, mask = self._on(x)
+        if use_triton(self.backend, x):
+            scale, noise, noise_scale = 1.0, None, 0.0
+            if self.mode == "noised" and timestep >= 0:
+                assert self.schedule is not None
+                ab = float(self.schedule.alphas_cumprod[timestep])  # a host table: no device read
+                scale, noise_scale = math.sqrt(ab), math.sqrt(1.0 - ab)
+                noise = draw_normal(x.shape, self.generator, x.device, x.dtype)
+            return kernels.inpaint_blend(
+                x,
+                known,
+                self._known_mask(x),
+                known_scale=scale,
+                noise=noise,
+                noise_scale=noise_scale,
+                backend="triton",
+            )
         return torch.where(mask, x, self._known_at(timestep, known))
 
     def start(self, noise: Tensor, timestep: int | None = None) -> Tensor:

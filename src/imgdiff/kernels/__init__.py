@@ -13,11 +13,15 @@ output once; a Triton kernel equals its reference to float32 rounding (tested).
   clean paste and RePaint's noised paste, with a ``(B, 1, ...)`` or full-size mask.
 * :func:`edict_mix`: EDICT's mixing pair in one pass.
 
-Not yet wired into the samplers (they use the lean torch path of ``imgdiff._ops``).
+The samplers take the same ``backend`` option: DDIM and fixed-variance DDPM steps (noise
+included), EDICT's sub-steps and mixing, and :class:`~imgdiff.conditioning.KnownRegion`'s paste
+run as one kernel each where the backend resolves to Triton, and as the lean torch arithmetic of
+``imgdiff._ops`` otherwise.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from typing import Literal
@@ -29,7 +33,15 @@ from imgdiff._checks import check_choice, check_float, check_int, check_tensor, 
 from imgdiff.errors import InputTypeError, InputValueError
 from imgdiff.kernels import reference
 
-__all__ = ["BACKENDS", "Backend", "edict_mix", "inpaint_blend", "lincomb3", "resolve_backend"]
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "edict_mix",
+    "inpaint_blend",
+    "lincomb3",
+    "resolve_backend",
+    "use_triton",
+]
 
 Backend = Literal["auto", "torch", "triton"]
 BACKENDS: tuple[Backend, ...] = ("auto", "torch", "triton")
@@ -40,12 +52,26 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "").strip() not in ("", "0")
 
 
+@functools.cache
+def _has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def use_triton(backend: Backend, x: Tensor) -> bool:
+    """Whether a validated ``backend`` runs the Triton kernel for ``x`` (fast; for inner loops)."""
+    if backend == "torch" or x.dtype not in _FUSED_DTYPES:
+        return False
+    if backend == "auto":
+        return x.is_cuda and _has_triton()
+    return resolve_backend(backend, x) == "triton"
+
+
 def resolve_backend(backend: Backend, x: Tensor) -> Literal["torch", "triton"]:
     """The implementation ``backend`` picks for a sample ``x`` (see the module docstring)."""
     check_choice("backend", backend, BACKENDS)
     if backend == "torch" or x.dtype not in _FUSED_DTYPES:
         return "torch"
-    has_triton = importlib.util.find_spec("triton") is not None
+    has_triton = _has_triton()
     if backend == "auto":
         return "triton" if x.is_cuda and has_triton else "torch"
     if not has_triton:

@@ -35,6 +35,7 @@ from imgdiff._checks import (
     describe,
 )
 from imgdiff.errors import InputTypeError, InputValueError
+from imgdiff.kernels import BACKENDS, Backend
 from imgdiff.models import BoundModel, Model, infer_model_dtype
 from imgdiff.prediction import PREDICTION_TYPES, PredictionType, linear_prediction_coefficients
 from imgdiff.randomness import Generators, check_generators, draw_normal
@@ -77,6 +78,9 @@ class Sampler(ABC, Generic[StateT, CoeffT]):
             ``set_alpha_to_one=True``) or ``"first"`` (``alpha_bar_0``; Stable Diffusion).
         dtype: the sampler's arithmetic and state dtype. ``None``: float32, or float64 when
             the input is float64. The model runs in its own dtype (see ``model_dtype``).
+        backend: the updates' implementation (:mod:`imgdiff.kernels`): ``"auto"`` (fused Triton
+            kernels for CUDA samples of float32/bfloat16/float16 when Triton is installed, torch
+            otherwise), ``"torch"`` or ``"triton"``.
 
     Subclasses (decorated ``@dataclass(frozen=True, kw_only=True)``) implement
     :meth:`coefficients`, :meth:`init_state`, :meth:`final_sample` and :meth:`step`, and may
@@ -90,6 +94,7 @@ class Sampler(ABC, Generic[StateT, CoeffT]):
     steps_offset: int = 0
     final_alpha_bar: FinalAlphaBar = "one"
     dtype: torch.dtype | None = None
+    backend: Backend = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.schedule, NoiseSchedule):
@@ -101,6 +106,7 @@ class Sampler(ABC, Generic[StateT, CoeffT]):
         check_int("steps_offset", self.steps_offset, min=0)
         check_choice("final_alpha_bar", self.final_alpha_bar, FINAL_ALPHA_BARS)
         check_floating_dtype("dtype", self.dtype, optional=True)
+        check_choice("backend", self.backend, BACKENDS)
 
     # ------------------------------------------------------------------ to implement
 

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from imgdiff._checks import check_float, check_tensor
-from imgdiff._ops import Scalar, add_scaled_
+from imgdiff._ops import Scalar
 from imgdiff.errors import InputTypeError, InputValueError
 from imgdiff.models import Model
 from imgdiff.samplers.denoising import DenoiserCoefficients, DenoisingSampler, fused_coefficients
@@ -110,9 +110,9 @@ class DDIM(DenoisingSampler[DDIMCoefficients]):
             x0_weight=c.sqrt_alpha_bar_next,
             eps_weight=c.direction,
             eps_from_x0=rederived if self.rederive_eps and self.thresholding is not None else None,
+            noise=noise,
+            noise_weight=c.sigma,
         )
-        if noise is not None:
-            add_scaled_(x_next, noise, c.sigma)
         return StepOutput(x_next, x0)
 
     # ------------------------------------------------------------------ inversion

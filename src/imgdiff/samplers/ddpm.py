@@ -138,6 +138,20 @@ class DDPM(DenoisingSampler[DDPMCoefficients]):
     def update(
         self, x: Tensor, out: Tensor, coeffs: DDPMCoefficients, noise: Tensor | None
     ) -> StepOutput[Tensor]:
+        if self.output_channels_factor == 1:  # fixed variance: mean and noise in one combination
+            c = coeffs
+            x_next, x0 = self.combine(
+                x,
+                out,
+                c,
+                x_coef=c.x_coef,
+                out_coef=c.out_coef,
+                x0_weight=c.mean_x0,
+                x_weight=c.mean_x,
+                noise=noise,
+                noise_weight=c.sigma,
+            )
+            return StepOutput(x_next, x0)
         return self._sample_posterior(*self.posterior(x, out, coeffs), coeffs, noise)
 
     def guided_update(

@@ -19,10 +19,12 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
+from imgdiff import kernels
 from imgdiff._checks import check_same_shape, check_tensor, check_timestep_tensor, describe
-from imgdiff._ops import Scalar, fusable, lincomb
+from imgdiff._ops import Scalar, add_scaled_, fusable, lincomb
 from imgdiff.errors import InputTypeError, InputValueError
 from imgdiff.guidance import Guidance, ModelGuidance
+from imgdiff.kernels import use_triton
 from imgdiff.models import BoundModel, check_model_output
 from imgdiff.randomness import Generators, randn
 from imgdiff.samplers.base import Sampler
@@ -143,22 +145,38 @@ class DenoisingSampler(Sampler[Tensor, DCoeffT]):
         eps_weight: Scalar = 0.0,
         x_weight: Scalar = 0.0,
         eps_from_x0: Callable[[Tensor], Tensor] | None = None,
+        noise: Tensor | None = None,
+        noise_weight: Scalar = 0.0,
     ) -> tuple[Tensor, Tensor | Callable[[], Tensor]]:
-        """``x0_weight x0_hat + eps_weight eps_hat + x_weight x`` and the step's ``x0_hat``.
+        """``x0_weight x0_hat + eps_weight eps_hat + x_weight x (+ noise_weight noise)`` and the
+        step's ``x0_hat``.
 
         Without thresholding and with moderate ``x_coef``/``out_coef`` (from
-        :func:`fused_coefficients`) this is one fused combination of ``(x, out)`` and ``x0_hat``
-        is returned lazily. Otherwise ``x0_hat`` is formed first (thresholded, and in the
-        well-conditioned order ``(x - sigma eps) / alpha``), and ``eps_hat`` comes from the model
-        output or, if given, from ``eps_from_x0(x0_hat)``. Use at most two of the three weights.
+        :func:`fused_coefficients`) this is one fused combination of ``(x, out)`` (and the
+        noise: one Triton kernel where :attr:`backend` resolves to it) and ``x0_hat`` is returned
+        lazily. Otherwise ``x0_hat`` is formed first (thresholded, and in the well-conditioned
+        order ``(x - sigma eps) / alpha``), and ``eps_hat`` comes from the model output or, if
+        given, from ``eps_from_x0(x0_hat)``. Use at most two of the three weights.
         """
         if self.thresholding is None and fusable(x_coef, out_coef):
-            return lincomb(x, x_coef, out, out_coef), lambda: coeffs.raw_x0_hat(x, out)
-        x0 = self.x0_hat(x, out, coeffs)
-        if isinstance(eps_weight, float) and eps_weight == 0.0:
-            return lincomb(x0, x0_weight, x, x_weight), x0
-        eps = eps_from_x0(x0) if eps_from_x0 is not None else coeffs.eps_hat(x, out)
-        return lincomb(x0, x0_weight, eps, eps_weight), x0
+            lazy_x0 = lambda: coeffs.raw_x0_hat(x, out)  # noqa: E731 - evaluated at most once
+            if use_triton(self.backend, x) and isinstance(noise_weight, float):
+                fused = kernels.lincomb3(
+                    x, float(x_coef), out, float(out_coef), noise, noise_weight, backend="triton"
+                )
+                return fused, lazy_x0
+            result = lincomb(x, x_coef, out, out_coef)
+        else:
+            x0 = self.x0_hat(x, out, coeffs)
+            if isinstance(eps_weight, float) and eps_weight == 0.0:
+                result = lincomb(x0, x0_weight, x, x_weight)
+            else:
+                eps = eps_from_x0(x0) if eps_from_x0 is not None else coeffs.eps_hat(x, out)
+                result = lincomb(x0, x0_weight, eps, eps_weight)
+            lazy_x0 = x0  # type: ignore[assignment]
+        if noise is not None:
+            add_scaled_(result, noise, noise_weight)
+        return result, lazy_x0
 
     # ------------------------------------------------------------------ contract
 

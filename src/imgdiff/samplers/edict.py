@@ -18,10 +18,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from imgdiff import kernels
 from imgdiff._checks import check_float, check_same_shape, check_tensor, describe
 from imgdiff._ops import Scalar, lincomb
 from imgdiff._warnings import warn_user
 from imgdiff.errors import InputTypeError, InputValueError, PrecisionWarning
+from imgdiff.kernels import use_triton
 from imgdiff.models import BoundModel, Model, check_model_output
 from imgdiff.randomness import Generators
 from imgdiff.samplers.base import Sampler
@@ -138,13 +140,24 @@ class EDICT(Sampler[EDICTState, EDICTCoefficients]):
         c, p = coeffs, self.mix
         x, y = state
         eps = _Eps(model, c, ctx.t)
+        lin = self._lincomb
         if c.x_first:
-            x1 = lincomb(x, c.a, eps(y), c.b)
-            y1 = lincomb(y, c.a, eps(x1), c.b)
+            x1 = lin(x, c.a, eps(y), c.b)
+            y1 = lin(y, c.a, eps(x1), c.b)
         else:
-            y1 = lincomb(y, c.a, eps(x), c.b)
-            x1 = lincomb(x, c.a, eps(y1), c.b)
-        return StepOutput(edict_mix(x1, y1, p), lambda: eps.x0_hat(0))
+            y1 = lin(y, c.a, eps(x), c.b)
+            x1 = lin(x, c.a, eps(y1), c.b)
+        if use_triton(self.backend, x1):
+            mixed = kernels.edict_mix(x1, y1, p, backend="triton")
+        else:
+            mixed = edict_mix(x1, y1, p)
+        return StepOutput(mixed, lambda: eps.x0_hat(0))
+
+    def _lincomb(self, x: Tensor, a: Scalar, y: Tensor, b: Scalar) -> Tensor:
+        """A sub-step ``a x + b y``: one Triton kernel where :attr:`backend` resolves to it."""
+        if isinstance(a, float) and isinstance(b, float) and use_triton(self.backend, x):
+            return kernels.lincomb3(x, a, y, b, backend="triton")
+        return lincomb(x, a, y, b)
 
     # ------------------------------------------------------------------ the exact inverse
 
@@ -167,12 +180,13 @@ class EDICT(Sampler[EDICTState, EDICTCoefficients]):
         eps = _Eps(model, c, ctx.t)
         x1, y1 = edict_unmix(x2, y2, p)
         inv_a = 1.0 / c.a
+        lin = self._lincomb
         if c.x_first:  # generation did x then y: undo y first
-            y = lincomb(y1, inv_a, eps(x1), -c.b * inv_a)
-            x = lincomb(x1, inv_a, eps(y), -c.b * inv_a)
+            y = lin(y1, inv_a, eps(x1), -c.b * inv_a)
+            x = lin(x1, inv_a, eps(y), -c.b * inv_a)
         else:
-            x = lincomb(x1, inv_a, eps(y1), -c.b * inv_a)
-            y = lincomb(y1, inv_a, eps(x), -c.b * inv_a)
+            x = lin(x1, inv_a, eps(y1), -c.b * inv_a)
+            y = lin(y1, inv_a, eps(x), -c.b * inv_a)
         # the second call's input is at level t, where the coefficients convert
         return StepOutput((x, y), lambda: eps.x0_hat(1))
 
