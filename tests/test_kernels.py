@@ -209,3 +209,60 @@ def test_known_region_paste_on_the_kernel_equals_torch() -> None:
         torch.testing.assert_close(pastes[1], pastes[0], rtol=1e-6, atol=1e-6)
         hole = mask.expand_as(x).bool()
         assert torch.equal(pastes[1][hole], x[hole])
+
+
+@settings(max_examples=15, deadline=None)
+@given(_case(), st.floats(-2, 2), st.floats(-2, 2), st.booleans(), st.booleans())
+def test_ddpm_learned_step_equals_reference(
+    case: tuple, a: float, b: float, learned_range: bool, with_noise: bool
+) -> None:
+    shape, dtype, _, seed = case
+    (x, noise) = _tensors(shape, dtype, False, seed, 2)
+    (out,) = _tensors((shape[0], 2 * shape[1], *shape[2:]), dtype, False, seed + 1, 1)
+    kw = {
+        "log_beta": -4.0,
+        "log_beta_tilde": -5.0,
+        "noise_mask": 1.0,
+        "learned_range": learned_range,
+    }
+    n = noise if with_noise else None
+    got = kernels.ddpm_learned_step(x, out, a, b, n, backend="triton", **kw)  # type: ignore[arg-type]
+    _close(got, reference.ddpm_learned_step(x, out, a, b, n, **kw))  # type: ignore[arg-type]
+
+
+def test_learned_variance_ddpm_on_the_kernel_equals_torch() -> None:
+    from imgdiff.posterior import learned_range_log_variance
+
+    def model(x: Tensor, t: Tensor) -> Tensor:
+        return torch.cat([0.3 * x, torch.tanh(x)], dim=1)
+
+    # the reference of the reference: improved DDPM's Eq. 15 through the library's own function
+    v = torch.linspace(-1, 1, 5, dtype=torch.float64)
+    torch.testing.assert_close(
+        reference.ddpm_learned_step(
+            torch.zeros(1, 5, dtype=torch.float64),
+            torch.cat([torch.zeros(1, 5), v[None]], 1).double(),
+            1.0,
+            1.0,
+            torch.ones(1, 5, dtype=torch.float64),
+            -4.0,
+            -5.0,
+            1.0,
+        )[0],
+        torch.exp(0.5 * learned_range_log_variance(v, -4.0, -5.0)),
+    )
+    for variance in ("learned", "learned_range"):
+        runs = []
+        for backend in ("torch", "triton"):
+            sampler = imgdiff.DDPM(SCHED, variance=variance, backend=backend)  # type: ignore[arg-type]
+            noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+            runs.append(
+                sampler.sample(
+                    model,
+                    noise,
+                    num_steps=8,
+                    generator=torch.Generator(DEVICE).manual_seed(1),
+                    progress=False,
+                )
+            )
+        torch.testing.assert_close(runs[1], runs[0], rtol=1e-5, atol=1e-5)

@@ -12,6 +12,8 @@ output once; a Triton kernel equals its reference to float32 rounding (tested).
 * :func:`inpaint_blend`: ``(1 - m) x + m (known_scale known + noise_scale noise)``: Palette's
   clean paste and RePaint's noised paste, with a ``(B, 1, ...)`` or full-size mask.
 * :func:`edict_mix`: EDICT's mixing pair in one pass.
+* :func:`ddpm_learned_step`: a DDPM step with a learned (or learned-range) variance read from the
+  model output's second half, noise included.
 
 The samplers take the same ``backend`` option: DDIM and fixed-variance DDPM steps (noise
 included), EDICT's sub-steps and mixing, and :class:`~imgdiff.conditioning.KnownRegion`'s paste
@@ -36,6 +38,7 @@ from imgdiff.kernels import reference
 __all__ = [
     "BACKENDS",
     "Backend",
+    "ddpm_learned_step",
     "edict_mix",
     "inpaint_blend",
     "lincomb3",
@@ -200,3 +203,46 @@ def edict_mix(
 
         return fused.edict_mix(x, y, mix)
     return reference.edict_mix(x, y, mix)
+
+
+def ddpm_learned_step(
+    x: Tensor,
+    out: Tensor,
+    x_coef: float,
+    out_coef: float,
+    noise: Tensor | None,
+    *,
+    log_beta: float,
+    log_beta_tilde: float,
+    noise_mask: float = 1.0,
+    learned_range: bool = True,
+    backend: Backend = "auto",
+) -> Tensor:
+    """DDPM step ``x_coef x + out_coef out[:, :C] + noise_mask exp(log Sigma / 2) noise``.
+
+    ``x`` ``(B, C, ...)``, ``out`` ``(B, 2C, ...)`` (mean part, then the variance part ``v``),
+    ``noise`` of ``x``'s shape (``None``: the mean only). ``log Sigma`` is improved DDPM's
+    ``frac log_beta + (1 - frac) log_beta_tilde``, ``frac = (v + 1) / 2`` (``learned_range``), or
+    ``v`` itself.
+    """
+    x = check_tensor("x", x, floating=True, min_ndim=2)
+    out = check_tensor("out", out, floating=True)
+    expected = (x.shape[0], 2 * x.shape[1], *x.shape[2:])
+    if tuple(out.shape) != expected:
+        raise InputValueError(
+            f"out: expected shape {expected} (2C channels), got {tuple(out.shape)}"
+        )
+    if noise is not None:
+        noise = _same("noise", noise, x)
+    a, b = check_float("x_coef", x_coef), check_float("out_coef", out_coef)
+    lb, lbt = check_float("log_beta", log_beta), check_float("log_beta_tilde", log_beta_tilde)
+    nm = check_float("noise_mask", noise_mask)
+    if resolve_backend(backend, x) == "triton":
+        from imgdiff.kernels import fused
+
+        return fused.ddpm_learned_step(
+            x, out, a, b, noise, lb, lbt, nm, learned_range=learned_range
+        )
+    return reference.ddpm_learned_step(
+        x, out, a, b, noise, lb, lbt, nm, learned_range=learned_range
+    )

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["edict_mix", "inpaint_blend", "lincomb3"]
+__all__ = ["ddpm_learned_step", "edict_mix", "inpaint_blend", "lincomb3"]
 
 BLOCK = 1024
 
@@ -93,6 +93,41 @@ def _edict_mix_kernel(x_ptr, y_ptr, xo_ptr, yo_ptr, numel, p, BLOCK: tl.constexp
     y_new = p * y + (1.0 - p) * x_new
     tl.store(xo_ptr + offs, x_new.to(xo_ptr.dtype.element_ty), mask=inside)
     tl.store(yo_ptr + offs, y_new.to(yo_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _ddpm_learned_kernel(
+    x_ptr,
+    out_ptr,
+    n_ptr,
+    y_ptr,
+    numel,
+    per_sample,
+    x_coef,
+    out_coef,
+    log_beta,
+    log_beta_tilde,
+    noise_mask,
+    HAS_NOISE: tl.constexpr,
+    LEARNED_RANGE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < numel
+    # x is (B, C*S) contiguous, out is (B, 2*C*S): mean at b*2CS + r, variance CS further on
+    mean_offs = (offs // per_sample) * (2 * per_sample) + offs % per_sample
+    acc = x_coef * tl.load(x_ptr + offs, mask=inside).to(tl.float32)
+    acc += out_coef * tl.load(out_ptr + mean_offs, mask=inside).to(tl.float32)
+    if HAS_NOISE:
+        v = tl.load(out_ptr + mean_offs + per_sample, mask=inside).to(tl.float32)
+        if LEARNED_RANGE:
+            frac = (v + 1.0) * 0.5
+            log_var = frac * log_beta + (1.0 - frac) * log_beta_tilde
+        else:
+            log_var = v
+        noise = tl.load(n_ptr + offs, mask=inside).to(tl.float32)
+        acc += noise_mask * tl.exp(0.5 * log_var) * noise
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=inside)
 
 
 def _layout(x: Tensor) -> torch.memory_format:
@@ -199,3 +234,41 @@ def edict_mix(x: Tensor, y: Tensor, p: float) -> tuple[Tensor, Tensor]:
     numel = x.numel()
     _edict_mix_kernel[_grid(numel)](x, y, x_out, y_out, numel, float(p), BLOCK=BLOCK)
     return x_out, y_out
+
+
+def ddpm_learned_step(
+    x: Tensor,
+    out: Tensor,
+    x_coef: float,
+    out_coef: float,
+    noise: Tensor | None,
+    log_beta: float,
+    log_beta_tilde: float,
+    noise_mask: float,
+    *,
+    learned_range: bool = True,
+) -> Tensor:
+    """Fused DDPM step with a learned variance (contiguous layout; others are copied)."""
+    x = x.contiguous()
+    out = out.contiguous()
+    has_noise = noise is not None and noise_mask != 0.0
+    n = noise.contiguous() if noise is not None and has_noise else x
+    y = torch.empty_like(x)
+    numel = x.numel()
+    _ddpm_learned_kernel[_grid(numel)](
+        x,
+        out,
+        n,
+        y,
+        numel,
+        numel // x.shape[0],
+        float(x_coef),
+        float(out_coef),
+        float(log_beta),
+        float(log_beta_tilde),
+        float(noise_mask),
+        HAS_NOISE=has_noise,
+        LEARNED_RANGE=learned_range,
+        BLOCK=BLOCK,
+    )
+    return y

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["edict_mix", "inpaint_blend", "lincomb3"]
+__all__ = ["ddpm_learned_step", "edict_mix", "inpaint_blend", "lincomb3"]
 
 
 def _wide(t: Tensor) -> Tensor:
@@ -56,3 +56,35 @@ def edict_mix(x: Tensor, y: Tensor, p: float) -> tuple[Tensor, Tensor]:
     x_new = p * xw + (1 - p) * yw
     y_new = p * yw + (1 - p) * x_new
     return x_new.to(x.dtype), y_new.to(y.dtype)
+
+
+def ddpm_learned_step(
+    x: Tensor,
+    out: Tensor,
+    x_coef: float,
+    out_coef: float,
+    noise: Tensor | None,
+    log_beta: float,
+    log_beta_tilde: float,
+    noise_mask: float,
+    *,
+    learned_range: bool = True,
+) -> Tensor:
+    """A DDPM step with a learned variance (improved DDPM, Nichol & Dhariwal 2021, Eq. 15).
+
+    ``out`` ``(B, 2C, ...)``: mean part ``out[:, :C]``, variance part ``v = out[:, C:]``.
+    ``mean = x_coef x + out_coef out[:, :C]``; ``log Sigma = frac log beta + (1 - frac) log
+    beta_tilde`` with ``frac = (v + 1) / 2`` (``learned_range``) or ``log Sigma = v``;
+    returns ``mean + noise_mask exp(log Sigma / 2) noise``.
+    """
+    C = x.shape[1]
+    mean = _wide(x) * x_coef + _wide(out[:, :C]) * out_coef
+    if noise is None or noise_mask == 0.0:
+        return mean.to(x.dtype)
+    v = _wide(out[:, C:])
+    if learned_range:
+        frac = (v + 1.0) * 0.5
+        log_var = frac * log_beta + (1.0 - frac) * log_beta_tilde
+    else:
+        log_var = v
+    return (mean + noise_mask * torch.exp(0.5 * log_var) * _wide(noise)).to(x.dtype)

@@ -10,8 +10,10 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
+from imgdiff import kernels
 from imgdiff._checks import check_choice
-from imgdiff._ops import Scalar, add_scaled_, lincomb
+from imgdiff._ops import Scalar, add_scaled_, fusable, lincomb
+from imgdiff.kernels import use_triton
 from imgdiff.posterior import (
     POSTERIOR_VARIANCE_FLOOR,
     learned_range_log_variance,
@@ -152,6 +154,27 @@ class DDPM(DenoisingSampler[DDPMCoefficients]):
                 noise_weight=c.sigma,
             )
             return StepOutput(x_next, x0)
+        c = coeffs
+        if (
+            self.thresholding is None
+            and fusable(c.x_coef, c.out_coef)
+            and use_triton(self.backend, x)
+            and all(isinstance(v, float) for v in (c.log_beta, c.log_beta_tilde, c.noise_mask))
+        ):  # learned variance: mean, variance and noise in one kernel
+            C = x.shape[1]
+            x_next = kernels.ddpm_learned_step(
+                x,
+                out,
+                float(c.x_coef),
+                float(c.out_coef),
+                noise,
+                log_beta=float(c.log_beta),
+                log_beta_tilde=float(c.log_beta_tilde),
+                noise_mask=float(c.noise_mask),
+                learned_range=self.variance == "learned_range",
+                backend="triton",
+            )
+            return StepOutput(x_next, lambda: c.raw_x0_hat(x, out[:, :C]))
         return self._sample_posterior(*self.posterior(x, out, coeffs), coeffs, noise)
 
     def guided_update(
