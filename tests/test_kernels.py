@@ -266,3 +266,23 @@ def test_learned_variance_ddpm_on_the_kernel_equals_torch() -> None:
                 )
             )
         torch.testing.assert_close(runs[1], runs[0], rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=15, deadline=None)
+@given(_case())
+def test_threshold_apply_equals_reference(case: tuple) -> None:
+    shape, dtype, _, seed = case
+    (x0,) = _tensors(shape, dtype, False, seed, 1)
+    x0 = 2 * x0
+    s = torch.rand(shape[0], generator=torch.Generator().manual_seed(seed)).to(DEVICE) + 1.0
+    _close(kernels.threshold_apply(x0, s, backend="triton"), reference.threshold_apply(x0, s))
+
+
+def test_dynamic_threshold_on_the_kernel_equals_torch() -> None:
+    x0 = 3 * torch.randn(3, 2, 8, 8, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    a = imgdiff.DynamicThreshold(0.9, 1.5, backend="torch")(x0)
+    b = imgdiff.DynamicThreshold(0.9, 1.5, backend="triton")(x0)
+    torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+    assert float(b.abs().max()) <= 1.0 + 1e-6
+    with pytest.raises(IVE, match="s: expected one threshold per sample"):
+        kernels.threshold_apply(x0, torch.ones(2, device=DEVICE))

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from imgdiff._checks import check_float
+from imgdiff import kernels
+from imgdiff._checks import check_choice, check_float
+from imgdiff.kernels import BACKENDS, Backend, use_triton
 
 __all__ = ["Clip", "DynamicThreshold", "Thresholding"]
 
@@ -46,19 +48,26 @@ class DynamicThreshold(Thresholding):
     ``s = quantile(|x0_hat|, ratio)`` over all non-batch elements, ``s <- clamp(s, 1, max_value)``,
     ``x0_hat <- clamp(x0_hat, -s, s) / s``. With the default ``max_value = 1`` it equals
     :class:`Clip` (as in diffusers); pixel-space models that want Imagen's behaviour need
-    ``max_value > 1`` (e.g. 1.5). The quantile is computed in float32 (or float64).
+    ``max_value > 1`` (e.g. 1.5). The quantile is computed in float32 (or float64) by torch; the
+    clamp and scale run as one Triton kernel where ``backend`` resolves to it (see
+    :mod:`imgdiff.kernels`).
     """
 
     ratio: float = 0.995
     max_value: float = 1.0
+    backend: Backend = "auto"
 
     def __post_init__(self) -> None:
         check_float("ratio", self.ratio, min=0.0, max=1.0)
         check_float("max_value", self.max_value, min=1.0)
+        check_choice("backend", self.backend, BACKENDS)
 
     def __call__(self, x0: Tensor) -> Tensor:
         """Per-sample dynamic thresholding of ``x0`` ``(B, ...)``."""
         flat = x0.reshape(x0.shape[0], -1)
         work = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
-        s = torch.quantile(work.abs(), self.ratio, dim=1).clamp(1.0, self.max_value).unsqueeze(1)
-        return (torch.clamp(work, -s, s) / s).to(x0.dtype).reshape(x0.shape)
+        s = torch.quantile(work.abs(), self.ratio, dim=1).clamp(1.0, self.max_value)
+        if use_triton(self.backend, x0):  # the clamp and scale in one pass (Triton)
+            return kernels.threshold_apply(x0, s, backend="triton")
+        t = s.unsqueeze(1)
+        return (torch.clamp(work, -t, t) / t).to(x0.dtype).reshape(x0.shape)

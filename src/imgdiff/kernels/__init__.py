@@ -12,6 +12,8 @@ output once; a Triton kernel equals its reference to float32 rounding (tested).
 * :func:`inpaint_blend`: ``(1 - m) x + m (known_scale known + noise_scale noise)``: Palette's
   clean paste and RePaint's noised paste, with a ``(B, 1, ...)`` or full-size mask.
 * :func:`edict_mix`: EDICT's mixing pair in one pass.
+* :func:`threshold_apply`: ``clamp(x0, -s, s) / s`` with per-sample ``s`` (dynamic thresholding;
+  the quantile itself is torch's reduction).
 * :func:`ddpm_learned_step`: a DDPM step with a learned (or learned-range) variance read from the
   model output's second half, noise included.
 
@@ -43,6 +45,7 @@ __all__ = [
     "inpaint_blend",
     "lincomb3",
     "resolve_backend",
+    "threshold_apply",
     "use_triton",
 ]
 
@@ -246,3 +249,20 @@ def ddpm_learned_step(
     return reference.ddpm_learned_step(
         x, out, a, b, noise, lb, lbt, nm, learned_range=learned_range
     )
+
+
+def threshold_apply(x0: Tensor, s: Tensor, *, backend: Backend = "auto") -> Tensor:
+    """``clamp(x0, -s_b, s_b) / s_b`` for ``x0`` ``(B, ...)`` and per-sample thresholds ``s`` ``(B,)`` > 0."""
+    x0 = check_tensor("x0", x0, floating=True, min_ndim=1)
+    s = check_tensor("s", s, ndim=1, floating=True)
+    if s.shape[0] != x0.shape[0]:
+        raise InputValueError(
+            f"s: expected one threshold per sample ({x0.shape[0]}), got shape {tuple(s.shape)}"
+        )
+    if s.device != x0.device:
+        raise InputValueError(f"s: expected a tensor on {x0.device} (x0's), got {s.device}")
+    if resolve_backend(backend, x0) == "triton":
+        from imgdiff.kernels import fused
+
+        return fused.threshold_apply(x0, s)
+    return reference.threshold_apply(x0, s)

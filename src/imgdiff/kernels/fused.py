@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["ddpm_learned_step", "edict_mix", "inpaint_blend", "lincomb3"]
+__all__ = ["ddpm_learned_step", "edict_mix", "inpaint_blend", "lincomb3", "threshold_apply"]
 
 BLOCK = 1024
 
@@ -128,6 +128,16 @@ def _ddpm_learned_kernel(
         noise = tl.load(n_ptr + offs, mask=inside).to(tl.float32)
         acc += noise_mask * tl.exp(0.5 * log_var) * noise
     tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _threshold_kernel(x_ptr, s_ptr, y_ptr, numel, per_sample, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < numel
+    t = tl.load(s_ptr + offs // per_sample, mask=inside, other=1.0).to(tl.float32)
+    x = tl.load(x_ptr + offs, mask=inside).to(tl.float32)
+    y = tl.minimum(tl.maximum(x, -t), t) / t
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=inside)
 
 
 def _layout(x: Tensor) -> torch.memory_format:
@@ -270,5 +280,17 @@ def ddpm_learned_step(
         HAS_NOISE=has_noise,
         LEARNED_RANGE=learned_range,
         BLOCK=BLOCK,
+    )
+    return y
+
+
+def threshold_apply(x0: Tensor, s: Tensor) -> Tensor:
+    """Fused per-sample ``clamp(x0, -s, s) / s`` (contiguous layout; others are copied)."""
+    x0 = x0.contiguous()
+    s = s.float().contiguous()
+    y = torch.empty_like(x0)
+    numel = x0.numel()
+    _threshold_kernel[_grid(numel)](
+        x0, s, y, numel, max(1, numel // max(1, x0.shape[0])), BLOCK=BLOCK
     )
     return y

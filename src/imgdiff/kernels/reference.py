@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["ddpm_learned_step", "edict_mix", "inpaint_blend", "lincomb3"]
+__all__ = ["ddpm_learned_step", "edict_mix", "inpaint_blend", "lincomb3", "threshold_apply"]
 
 
 def _wide(t: Tensor) -> Tensor:
@@ -88,3 +88,11 @@ def ddpm_learned_step(
     else:
         log_var = v
     return (mean + noise_mask * torch.exp(0.5 * log_var) * _wide(noise)).to(x.dtype)
+
+
+def threshold_apply(x0: Tensor, s: Tensor) -> Tensor:
+    """``clamp(x0, -s_b, s_b) / s_b`` per sample: the elementwise half of Imagen's dynamic
+    thresholding (Saharia et al. 2022, Sec. 2.3); ``s`` ``(B,)`` are the per-sample thresholds."""
+    w = _wide(x0)
+    t = s.to(w.dtype).reshape((-1,) + (1,) * (x0.ndim - 1))
+    return (torch.clamp(w, -t, t) / t).to(x0.dtype)
