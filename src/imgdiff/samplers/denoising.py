@@ -158,25 +158,28 @@ class DenoisingSampler(Sampler[Tensor, DCoeffT]):
         order ``(x - sigma eps) / alpha``), and ``eps_hat`` comes from the model output or, if
         given, from ``eps_from_x0(x0_hat)``. Use at most two of the three weights.
         """
+        x0: Tensor | Callable[[], Tensor]
         if self.thresholding is None and fusable(x_coef, out_coef):
-            lazy_x0 = lambda: coeffs.raw_x0_hat(x, out)  # noqa: E731 - evaluated at most once
+
+            def x0() -> Tensor:  # evaluated at most once, if someone reads it
+                return coeffs.raw_x0_hat(x, out)
+
             if use_triton(self.backend, x) and isinstance(noise_weight, float):
                 fused = kernels.lincomb3(
                     x, float(x_coef), out, float(out_coef), noise, noise_weight, backend="triton"
                 )
-                return fused, lazy_x0
+                return fused, x0
             result = lincomb(x, x_coef, out, out_coef)
         else:
-            x0 = self.x0_hat(x, out, coeffs)
+            x0 = x0_hat = self.x0_hat(x, out, coeffs)
             if isinstance(eps_weight, float) and eps_weight == 0.0:
-                result = lincomb(x0, x0_weight, x, x_weight)
+                result = lincomb(x0_hat, x0_weight, x, x_weight)
             else:
-                eps = eps_from_x0(x0) if eps_from_x0 is not None else coeffs.eps_hat(x, out)
-                result = lincomb(x0, x0_weight, eps, eps_weight)
-            lazy_x0 = x0  # type: ignore[assignment]
+                eps = eps_from_x0(x0_hat) if eps_from_x0 is not None else coeffs.eps_hat(x, out)
+                result = lincomb(x0_hat, x0_weight, eps, eps_weight)
         if noise is not None:
             add_scaled_(result, noise, noise_weight)
-        return result, lazy_x0
+        return result, x0
 
     # ------------------------------------------------------------------ contract
 
