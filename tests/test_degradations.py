@@ -34,7 +34,9 @@ from imgdiff.degradations import (
     to_grayscale,
     uncropping_mask,
     uncropping_pair,
+    with_luma,
 )
+from imgdiff.degradations.operators import luma
 
 IVE = imgdiff.InputValueError
 ITE = imgdiff.InputTypeError
@@ -500,3 +502,17 @@ def test_errors_are_imgdiff_errors() -> None:
         make_mask("star", 64)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="quality"):
         jpeg_compress(X, 0)
+
+
+def test_with_luma_takes_the_measured_luminance_and_keeps_the_chroma() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 8, 8, generator=g, dtype=torch.float64) * 2 - 1
+    gray = to_grayscale(torch.rand(2, 3, 8, 8, generator=g, dtype=torch.float64) * 2 - 1)
+    y = with_luma(x, gray)  # may leave [-1, 1]: measure with the unchecked luma
+    torch.testing.assert_close(luma(y), gray)
+    torch.testing.assert_close(y - luma(y), x - luma(x))
+    torch.testing.assert_close(with_luma(x, to_grayscale(x)), x)
+    with pytest.raises(imgdiff.InputValueError, match="gray"):
+        with_luma(x, gray[:, :1])
+    with pytest.raises(imgdiff.InputValueError, match="images"):
+        with_luma(x[:, :2], gray[:, :2])

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from imgdiff.conditioning import ConcatConditioning, KnownRegion, NoiseLevelConditioning
 from imgdiff.data import toy_shapes
-from imgdiff.degradations import TASKS, Task, make_pairs, sample_tasks
+from imgdiff.degradations import TASKS, Task, make_pairs, sample_tasks, with_luma
 from imgdiff.images import save_image_grid
 from imgdiff.metrics import psnr, ssim
 from imgdiff.nets import UNet, UNetConfig
@@ -169,6 +169,8 @@ def sample_task(
         callback=callback,
         progress=progress,
     )
+    if task == "colorization":  # keep the measured luminance, take the chroma from the sample
+        x = with_luma(x, pair.source)
     return pair.source, x.clamp(-1, 1)
 
 

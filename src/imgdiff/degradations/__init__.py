@@ -27,6 +27,7 @@ from imgdiff.degradations.operators import (
     JPEG_QUALITY_RANGE,
     jpeg_compress,
     to_grayscale,
+    with_luma,
 )
 from imgdiff.degradations.strokes import brush_stroke_mask, irregular_mask
 from imgdiff.degradations.tasks import (
@@ -69,4 +70,5 @@ __all__ = [
     "to_grayscale",
     "uncropping_mask",
     "uncropping_pair",
+    "with_luma",
 ]

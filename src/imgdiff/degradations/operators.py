@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from imgdiff._checks import describe
+from imgdiff._checks import check_tensor, describe
 from imgdiff.degradations._common import check_images
 from imgdiff.errors import InputTypeError, InputValueError
 
@@ -26,6 +26,7 @@ __all__ = [
     "jpeg_round_trip",
     "luma",
     "to_grayscale",
+    "with_luma",
 ]
 
 BT601_LUMA = (0.299, 0.587, 0.114)
@@ -51,6 +52,28 @@ def luma(x: Tensor) -> Tensor:
     """:func:`to_grayscale` of checked images (internal)."""
     weights = torch.tensor(BT601_LUMA, dtype=x.dtype, device=x.device).reshape(1, 3, 1, 1)
     return (x * weights).sum(dim=1, keepdim=True).expand(-1, 3, -1, -1).contiguous()
+
+
+def with_luma(images: Tensor, gray: Tensor) -> Tensor:
+    """``images`` with their BT.601 luma replaced by ``gray``'s: ``x + (gray - luma(x))`` per channel.
+
+    The chroma ``x - luma(x)`` is kept and the luminance becomes the measured one, so
+    ``to_grayscale(with_luma(x, g)) == g`` (the weights sum to one). For colorization, where the
+    grayscale source is the measurement, this makes a sample consistent with it, as colorization
+    methods that predict only chroma do (Zhang et al. 2016 predict ab given L). ``images`` and
+    ``gray`` ``(B, 3, H, W)`` (``gray`` with equal channels, e.g. a colorization source);
+    values are not range-checked and the result is not clamped.
+    """
+    x = check_tensor("images", images, ndim=4, floating=True)
+    g = check_tensor("gray", gray, ndim=4, floating=True)
+    if x.shape[1] != 3:
+        raise InputValueError(f"images: expected (B, 3, H, W) RGB images, got {tuple(x.shape)}")
+    if g.shape != x.shape:
+        raise InputValueError(
+            f"gray: expected the shape of images {tuple(x.shape)} (a grayscale image replicated "
+            f"to 3 channels), got {tuple(g.shape)}"
+        )
+    return x + (g.to(x.dtype) - luma(x))
 
 
 def check_quality(name: str, value: object) -> int:
