@@ -126,7 +126,9 @@ def bench_loops(shape: tuple[int, ...], rounds: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
-    parser.add_argument("--write", type=Path, help="write the markdown table to this file")
+    parser.add_argument(
+        "--write", type=Path, help="replace this script's table in this markdown file"
+    )
     args = parser.parse_args()
     rounds, inner = (5, 20) if args.quick else (31, 50)
 
@@ -161,7 +163,23 @@ def main() -> None:
     print()
     print(text)
     if args.write:
-        args.write.write_text(text)
+        write_table(args.write, lines[0], text)
+
+
+def write_table(path: Path, heading: str, text: str) -> None:
+    """Replace this script's heading and table in ``path`` (the notes after it stay); append it
+    before the GPU section if the file has none yet."""
+    current = path.read_text() if path.exists() else ""
+    start = current.find(heading)
+    if start >= 0:
+        table = current.find("\n|", start)
+        end = current.find("\n\n", table + 1) if table >= 0 else -1
+        end = len(current) if end < 0 else end + 1
+        updated = current[:start] + text + current[end:]
+    else:
+        at = current.find("\n## GPU")
+        updated = current[:at] + "\n" + text + current[at:] if at >= 0 else current + "\n" + text
+    path.write_text(updated)
 
 
 if __name__ == "__main__":

@@ -335,8 +335,9 @@ def edict_mix(x: Tensor, y: Tensor, p: float) -> EDICTState:
 
     Sequential (``y'`` uses the mixed ``x'``); shapes ``(B, ...)``. Inverse: :func:`edict_unmix`.
     """
-    x_mixed = lincomb(x, p, y, 1.0 - p)
-    return x_mixed, lincomb(y, p, x_mixed, 1.0 - p)
+    # lerp(a, b, w) = a + w (b - a): one pass each
+    x_mixed = torch.lerp(y, x, p)
+    return x_mixed, torch.lerp(x_mixed, y, p)
 
 
 def edict_unmix(x: Tensor, y: Tensor, p: float) -> EDICTState:
