@@ -70,7 +70,7 @@ class KnownRegion:
         schedule: the sampler's schedule (``"noised"`` only).
         generator: for the noise of ``"noised"`` pastes (one, or one per sample).
         backend: the paste's implementation (:mod:`imgdiff.kernels`): one fused Triton kernel
-            for CUDA samples where it resolves to ``"triton"``, ``torch.where`` otherwise.
+            where it resolves to ``"triton"``, ``torch.where`` otherwise.
 
     Used as ``sampler.sample(model, known_region.start(noise), callback=known_region)``: after
     each step the known pixels are replaced exactly (``(1 - m) x == (1 - m) known`` bitwise for

@@ -1,9 +1,10 @@
 """Fused updates of the samplers' hot loops: a plain-torch reference and a Triton kernel each.
 
-Every function takes ``backend``: ``"auto"`` (the Triton kernel for CUDA tensors of float32,
-bfloat16 or float16 when Triton is installed, else the reference), ``"torch"`` or ``"triton"``
-(forced; on a CPU only under ``TRITON_INTERPRET=1``, which the parity tests use). float64 always
-runs the reference. The kernels compute in float32 and read each input once and write each
+Every function takes ``backend``: ``"torch"``, ``"triton"`` (on CUDA tensors of float32,
+bfloat16 or float16; on a CPU only under ``TRITON_INTERPRET=1``, which the parity tests use) or
+``"auto"``. float64 always runs the reference. ``"auto"`` will pick Triton for CUDA tensors once
+the compiled kernels have been checked on a GPU (so far they have run only under Triton's
+interpreter); until then it picks torch, and ``backend="triton"`` opts in. The kernels compute in float32 and read each input once and write each
 output once; a Triton kernel equals its reference to float32 rounding (tested).
 
 * :func:`lincomb3`: ``a x + b y + c noise``: the DDIM step (``x_coef``, ``out_coef``, ``sigma``),
@@ -58,6 +59,11 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "").strip() not in ("", "0")
 
 
+# Whether "auto" picks Triton for CUDA tensors: off until the compiled kernels have been run and
+# checked on a GPU (parity tests and benchmarks/kernels.py on CUDA); see docs/kernels.md.
+_AUTO_PICKS_TRITON = False
+
+
 @functools.cache
 def _has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
@@ -68,7 +74,7 @@ def use_triton(backend: Backend, x: Tensor) -> bool:
     if backend == "torch" or x.dtype not in _FUSED_DTYPES:
         return False
     if backend == "auto":
-        return x.is_cuda and _has_triton()
+        return _AUTO_PICKS_TRITON and x.is_cuda and _has_triton()
     return resolve_backend(backend, x) == "triton"
 
 
@@ -79,7 +85,7 @@ def resolve_backend(backend: Backend, x: Tensor) -> Literal["torch", "triton"]:
         return "torch"
     has_triton = _has_triton()
     if backend == "auto":
-        return "triton" if x.is_cuda and has_triton else "torch"
+        return "triton" if _AUTO_PICKS_TRITON and x.is_cuda and has_triton else "torch"
     if not has_triton:
         raise InputValueError("backend: 'triton' needs the triton package (pip install triton)")
     if not x.is_cuda and not _interpreting():

@@ -78,9 +78,9 @@ class Sampler(ABC, Generic[StateT, CoeffT]):
             ``set_alpha_to_one=True``) or ``"first"`` (``alpha_bar_0``; Stable Diffusion).
         dtype: the sampler's arithmetic and state dtype. ``None``: float32, or float64 when
             the input is float64. The model runs in its own dtype (see ``model_dtype``).
-        backend: the updates' implementation (:mod:`imgdiff.kernels`): ``"auto"`` (fused Triton
-            kernels for CUDA samples of float32/bfloat16/float16 when Triton is installed, torch
-            otherwise), ``"torch"`` or ``"triton"``.
+        backend: the updates' implementation (:mod:`imgdiff.kernels`): ``"torch"``, ``"triton"``
+            (fused kernels for CUDA samples of float32/bfloat16/float16) or ``"auto"`` (torch until
+            the kernels have been checked on a GPU; then Triton on CUDA).
 
     Subclasses (decorated ``@dataclass(frozen=True, kw_only=True)``) implement
     :meth:`coefficients`, :meth:`init_state`, :meth:`final_sample` and :meth:`step`, and may
