@@ -69,6 +69,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from step_overhead import _device_name as cpu_name  # the scripts share this folder
 
 import imgdiff
 from imgdiff import kernels
@@ -590,16 +591,6 @@ def count_syncs(fn: Callable[[], object]) -> int:
 # ---------------------------------------------------------------------------- report
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def device_description(device: torch.device) -> str:
     import diffusers
 
@@ -612,7 +603,7 @@ def device_description(device: torch.device) -> str:
             f"GPU: {props.name} ({props.total_memory / 2**30:.0f} GiB, sm_{props.major}{props.minor}), "
             f"{versions}, triton {triton.__version__}"
         )
-    return f"CPU: {_cpu_name()}, {torch.get_num_threads()} torch threads, {versions}"
+    return f"CPU: {cpu_name()}, {torch.get_num_threads()} torch threads, {versions}"
 
 
 def section_heading(cuda: bool) -> str:
