@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import imgdiff
 from imgdiff import (
     DDPM,
     GaussianDenoiser,
@@ -266,3 +267,22 @@ def test_learned_range_sampling_uses_the_predicted_variance() -> None:
     )
     b = DDPM(s).sample(mean_model, noise, num_steps=20, step_noise=z, progress=False)
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_a_subclass_posterior_is_used_by_the_update() -> None:
+    """The fused fixed-variance path must not bypass an overridden ``posterior``."""
+    from imgdiff.samplers.ddpm import DDPMCoefficients
+
+    class Shifted(imgdiff.DDPM):
+        def posterior(self, x, out, coeffs: DDPMCoefficients):  # type: ignore[no-untyped-def]
+            mean, log_var, x0 = super().posterior(x, out, coeffs)
+            return mean + 1.0, log_var, x0
+
+    schedule = imgdiff.NoiseSchedule.linear()
+    model = imgdiff.GaussianDenoiser(schedule)
+    x = torch.randn(2, 1, 2, 2, dtype=torch.float64)
+    kw = {"num_steps": 1, "progress": False, "generator": torch.Generator().manual_seed(0)}
+    plain = imgdiff.DDPM(schedule).sample(model, x, **kw)
+    kw["generator"] = torch.Generator().manual_seed(0)
+    shifted = Shifted(schedule).sample(model, x, **kw)
+    torch.testing.assert_close(shifted, plain + 1.0)

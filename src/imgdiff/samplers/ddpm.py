@@ -140,8 +140,10 @@ class DDPM(DenoisingSampler[DDPMCoefficients]):
     def update(
         self, x: Tensor, out: Tensor, coeffs: DDPMCoefficients, noise: Tensor | None
     ) -> StepOutput[Tensor]:
+        c = coeffs
+        if type(self).posterior is not DDPM.posterior:  # a subclass's posterior is respected
+            return self._sample_posterior(*self.posterior(x, out, c), c, noise)
         if self.output_channels_factor == 1:  # fixed variance: mean and noise in one combination
-            c = coeffs
             x_next, x0 = self.combine(
                 x,
                 out,
@@ -154,7 +156,6 @@ class DDPM(DenoisingSampler[DDPMCoefficients]):
                 noise_weight=c.sigma,
             )
             return StepOutput(x_next, x0)
-        c = coeffs
         if (
             self.thresholding is None
             and fusable(c.x_coef, c.out_coef)
