@@ -286,3 +286,9 @@ def test_dynamic_threshold_on_the_kernel_equals_torch() -> None:
     assert float(b.abs().max()) <= 1.0 + 1e-6
     with pytest.raises(IVE, match="s: expected one threshold per sample"):
         kernels.threshold_apply(x0, torch.ones(2, device=DEVICE))
+
+
+def test_huge_tensors_take_the_reference_path() -> None:
+    huge = torch.empty(2**31, device="meta")  # no memory: only the size matters
+    assert kernels.resolve_backend("triton", huge) == "torch"
+    assert not kernels.use_triton("triton", huge)

@@ -2,7 +2,8 @@
 
 Every function takes ``backend``: ``"torch"``, ``"triton"`` (on CUDA tensors of float32,
 bfloat16 or float16; on a CPU only under ``TRITON_INTERPRET=1``, which the parity tests use) or
-``"auto"``. float64 always runs the reference. ``"auto"`` will pick Triton for CUDA tensors once
+``"auto"``. float64 and tensors of more than 2^31 - 1 elements (the kernels use int32
+offsets) always run the reference. ``"auto"`` will pick Triton for CUDA tensors once
 the compiled kernels have been checked on a GPU (so far they have run only under Triton's
 interpreter); until then it picks torch, and ``backend="triton"`` opts in. The kernels compute in float32 and read each input once and write each
 output once; a Triton kernel equals its reference to float32 rounding (tested).
@@ -69,9 +70,13 @@ def _has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+# The kernels index with int32 offsets: larger tensors take the reference path.
+_MAX_NUMEL = 2**31 - 1
+
+
 def use_triton(backend: Backend, x: Tensor) -> bool:
     """Whether a validated ``backend`` runs the Triton kernel for ``x`` (fast; for inner loops)."""
-    if backend == "torch" or x.dtype not in _FUSED_DTYPES:
+    if backend == "torch" or x.dtype not in _FUSED_DTYPES or x.numel() > _MAX_NUMEL:
         return False
     if backend == "auto":
         return _AUTO_PICKS_TRITON and x.is_cuda and _has_triton()
@@ -81,7 +86,7 @@ def use_triton(backend: Backend, x: Tensor) -> bool:
 def resolve_backend(backend: Backend, x: Tensor) -> Literal["torch", "triton"]:
     """The implementation ``backend`` picks for a sample ``x`` (see the module docstring)."""
     check_choice("backend", backend, BACKENDS)
-    if backend == "torch" or x.dtype not in _FUSED_DTYPES:
+    if backend == "torch" or x.dtype not in _FUSED_DTYPES or x.numel() > _MAX_NUMEL:
         return "torch"
     has_triton = _has_triton()
     if backend == "auto":
