@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import pytest
@@ -281,8 +282,11 @@ def test_a_subclass_posterior_is_used_by_the_update() -> None:
     schedule = imgdiff.NoiseSchedule.linear()
     model = imgdiff.GaussianDenoiser(schedule)
     x = torch.randn(2, 1, 2, 2, dtype=torch.float64)
-    kw = {"num_steps": 1, "progress": False, "generator": torch.Generator().manual_seed(0)}
-    plain = imgdiff.DDPM(schedule).sample(model, x, **kw)
-    kw["generator"] = torch.Generator().manual_seed(0)
-    shifted = Shifted(schedule).sample(model, x, **kw)
-    torch.testing.assert_close(shifted, plain + 1.0)
+    backends = ["torch"] + (["triton"] if importlib.util.find_spec("triton") else [])
+    for backend in backends:  # float32: the Triton path's dtype (a fused step would skip it)
+        x32 = x.float()
+        kw = {"num_steps": 1, "progress": False, "generator": torch.Generator().manual_seed(0)}
+        plain = imgdiff.DDPM(schedule, backend="torch").sample(model, x32, **kw)
+        kw["generator"] = torch.Generator().manual_seed(0)
+        shifted = Shifted(schedule, backend=backend).sample(model, x32, **kw)  # type: ignore[arg-type]
+        torch.testing.assert_close(shifted, plain + 1.0)

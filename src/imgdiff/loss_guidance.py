@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
 import torch
@@ -103,7 +103,9 @@ class LossGuidance(ModelGuidance):
     Args:
         terms: the weighted losses (:class:`LossTerm`).
         source: ``(B, C, ...)`` the source image for losses that compare with it (content,
-            directional CLIP), or ``None``. Its views follow the term's ``input``.
+            directional CLIP), or ``None``. Its views follow the term's ``input``. It is copied to
+            the sample's device and dtype on first use and reused (do not modify it in place
+            while sampling).
         gate_on: what ``max_timestep`` is compared with: the training ``"timestep"`` (what
             ZeCon's thresholds mean), or ``"respaced_index"``, the position in a run counted
             down to 0, as ZeCon's code compares (so with 700 steps or fewer its gates stay open).
@@ -120,6 +122,9 @@ class LossGuidance(ModelGuidance):
     gate_on: GateOn = "timestep"
     generator: torch.Generator | None = None
     on_terms: TermCallback | None = None
+    _placed: dict[tuple[torch.device, torch.dtype], Tensor] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.terms, LossTerm) or not isinstance(self.terms, Sequence):
@@ -184,7 +189,10 @@ class LossGuidance(ModelGuidance):
                     f"source: expected the sample's shape {tuple(x.shape)}, got "
                     f"{tuple(self.source.shape)}"
                 )
-            src = self.source.to(device=x.device, dtype=x.dtype)
+            key = (x.device, x.dtype)
+            src = self._placed.get(key)
+            if src is None:  # copied once per placement, not once per step
+                src = self._placed[key] = self.source.to(device=x.device, dtype=x.dtype)
         y_t = None
         if src is not None and wanted & {"blend", "x_t"}:
             if self.generator is None:

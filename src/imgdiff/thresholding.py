@@ -13,7 +13,7 @@ from torch import Tensor
 
 from imgdiff import kernels
 from imgdiff._checks import check_choice, check_float
-from imgdiff.kernels import BACKENDS, Backend, use_triton
+from imgdiff.kernels import BACKENDS, Backend, reference, use_triton
 
 __all__ = ["Clip", "DynamicThreshold", "Thresholding"]
 
@@ -69,5 +69,4 @@ class DynamicThreshold(Thresholding):
         s = torch.quantile(work.abs(), self.ratio, dim=1).clamp(1.0, self.max_value)
         if use_triton(self.backend, x0):  # the clamp and scale in one pass (Triton)
             return kernels.threshold_apply(x0, s, backend="triton")
-        t = s.unsqueeze(1)
-        return (torch.clamp(work, -t, t) / t).to(x0.dtype).reshape(x0.shape)
+        return reference.threshold_apply(x0, s)

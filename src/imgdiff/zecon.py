@@ -216,6 +216,7 @@ def zecon_edit(
             steps_offset=sampler.steps_offset,
             final_alpha_bar=sampler.final_alpha_bar,
             dtype=sampler.dtype,
+            backend=sampler.backend,
         )
         eps_model = without_variance(model) if sampler.output_channels_factor == 2 else model
         start = inverter.invert(

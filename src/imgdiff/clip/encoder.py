@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -78,6 +78,9 @@ class CLIPEncoder:
 
     clip: LoadedCLIP
     resize: Resize = "resize"
+    _placed_stats: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.clip, LoadedCLIP):
@@ -114,10 +117,15 @@ class CLIPEncoder:
         return int(size)
 
     def _stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        cfg = getattr(self.clip.model.visual, "preprocess_cfg", None) or {}
-        mean = torch.tensor(cfg.get("mean", _CLIP_MEAN), device=x.device, dtype=x.dtype)
-        std = torch.tensor(cfg.get("std", _CLIP_STD), device=x.device, dtype=x.dtype)
-        return mean.view(1, 3, 1, 1), std.view(1, 3, 1, 1)
+        """The normalisation ``(1, 3, 1, 1)`` mean and std, placed once per device and dtype."""
+        key = (x.device, x.dtype)
+        stats = self._placed_stats.get(key)
+        if stats is None:
+            cfg = getattr(self.clip.model.visual, "preprocess_cfg", None) or {}
+            mean = torch.tensor(cfg.get("mean", _CLIP_MEAN), device=x.device, dtype=x.dtype)
+            std = torch.tensor(cfg.get("std", _CLIP_STD), device=x.device, dtype=x.dtype)
+            stats = self._placed_stats[key] = (mean.view(1, 3, 1, 1), std.view(1, 3, 1, 1))
+        return stats
 
     def preprocess(self, images: Tensor) -> Tensor:
         """``(B, 3, H, W)`` in ``[-1, 1]`` -> ``(B, 3, S, S)`` normalised model input (differentiable)."""

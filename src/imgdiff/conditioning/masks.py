@@ -85,10 +85,7 @@ class KnownRegion:
     schedule: NoiseSchedule | None = None
     generator: Generators = None
     backend: Backend = "auto"
-    _placed: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = field(
-        default_factory=dict, init=False, repr=False, compare=False
-    )
-    _keep: dict[tuple[torch.device, torch.dtype], Tensor] = field(
+    _placed: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor, Tensor]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
 
@@ -103,35 +100,26 @@ class KnownRegion:
         check_generators(self.generator, self.known.shape[0])
         check_choice("backend", self.backend, BACKENDS)
 
-    def _on(self, like: Tensor) -> tuple[Tensor, Tensor]:
-        """``known`` and ``mask`` on ``like``'s device and dtype, copied once per placement."""
+    def _on(self, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``known``, the hole mask (bool) and the known-pixel mask ``(B, 1, H, W)`` in ``like``'s
+        dtype (the fused kernel's), on ``like``'s device; made once per placement."""
         key = (like.device, like.dtype)
         placed = self._placed.get(key)
         if placed is None:
-            placed = (
-                self.known.to(device=like.device, dtype=like.dtype),
-                self.mask.to(like.device),
-            )
+            hole = self.mask.to(like.device)
+            keep = (~hole).to(like.dtype).expand(like.shape[0], 1, *hole.shape[2:]).contiguous()
+            placed = (self.known.to(device=like.device, dtype=like.dtype), hole, keep)
             self._placed[key] = placed
         return placed
 
-    def _known_mask(self, like: Tensor) -> Tensor:
-        """``(B, 1, H, W)``, 1 on the known pixels, in ``like``'s dtype (cached): the kernel's mask."""
-        key = (like.device, like.dtype)
-        keep = self._keep.get(key)
-        if keep is None:
-            _, hole = self._on(like)
-            keep = (~hole).to(like.dtype).expand(like.shape[0], 1, *hole.shape[2:]).contiguous()
-            self._keep[key] = keep
-        return keep
-
-    def _known_at(self, timestep: int, known: Tensor) -> Tensor:
+    def _level(self, timestep: int, like: Tensor) -> tuple[float, Tensor | None, float]:
+        """``(known_scale, noise, noise_scale)`` of the paste at ``timestep`` (``-1``: clean)."""
         if self.mode == "clean" or timestep < 0:
-            return known
+            return 1.0, None, 0.0
         assert self.schedule is not None
         ab = float(self.schedule.alphas_cumprod[timestep])  # a host table: no device read
-        noise = draw_normal(known.shape, self.generator, known.device, known.dtype)
-        return known * math.sqrt(ab) + noise * math.sqrt(1.0 - ab)
+        noise = draw_normal(like.shape, self.generator, like.device, like.dtype)
+        return math.sqrt(ab), noise, math.sqrt(1.0 - ab)
 
     def paste(self, x: Tensor, timestep: int) -> Tensor:
         """``x`` with the known region replaced by ``known`` at the level of ``timestep`` (-1: clean)."""
@@ -139,24 +127,20 @@ class KnownRegion:
             raise InputValueError(
                 f"x: expected shape {tuple(self.known.shape)} like known, got {tuple(x.shape)}"
             )
-        known, mask = self._on(x)
+        known, hole, keep = self._on(x)
+        scale, noise, noise_scale = self._level(timestep, x)
         if use_triton(self.backend, x):
-            scale, noise, noise_scale = 1.0, None, 0.0
-            if self.mode == "noised" and timestep >= 0:
-                assert self.schedule is not None
-                ab = float(self.schedule.alphas_cumprod[timestep])  # a host table: no device read
-                scale, noise_scale = math.sqrt(ab), math.sqrt(1.0 - ab)
-                noise = draw_normal(x.shape, self.generator, x.device, x.dtype)
             return kernels.inpaint_blend(
                 x,
                 known,
-                self._known_mask(x),
+                keep,
                 known_scale=scale,
                 noise=noise,
                 noise_scale=noise_scale,
                 backend="triton",
             )
-        return torch.where(mask, x, self._known_at(timestep, known))
+        pasted = known if noise is None else known * scale + noise * noise_scale
+        return torch.where(hole, x, pasted)
 
     def start(self, noise: Tensor, timestep: int | None = None) -> Tensor:
         """A starting sample: ``noise`` in the hole, the known region at the first level.

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from imgdiff._ops import per_sample
+
 __all__ = ["ddpm_learned_step", "edict_mix", "inpaint_blend", "lincomb3", "threshold_apply"]
 
 
@@ -99,5 +101,5 @@ def threshold_apply(x0: Tensor, s: Tensor) -> Tensor:
     """``clamp(x0, -s_b, s_b) / s_b`` per sample: the elementwise half of Imagen's dynamic
     thresholding (Saharia et al. 2022, Sec. 2.3); ``s`` ``(B,)`` are the per-sample thresholds."""
     w = _wide(x0)
-    t = s.to(w.dtype).reshape((-1,) + (1,) * (x0.ndim - 1))
+    t = per_sample(s, w)
     return (torch.clamp(w, -t, t) / t).to(x0.dtype)

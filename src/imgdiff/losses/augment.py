@@ -91,7 +91,9 @@ class CLIPAugment:
         copies = x.repeat(self.n_patch, 1, 1, 1)
         if is_global:
             return F.adaptive_avg_pool2d(copies, (S, S))
-        grid, inside = self.sampling_grid(self.n_patch * B, H, W, generator=generator)
+        grid, inside = self.sampling_grid(
+            self.n_patch * B, H, W, generator=generator, device=x.device
+        )
         return self._warp(copies, grid, inside)
 
     def paired(
@@ -109,42 +111,41 @@ class CLIPAugment:
                 f"y: expected the shape of x {tuple(x.shape)}, got {tuple(y.shape)}"
             )
         B, _, H, W = x.shape
-        grid, inside = self.sampling_grid(self.n_patch * B, H, W, generator=generator)
+        grid, inside = self.sampling_grid(
+            self.n_patch * B, H, W, generator=generator, device=x.device
+        )
         reps = (self.n_patch, 1, 1, 1)
         return self._warp(x.repeat(reps), grid, inside), self._warp(y.repeat(reps), grid, inside)
 
     def _warp(self, copies: Tensor, grid: Tensor, inside: Tensor) -> Tensor:
         S = self.output_size
         work = copies if copies.dtype in (torch.float32, torch.float64) else copies.float()
-        grid = grid.to(device=copies.device, dtype=work.dtype)
+        grid = grid.to(work.dtype)
         out = F.grid_sample(work, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        out = out * inside.to(device=copies.device, dtype=work.dtype)
+        out = out * inside.to(work.dtype)
         return F.adaptive_avg_pool2d(out, (S, S)).to(copies.dtype)
 
     def sampling_grid(
-        self, N: int, H: int, W: int, *, generator: torch.Generator | None = None
+        self,
+        N: int,
+        H: int,
+        W: int,
+        *,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
     ) -> tuple[Tensor, Tensor]:
         """The composed warp of ``N`` copies of an ``H x W`` image.
 
         Returns ``grid`` ``(N, h, w, 2)`` in ``grid_sample``'s normalised ``(x, y)`` coordinates
         of the input (``h = w = patch_size`` in patch mode, else ``H x W``) and ``inside``
-        ``(N, 1, h, w)``, 0 where the perspective warp samples outside its input (zero padding).
-        Parameters are drawn in float64 on the CPU.
+        ``(N, 1, h, w)``, 0 where the perspective warp samples outside its input (zero padding),
+        both float32 on ``device``. The per-copy parameters are drawn in float64 on the CPU (from
+        ``generator``) and only they are moved; the grid itself is built on ``device``.
         """
         h, w = (self.patch_size, self.patch_size) if self.patch else (H, W)
-        f64 = torch.float64
-        ys = (torch.arange(h, dtype=f64) + 0.5) / h * 2 - 1
-        xs = (torch.arange(w, dtype=f64) + 0.5) / w * 2 - 1
-        gy, gx = torch.meshgrid(ys, xs, indexing="ij")
-        pts = torch.stack([gx, gy], dim=-1).reshape(1, h * w, 2).expand(N, -1, -1)
-
-        # 3. perspective (applied last, inverted first): output -> affine-output coordinates
+        # the random parameters, in a fixed draw order
         apply_persp = self._coin(N, generator)
         H_inv = _perspective_inverse(N, self.distortion * apply_persp, generator)
-        pts = _apply_homography(H_inv, pts)
-        inside = (pts.abs() <= 1.0).all(dim=-1).to(f64)
-
-        # 2. affine: affine-output -> crop coordinates (border padding: clamp to the crop)
         apply_aff = self._coin(N, generator)
         angle = _uniform(N, -self.degrees, self.degrees, generator) * math.pi / 180 * apply_aff
         shift = torch.stack(
@@ -154,19 +155,34 @@ class CLIPAugment:
             ],
             dim=-1,
         )
+        crop = self._crops(N, H, W, generator) if self.patch else None
+
+        def on(t: Tensor) -> Tensor:
+            return t.to(device=device, dtype=torch.float32)
+
+        ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h * 2 - 1
+        xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w * 2 - 1
+        gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+        pts = torch.stack([gx, gy], dim=-1).reshape(1, h * w, 2).expand(N, -1, -1)
+
+        # 3. perspective (applied last, inverted first): output -> affine-output coordinates
+        pts = _apply_homography(on(H_inv), pts)
+        inside = (pts.abs() <= 1.0).all(dim=-1).float()
+
+        # 2. affine: affine-output -> crop coordinates (border padding: clamp to the crop)
         # rotate in pixel-proportional coordinates so that non-square inputs stay undistorted
-        aspect = torch.tensor([w / 2, h / 2], dtype=f64)
-        p = (pts - shift[:, None, :]) * aspect
-        cos, sin = torch.cos(angle)[:, None], torch.sin(angle)[:, None]
+        aspect = torch.tensor([w / 2, h / 2], device=device)
+        p = (pts - on(shift)[:, None, :]) * aspect
+        cos, sin = on(torch.cos(angle))[:, None], on(torch.sin(angle))[:, None]
         rx = cos * p[..., 0] + sin * p[..., 1]
         ry = -sin * p[..., 0] + cos * p[..., 1]
         pts = (torch.stack([rx, ry], dim=-1) / aspect).clamp(-1.0, 1.0)
 
         # 1. crop: crop coordinates -> image coordinates
-        if self.patch:
-            centre, half = self._crops(N, H, W, generator)
-            pts = centre[:, None, :] + pts * half[:, None, :]
-        return pts.reshape(N, h, w, 2).float(), inside.reshape(N, 1, h, w).float()
+        if crop is not None:
+            centre, half = crop
+            pts = on(centre)[:, None, :] + pts * on(half)[:, None, :]
+        return pts.reshape(N, h, w, 2), inside.reshape(N, 1, h, w)
 
     def _coin(self, N: int, generator: torch.Generator | None) -> Tensor:
         if self.p >= 1.0:
@@ -228,6 +244,5 @@ def _homography(src: Tensor, dst: Tensor) -> Tensor:
 
 def _apply_homography(M: Tensor, pts: Tensor) -> Tensor:
     """Points ``(N, P, 2)`` through homographies ``(N, 3, 3)``."""
-    ones = torch.ones(*pts.shape[:-1], 1, dtype=pts.dtype)
-    mapped = torch.cat([pts, ones], dim=-1) @ M.transpose(1, 2)
+    mapped = torch.cat([pts, torch.ones_like(pts[..., :1])], dim=-1) @ M.transpose(1, 2)
     return mapped[..., :2] / mapped[..., 2:]

@@ -141,9 +141,19 @@ class DDPM(DenoisingSampler[DDPMCoefficients]):
         self, x: Tensor, out: Tensor, coeffs: DDPMCoefficients, noise: Tensor | None
     ) -> StepOutput[Tensor]:
         c = coeffs
-        if type(self).posterior is not DDPM.posterior:  # a subclass's posterior is respected
-            return self._sample_posterior(*self.posterior(x, out, c), c, noise)
-        if self.output_channels_factor == 1:  # fixed variance: mean and noise in one combination
+        # the Triton path fuses the posterior mean with the noise (the posterior's formula, so not
+        # for a subclass that overrides it); the torch path is the posterior and its sampling
+        if use_triton(self.backend, x) and type(self).posterior is DDPM.posterior:
+            fused = self._fused_update(x, out, c, noise)
+            if fused is not None:
+                return fused
+        return self._sample_posterior(*self.posterior(x, out, c), c, noise)
+
+    def _fused_update(
+        self, x: Tensor, out: Tensor, c: DDPMCoefficients, noise: Tensor | None
+    ) -> StepOutput[Tensor] | None:
+        """One Triton kernel per step, or ``None`` where the step must go through ``x0_hat``."""
+        if self.output_channels_factor == 1:  # combine goes through x0_hat itself where needed
             x_next, x0 = self.combine(
                 x,
                 out,
@@ -156,27 +166,27 @@ class DDPM(DenoisingSampler[DDPMCoefficients]):
                 noise_weight=c.sigma,
             )
             return StepOutput(x_next, x0)
+        steps = (c.x_coef, c.out_coef, c.log_beta, c.log_beta_tilde, c.noise_mask)
         if (
-            self.thresholding is None
-            and fusable(c.x_coef, c.out_coef)
-            and use_triton(self.backend, x)
-            and all(isinstance(v, float) for v in (c.log_beta, c.log_beta_tilde, c.noise_mask))
-        ):  # learned variance: mean, variance and noise in one kernel
-            C = x.shape[1]
-            x_next = kernels.ddpm_learned_step(
-                x,
-                out,
-                float(c.x_coef),
-                float(c.out_coef),
-                noise,
-                log_beta=float(c.log_beta),
-                log_beta_tilde=float(c.log_beta_tilde),
-                noise_mask=float(c.noise_mask),
-                learned_range=self.variance == "learned_range",
-                backend="triton",
-            )
-            return StepOutput(x_next, lambda: c.raw_x0_hat(x, out[:, :C]))
-        return self._sample_posterior(*self.posterior(x, out, coeffs), coeffs, noise)
+            self.thresholding is not None
+            or not fusable(c.x_coef, c.out_coef)
+            or not all(isinstance(v, float) for v in steps)
+        ):
+            return None
+        C = x.shape[1]
+        x_next = kernels.ddpm_learned_step(
+            x,
+            out,
+            float(c.x_coef),
+            float(c.out_coef),
+            noise,
+            log_beta=float(c.log_beta),
+            log_beta_tilde=float(c.log_beta_tilde),
+            noise_mask=float(c.noise_mask),
+            learned_range=self.variance == "learned_range",
+            backend="triton",
+        )
+        return StepOutput(x_next, lambda: c.raw_x0_hat(x, out[:, :C]))
 
     def guided_update(
         self, x: Tensor, out: Tensor, coeffs: DDPMCoefficients, noise: Tensor | None, grad: Tensor
