@@ -206,7 +206,8 @@ def inpaint_blend(
 def edict_mix(
     x: Tensor, y: Tensor, p: float, *, backend: Backend = "auto"
 ) -> tuple[Tensor, Tensor]:
-    """EDICT's mixing pair ``x' = p x + (1 - p) y``, ``y' = p y + (1 - p) x'`` (new tensors)."""
+    """EDICT's mixing pair ``x' = p x + (1 - p) y``, ``y' = p y + (1 - p) x'`` (Wallace et al.
+    2023, Eq. 13): two new ``(B, ...)`` tensors of ``x``'s shape and dtype."""
     x = check_tensor("x", x, floating=True, min_ndim=1)
     y = _same("y", y, x)
     if y.dtype != x.dtype:
