@@ -1,9 +1,13 @@
-"""Fused kernels equal their torch references: on a GPU when there is one, else through Triton's
-interpreter on the CPU (``TRITON_INTERPRET=1``, set by conftest before Triton is imported)."""
+"""Fused kernels equal their torch references: the Triton kernels on a GPU when there is one, else
+through Triton's interpreter on the CPU (``TRITON_INTERPRET=1``, set by conftest before Triton is
+imported), and the compiled CPU kernels (``backend="cpu"``) on the CPU."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -18,10 +22,17 @@ from imgdiff.kernels import reference
 CUDA = torch.cuda.is_available()
 if not CUDA:  # conftest sets it before anything imports Triton; this guards a direct run
     os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton")
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 DEVICE = "cuda" if CUDA else "cpu"
 IVE = imgdiff.InputValueError
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+# every fused implementation this machine runs; the CPU kernels need a C compiler (CI has one)
+FUSED = (["triton"] if HAS_TRITON else []) + ["cpu"]
+
+
+def _device(backend: str) -> str:
+    return "cpu" if backend == "cpu" else DEVICE
 
 
 def _tol(dtype: torch.dtype, ref: Tensor) -> float:
@@ -49,12 +60,17 @@ def _case(draw: st.DrawFn) -> tuple[tuple[int, ...], torch.dtype, bool, int]:
 
 
 def _tensors(
-    shape: tuple[int, ...], dtype: torch.dtype, channels_last: bool, seed: int, n: int
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    channels_last: bool,
+    seed: int,
+    n: int,
+    device: str = DEVICE,
 ) -> list[Tensor]:
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
-        t = torch.randn(shape, generator=g).to(device=DEVICE, dtype=dtype)
+        t = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
         out.append(t.contiguous(memory_format=torch.channels_last) if channels_last else t)
     return out
 
@@ -62,46 +78,71 @@ def _tensors(
 COEF = st.floats(-3.0, 3.0, allow_nan=False)
 
 
+@pytest.mark.parametrize("backend", FUSED)
 @settings(max_examples=25, deadline=None)
 @given(_case(), COEF, COEF, COEF)
-def test_lincomb3_equals_reference(case: tuple, a: float, b: float, c: float) -> None:
+def test_lincomb3_equals_reference(backend: str, case: tuple, a: float, b: float, c: float) -> None:
     shape, dtype, channels_last, seed = case
-    x, y, n = _tensors(shape, dtype, channels_last, seed, 3)
+    x, y, n = _tensors(shape, dtype, channels_last, seed, 3, _device(backend))
     before = [t.clone() for t in (x, y, n)]
-    got = kernels.lincomb3(x, a, y, b, n, c, backend="triton")
+    got = kernels.lincomb3(x, a, y, b, n, c, backend=backend)  # type: ignore[arg-type]
     _close(got, reference.lincomb3(x, a, y, b, n, c))
-    _close(kernels.lincomb3(x, a, y, b, backend="triton"), reference.lincomb3(x, a, y, b))
+    _close(kernels.lincomb3(x, a, y, b, backend=backend), reference.lincomb3(x, a, y, b))  # type: ignore[arg-type]
     assert got.stride() == x.stride()  # the output keeps x's layout
     for t, t0 in zip((x, y, n), before, strict=True):
         assert torch.equal(t, t0)
 
 
+@pytest.mark.parametrize("backend", FUSED)
 @settings(max_examples=20, deadline=None)
-@given(_case(), st.floats(0.0, 1.0), st.floats(0.0, 1.0), st.booleans(), st.booleans())
+@given(
+    _case(),
+    st.floats(0.0, 1.0),
+    st.floats(0.0, 1.0),
+    st.booleans(),
+    st.booleans(),
+    st.sampled_from(["same", "float32", "bool", "fraction"]),
+)
 def test_inpaint_blend_equals_reference(
-    case: tuple, ks: float, ns: float, single_channel_mask: bool, with_noise: bool
+    backend: str,
+    case: tuple,
+    ks: float,
+    ns: float,
+    single_channel_mask: bool,
+    with_noise: bool,
+    mask_kind: str,
 ) -> None:
     shape, dtype, channels_last, seed = case
-    x, known, noise = _tensors(shape, dtype, channels_last, seed, 3)
+    device = _device(backend)
+    x, known, noise = _tensors(shape, dtype, channels_last, seed, 3, device)
     g = torch.Generator().manual_seed(seed + 1)
     mshape = (shape[0], 1, *shape[2:]) if single_channel_mask else shape
-    mask = (torch.rand(mshape, generator=g) > 0.5).to(device=DEVICE, dtype=dtype)
+    u = torch.rand(mshape, generator=g)
+    mask = {
+        "same": (u > 0.5).to(dtype),
+        "float32": (u > 0.5).float(),
+        "bool": u > 0.5,
+        "fraction": u.to(dtype),  # soft masks: exactly representable in x's dtype
+    }[mask_kind].to(device)
     kw = {"known_scale": ks, "noise": noise if with_noise else None, "noise_scale": ns}
-    got = kernels.inpaint_blend(x, known, mask, backend="triton", **kw)  # type: ignore[arg-type]
-    _close(got, reference.inpaint_blend(x, known, mask, **kw))  # type: ignore[arg-type]
+    got = kernels.inpaint_blend(x, known, mask, backend=backend, **kw)  # type: ignore[arg-type]
+    _close(got, reference.inpaint_blend(x, known, mask.to(x.dtype), **kw))  # type: ignore[arg-type]
+    assert got.stride() == x.stride()
 
 
+@pytest.mark.parametrize("backend", FUSED)
 @settings(max_examples=20, deadline=None)
 @given(_case(), st.floats(0.5, 0.99))
-def test_edict_mix_equals_reference(case: tuple, p: float) -> None:
+def test_edict_mix_equals_reference(backend: str, case: tuple, p: float) -> None:
     shape, dtype, channels_last, seed = case
-    x, y = _tensors(shape, dtype, channels_last, seed, 2)
-    gx, gy = kernels.edict_mix(x, y, p, backend="triton")
+    x, y = _tensors(shape, dtype, channels_last, seed, 2, _device(backend))
+    gx, gy = kernels.edict_mix(x, y, p, backend=backend)  # type: ignore[arg-type]
     rx, ry = reference.edict_mix(x, y, p)
     _close(gx, rx)
     _close(gy, ry)
 
 
+@needs_triton
 def test_in_kernel_noise_is_seeded_standard_normal() -> None:
     x = torch.zeros(4, 4, 64, 64, device=DEVICE)
     a = kernels.lincomb3(x, 1.0, x, 1.0, c=1.0, seed=3, backend="triton")
@@ -117,24 +158,45 @@ def test_in_kernel_noise_is_seeded_standard_normal() -> None:
     torch.testing.assert_close(blended, 0.5 * a)  # the same stream for the same elements
 
 
-def test_non_dense_inputs_and_float64_fall_back_correctly() -> None:
-    x = torch.randn(2, 3, 8, 9, device=DEVICE).transpose(2, 3)  # neither layout
-    y = torch.randn(2, 3, 9, 8, device=DEVICE)
-    _close(kernels.lincomb3(x, 0.5, y, -1.5, backend="triton"), reference.lincomb3(x, 0.5, y, -1.5))
+@pytest.mark.parametrize("backend", FUSED)
+def test_non_dense_inputs_and_float64_fall_back_correctly(backend: str) -> None:
+    device = _device(backend)
+    x = torch.randn(2, 3, 8, 9, device=device).transpose(2, 3)  # neither layout
+    y = torch.randn(2, 3, 9, 8, device=device)
+    got = kernels.lincomb3(x, 0.5, y, -1.5, backend=backend)  # type: ignore[arg-type]
+    _close(got, reference.lincomb3(x, 0.5, y, -1.5))
     x64, y64 = x.double(), y.double()
     assert torch.equal(
-        kernels.lincomb3(x64, 0.5, y64, -1.5, backend="triton"),
+        kernels.lincomb3(x64, 0.5, y64, -1.5, backend=backend),  # type: ignore[arg-type]
         reference.lincomb3(x64, 0.5, y64, -1.5),
     )
+    empty = torch.zeros(0, 3, 4, 4, device=device)
+    assert kernels.inpaint_blend(empty, empty, empty, backend=backend).shape == empty.shape  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_fused_paths_leave_autograd_to_torch(backend: str) -> None:
+    device = _device(backend)
+    x = torch.randn(2, 3, 4, 4, device=device, requires_grad=True)
+    y = torch.randn(2, 3, 4, 4, device=device)
+    kernels.lincomb3(x, 2.0, y, 1.0, backend=backend).sum().backward()  # type: ignore[arg-type]
+    assert x.grad is not None
+    torch.testing.assert_close(x.grad, torch.full_like(x, 2.0))
+    gx, gy = kernels.edict_mix(x, y, 0.9, backend=backend)  # type: ignore[arg-type]
+    assert gx.requires_grad
+    assert gy.requires_grad
 
 
 def test_auto_backend_and_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu = torch.zeros(1, 2, 2, 2)
-    assert kernels.resolve_backend("auto", cpu) == "torch"
-    assert kernels.resolve_backend("triton", cpu.double()) == "torch"
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(IVE, match="TRITON_INTERPRET"):
-        kernels.resolve_backend("triton", cpu)
+    assert kernels.resolve_backend("auto", cpu) == "cpu"  # the compiled CPU kernels
+    assert kernels.resolve_backend("auto", cpu.half()) == "torch"
+    assert kernels.resolve_backend("cpu", cpu.double()) == "torch"
+    if HAS_TRITON:
+        assert kernels.resolve_backend("triton", cpu.double()) == "torch"
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        with pytest.raises(IVE, match="TRITON_INTERPRET"):
+            kernels.resolve_backend("triton", cpu)
     with pytest.raises(IVE, match="backend"):
         kernels.resolve_backend("cuda", cpu)  # type: ignore[arg-type]
     with pytest.raises(IVE, match="y: expected shape"):
@@ -159,19 +221,22 @@ SCHED = imgdiff.NoiseSchedule.linear()
 
 def _run(make: object, backend: str, steps: int, **kw: object) -> Tensor:
     sampler = make(backend)  # type: ignore[operator]
-    noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    device = _device(backend)
+    noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)).to(device)
     return sampler.sample(  # type: ignore[no-any-return]
         imgdiff.GaussianDenoiser(SCHED), noise, num_steps=steps, progress=False, **kw
     )
 
 
+@pytest.mark.parametrize("fused", FUSED)
 @pytest.mark.filterwarnings("ignore::imgdiff.PrecisionWarning")
-def test_samplers_give_the_same_samples_on_the_triton_kernels() -> None:
+def test_samplers_give_the_same_samples_on_the_fused_kernels(fused: str) -> None:
+    device = _device(fused)
     cases = {
         "ddim": (lambda b: imgdiff.DDIM(SCHED, backend=b), {}),
         "ddim eta": (
             lambda b: imgdiff.DDIM(SCHED, eta=0.5, backend=b),
-            {"generator": torch.Generator(DEVICE).manual_seed(1)},
+            {"generator": torch.Generator(device).manual_seed(1)},
         ),
         "ddpm": (lambda b: imgdiff.DDPM(SCHED, backend=b), {"generator": 1}),
         # EDICT's coupled map amplifies rounding differences over steps: compare two steps
@@ -179,30 +244,32 @@ def test_samplers_give_the_same_samples_on_the_triton_kernels() -> None:
     }
     for name, (make, kw) in cases.items():
         runs = []
-        for backend in ("torch", "triton"):
+        for backend in ("torch", fused):
             extra = dict(kw)
             if extra.get("generator") is not None:
-                extra["generator"] = torch.Generator(DEVICE).manual_seed(1)
+                extra["generator"] = torch.Generator(device).manual_seed(1)
             runs.append(_run(make, backend, 2 if name == "edict" else 8, **extra))
         torch.testing.assert_close(runs[1], runs[0], rtol=1e-5, atol=1e-5, msg=name)
 
 
-def test_known_region_paste_on_the_kernel_equals_torch() -> None:
+@pytest.mark.parametrize("fused", FUSED)
+def test_known_region_paste_on_the_kernel_equals_torch(fused: str) -> None:
     from imgdiff.conditioning import KnownRegion
 
-    known = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(2)).to(DEVICE)
-    mask = torch.zeros(1, 1, 8, 8, device=DEVICE)
+    device = _device(fused)
+    known = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(2)).to(device)
+    mask = torch.zeros(1, 1, 8, 8, device=device)
     mask[..., 2:6, 2:6] = 1
-    x = torch.randn(2, 3, 8, 8, device=DEVICE)
+    x = torch.randn(2, 3, 8, 8, device=device)
     for mode in ("clean", "noised"):
         pastes = []
-        for backend in ("torch", "triton"):
+        for backend in ("torch", fused):
             region = KnownRegion(
                 known,
                 mask,
                 mode=mode,  # type: ignore[arg-type]
                 schedule=SCHED,
-                generator=torch.Generator(DEVICE).manual_seed(3),
+                generator=torch.Generator(device).manual_seed(3),
                 backend=backend,  # type: ignore[arg-type]
             )
             pastes.append(region.paste(x, 500))
@@ -211,6 +278,7 @@ def test_known_region_paste_on_the_kernel_equals_torch() -> None:
         assert torch.equal(pastes[1][hole], x[hole])
 
 
+@needs_triton
 @settings(max_examples=15, deadline=None)
 @given(_case(), st.floats(-2, 2), st.floats(-2, 2), st.booleans(), st.booleans())
 def test_ddpm_learned_step_equals_reference(
@@ -230,6 +298,7 @@ def test_ddpm_learned_step_equals_reference(
     _close(got, reference.ddpm_learned_step(x, out, a, b, n, **kw))  # type: ignore[arg-type]
 
 
+@needs_triton
 def test_learned_variance_ddpm_on_the_kernel_equals_torch() -> None:
     from imgdiff.posterior import learned_range_log_variance
 
@@ -268,6 +337,7 @@ def test_learned_variance_ddpm_on_the_kernel_equals_torch() -> None:
         torch.testing.assert_close(runs[1], runs[0], rtol=1e-5, atol=1e-5)
 
 
+@needs_triton
 @settings(max_examples=15, deadline=None)
 @given(_case())
 def test_threshold_apply_equals_reference(case: tuple) -> None:
@@ -278,6 +348,7 @@ def test_threshold_apply_equals_reference(case: tuple) -> None:
     _close(kernels.threshold_apply(x0, s, backend="triton"), reference.threshold_apply(x0, s))
 
 
+@needs_triton
 def test_dynamic_threshold_on_the_kernel_equals_torch() -> None:
     x0 = 3 * torch.randn(3, 2, 8, 8, generator=torch.Generator().manual_seed(4)).to(DEVICE)
     a = imgdiff.DynamicThreshold(0.9, 1.5, backend="torch")(x0)
@@ -288,7 +359,70 @@ def test_dynamic_threshold_on_the_kernel_equals_torch() -> None:
         kernels.threshold_apply(x0, torch.ones(2, device=DEVICE))
 
 
+@needs_triton
 def test_huge_tensors_take_the_reference_path() -> None:
     huge = torch.empty(2**31, device="meta")  # no memory: only the size matters
     assert kernels.resolve_backend("triton", huge) == "torch"
     assert not kernels.use_triton("triton", huge)
+
+
+# -- the compiled CPU kernels: building, falling back, forking -----------------------------------
+
+
+def _python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_cpu_kernels_without_a_compiler_fall_back_with_a_clear_error(tmp_path: object) -> None:
+    code = """
+import torch, imgdiff
+from imgdiff import kernels
+x = torch.ones(1, 2, 3, 3)
+assert not kernels.cpu.available()
+print(kernels.cpu.build_error())
+assert kernels.resolve_backend("auto", x) == "torch"
+assert torch.equal(kernels.lincomb3(x, 2.0, x, 1.0), 3 * x)
+try:
+    kernels.lincomb3(x, 2.0, x, 1.0, backend="cpu")
+except imgdiff.InputValueError as e:
+    print("ERROR:", e)
+"""
+    done = _python(code, CC="/nonexistent/cc", IMGDIFF_CACHE_DIR=str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert "no C compiler found" in done.stdout
+    assert "ERROR: backend: 'cpu' needs the compiled CPU kernels" in done.stdout
+    off = _python(code, IMGDIFF_CPU_KERNELS="0")
+    assert off.returncode == 0, off.stderr
+    assert "IMGDIFF_CPU_KERNELS=0" in off.stdout
+
+
+def test_cpu_kernels_run_in_a_forked_child() -> None:
+    # an OpenMP team made before fork() must not be used in the child (it would hang); torch's
+    # own ops need one thread there too (as in DataLoader workers), so the child sets that
+    code = """
+import multiprocessing as mp, torch
+from imgdiff import kernels
+x = torch.randn(4, 4, 128, 128)
+want = kernels.lincomb3(x, 0.5, x, 0.25, backend="torch")
+assert torch.equal(kernels.lincomb3(x, 0.5, x, 0.25, backend="cpu"), want)  # threads in the parent
+
+def child(q):
+    torch.set_num_threads(1)
+    q.put(bool(torch.equal(kernels.lincomb3(x, 0.5, x, 0.25, backend="cpu"), want)))
+
+q = mp.get_context("fork").Queue()
+p = mp.get_context("fork").Process(target=child, args=(q,))
+p.start(); p.join(60)
+assert p.exitcode == 0 and q.get(timeout=5)
+print("ok")
+"""
+    done = _python(code)
+    assert done.returncode == 0, done.stderr
+    assert "ok" in done.stdout

@@ -24,7 +24,7 @@ from torch import Tensor
 from imgdiff import kernels
 from imgdiff._checks import check_choice, check_tensor, describe
 from imgdiff.errors import InputTypeError, InputValueError
-from imgdiff.kernels import BACKENDS, Backend, use_triton
+from imgdiff.kernels import BACKENDS, Backend, fused_backend
 from imgdiff.randomness import Generators, check_generators, draw_normal
 from imgdiff.samplers.step import StepInfo
 from imgdiff.schedules import NoiseSchedule
@@ -129,16 +129,9 @@ class KnownRegion:
             )
         known, hole, keep = self._on(x)
         scale, noise, noise_scale = self._level(timestep, x)
-        if use_triton(self.backend, x):
-            return kernels.inpaint_blend(
-                x,
-                known,
-                keep,
-                known_scale=scale,
-                noise=noise,
-                noise_scale=noise_scale,
-                backend="triton",
-            )
+        impl = fused_backend(self.backend, x)
+        if impl is not None:
+            return kernels.fused_inpaint_blend(impl, x, known, keep, scale, noise, noise_scale)
         pasted = known if noise is None else known * scale + noise * noise_scale
         return torch.where(hole, x, pasted)
 

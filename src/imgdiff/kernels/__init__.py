@@ -37,13 +37,18 @@ from torch import Tensor
 
 from imgdiff._checks import check_choice, check_float, check_int, check_tensor, describe
 from imgdiff.errors import InputTypeError, InputValueError
-from imgdiff.kernels import reference
+from imgdiff.kernels import cpu, reference
 
 __all__ = [
     "BACKENDS",
     "Backend",
+    "Fused",
     "ddpm_learned_step",
     "edict_mix",
+    "fused_backend",
+    "fused_edict_mix",
+    "fused_inpaint_blend",
+    "fused_lincomb3",
     "inpaint_blend",
     "lincomb3",
     "resolve_backend",
@@ -51,8 +56,9 @@ __all__ = [
     "use_triton",
 ]
 
-Backend = Literal["auto", "torch", "triton"]
-BACKENDS: tuple[Backend, ...] = ("auto", "torch", "triton")
+Backend = Literal["auto", "torch", "triton", "cpu"]
+BACKENDS: tuple[Backend, ...] = ("auto", "torch", "triton", "cpu")
+Fused = Literal["triton", "cpu"]
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -70,28 +76,62 @@ def _has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-# The kernels index with int32 offsets: larger tensors take the reference path.
+# The kernels index with int32 offsets (Triton) or are not worth it beyond: larger tensors take
+# the reference path.
 _MAX_NUMEL = 2**31 - 1
 
 
+def _differentiable(tensors: tuple[Tensor | None, ...]) -> bool:
+    """Whether autograd must see the update (the kernels are not differentiable)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def fused_backend(backend: Backend, x: Tensor, *others: Tensor | None) -> Fused | None:
+    """The fused kernels a validated ``backend`` runs for a sample ``x`` and the update's other
+    operands, or ``None`` for the torch path (fast; for inner loops)."""
+    if backend == "torch" or x.numel() > _MAX_NUMEL or _differentiable((x, *others)):
+        return None
+    if backend == "auto":
+        if x.is_cuda:
+            ok = _AUTO_PICKS_TRITON and x.dtype in _FUSED_DTYPES and _has_triton()
+            return "triton" if ok else None
+        if x.device.type == "cpu" and x.dtype in cpu.DTYPES and cpu.available():
+            return "cpu"
+        return None
+    resolved = resolve_backend(backend, x)
+    return None if resolved == "torch" else resolved
+
+
 def use_triton(backend: Backend, x: Tensor) -> bool:
-    """Whether a validated ``backend`` runs the Triton kernel for ``x`` (fast; for inner loops)."""
-    if backend == "torch" or x.dtype not in _FUSED_DTYPES or x.numel() > _MAX_NUMEL:
-        return False
-    if backend == "auto":
-        return _AUTO_PICKS_TRITON and x.is_cuda and _has_triton()
-    return resolve_backend(backend, x) == "triton"
+    """Whether a validated ``backend`` runs the Triton kernel for ``x``."""
+    return fused_backend(backend, x) == "triton"
 
 
-def resolve_backend(backend: Backend, x: Tensor) -> Literal["torch", "triton"]:
-    """The implementation ``backend`` picks for a sample ``x`` (see the module docstring)."""
+def resolve_backend(backend: Backend, x: Tensor) -> Literal["torch", "triton", "cpu"]:
+    """The implementation ``backend`` picks for a sample ``x`` (see the module docstring).
+
+    ``"triton"`` and ``"cpu"`` fall back to torch for dtypes their kernels do not take (float64
+    always) and raise when they cannot run on ``x``'s device.
+    """
     check_choice("backend", backend, BACKENDS)
-    if backend == "torch" or x.dtype not in _FUSED_DTYPES or x.numel() > _MAX_NUMEL:
+    if backend == "torch" or x.numel() > _MAX_NUMEL:
         return "torch"
-    has_triton = _has_triton()
     if backend == "auto":
-        return "triton" if _AUTO_PICKS_TRITON and x.is_cuda and has_triton else "torch"
-    if not has_triton:
+        return fused_backend("auto", x) or "torch"
+    if backend == "cpu":
+        if x.device.type != "cpu":
+            raise InputValueError(f"backend: 'cpu' runs on CPU tensors, got a tensor on {x.device}")
+        if x.dtype not in cpu.DTYPES:
+            return "torch"
+        if not cpu.available():
+            raise InputValueError(
+                f"backend: 'cpu' needs the compiled CPU kernels, which are unavailable: "
+                f"{cpu.build_error()}"
+            )
+        return "cpu"
+    if x.dtype not in _FUSED_DTYPES:
+        return "torch"
+    if not _has_triton():
         raise InputValueError("backend: 'triton' needs the triton package (pip install triton)")
     if not x.is_cuda and not _interpreting():
         raise InputValueError(
@@ -99,6 +139,66 @@ def resolve_backend(backend: Backend, x: Tensor) -> Literal["torch", "triton"]:
             f"got a tensor on {x.device}"
         )
     return "triton"
+
+
+def fused_lincomb3(
+    impl: Fused,
+    x: Tensor,
+    a: float,
+    y: Tensor,
+    b: float,
+    noise: Tensor | None = None,
+    c: float = 0.0,
+    seed: int | None = None,
+) -> Tensor:
+    """:func:`lincomb3` on the fused kernels ``impl`` (from :func:`fused_backend`), unchecked: for
+    sampling loops whose operands are already validated."""
+    if impl == "cpu":
+        return cpu.lincomb3(x, a, y, b, noise if seed is None else _torch_noise(x, seed), c)
+    from imgdiff.kernels import fused
+
+    return fused.lincomb3(x, a, y, b, noise, c, seed)
+
+
+def fused_edict_mix(impl: Fused, x: Tensor, y: Tensor, p: float) -> tuple[Tensor, Tensor]:
+    """:func:`edict_mix` on the fused kernels ``impl``, unchecked (see :func:`fused_lincomb3`)."""
+    if impl == "cpu":
+        return cpu.edict_mix(x, y, p)
+    from imgdiff.kernels import fused
+
+    return fused.edict_mix(x, y, p)
+
+
+def fused_inpaint_blend(
+    impl: Fused,
+    x: Tensor,
+    known: Tensor,
+    mask: Tensor,
+    known_scale: float,
+    noise: Tensor | None,
+    noise_scale: float,
+    seed: int | None = None,
+) -> Tensor:
+    """:func:`inpaint_blend` on the fused kernels ``impl``, unchecked (see :func:`fused_lincomb3`);
+    ``mask`` floating, of ``x``'s shape or ``(B, 1, ...)``."""
+    if impl == "cpu":
+        z = noise if seed is None else _torch_noise(x, seed)
+        return cpu.inpaint_blend(
+            x, known, mask, known_scale=known_scale, noise=z, noise_scale=noise_scale
+        )
+    from imgdiff.kernels import fused
+
+    return fused.inpaint_blend(
+        x, known, mask, known_scale=known_scale, noise=noise, noise_scale=noise_scale, seed=seed
+    )
+
+
+def _impl(backend: Backend, x: Tensor, *others: Tensor | None) -> Literal["torch", "triton", "cpu"]:
+    """``resolve_backend``; torch for empty tensors and where autograd must see the update."""
+    impl = resolve_backend(backend, x)
+    if impl != "torch" and (x.numel() == 0 or _differentiable((x, *others))):
+        return "torch"
+    return impl
 
 
 def _same(name: str, value: object, x: Tensor) -> Tensor:
@@ -148,10 +248,9 @@ def lincomb3(
         noise = _same("noise", noise, x)
     a, b, c = check_float("a", a), check_float("b", b), check_float("c", c)
     s = _seed(seed, noise)
-    if resolve_backend(backend, x) == "triton":
-        from imgdiff.kernels import fused
-
-        return fused.lincomb3(x, a, y, b, noise, c, s)
+    impl = _impl(backend, x, y, noise)
+    if impl != "torch":
+        return fused_lincomb3(impl, x, a, y, b, noise, c, s)
     if s is not None:
         noise = _torch_noise(x, s)
     return reference.lincomb3(x, a, y, b, noise, c)
@@ -192,12 +291,9 @@ def inpaint_blend(
     s = _seed(seed, noise)
     if mask.dtype == torch.bool:
         mask = mask.to(x.dtype)
-    if resolve_backend(backend, x) == "triton":
-        from imgdiff.kernels import fused
-
-        return fused.inpaint_blend(
-            x, known, mask, known_scale=ks, noise=noise, noise_scale=ns, seed=s
-        )
+    impl = _impl(backend, x, known, mask, noise)
+    if impl != "torch":
+        return fused_inpaint_blend(impl, x, known, mask, ks, noise, ns, s)
     if s is not None:
         noise = _torch_noise(x, s)
     return reference.inpaint_blend(x, known, mask, known_scale=ks, noise=noise, noise_scale=ns)
@@ -213,10 +309,9 @@ def edict_mix(
     if y.dtype != x.dtype:
         raise InputTypeError(f"y: expected x's dtype {x.dtype}, got {y.dtype}")
     mix = check_float("p", p, min=0.0, max=1.0, min_open=True)
-    if resolve_backend(backend, x) == "triton":
-        from imgdiff.kernels import fused
-
-        return fused.edict_mix(x, y, mix)
+    impl = _impl(backend, x, y)
+    if impl != "torch":
+        return fused_edict_mix(impl, x, y, mix)
     return reference.edict_mix(x, y, mix)
 
 
@@ -252,7 +347,7 @@ def ddpm_learned_step(
     a, b = check_float("x_coef", x_coef), check_float("out_coef", out_coef)
     lb, lbt = check_float("log_beta", log_beta), check_float("log_beta_tilde", log_beta_tilde)
     nm = check_float("noise_mask", noise_mask)
-    if resolve_backend(backend, x) == "triton":
+    if _impl(backend, x, out, noise) == "triton":
         from imgdiff.kernels import fused
 
         return fused.ddpm_learned_step(
@@ -273,7 +368,7 @@ def threshold_apply(x0: Tensor, s: Tensor, *, backend: Backend = "auto") -> Tens
         )
     if s.device != x0.device:
         raise InputValueError(f"s: expected a tensor on {x0.device} (x0's), got {s.device}")
-    if resolve_backend(backend, x0) == "triton":
+    if _impl(backend, x0, s) == "triton":
         from imgdiff.kernels import fused
 
         return fused.threshold_apply(x0, s)

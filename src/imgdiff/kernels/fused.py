@@ -15,6 +15,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from imgdiff.kernels._layout import dense_like, layout
+
 __all__ = ["ddpm_learned_step", "edict_mix", "inpaint_blend", "lincomb3", "threshold_apply"]
 
 BLOCK = 1024
@@ -140,19 +142,6 @@ def _threshold_kernel(x_ptr, s_ptr, y_ptr, numel, per_sample, BLOCK: tl.constexp
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=inside)
 
 
-def _layout(x: Tensor) -> torch.memory_format:
-    if x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
-def _dense(t: Tensor, like: Tensor, fmt: torch.memory_format) -> Tensor:
-    """``t`` with ``like``'s strides (a copy only when they differ)."""
-    if t.stride() == like.stride() and t.is_contiguous(memory_format=fmt):
-        return t
-    return t.contiguous(memory_format=fmt)
-
-
 def _grid(numel: int) -> tuple[int]:
     return (triton.cdiv(numel, BLOCK),)
 
@@ -167,10 +156,10 @@ def lincomb3(
     seed: int | None = None,
 ) -> Tensor:
     """Fused ``a x + b y + c noise``; with ``seed`` the noise is drawn in the kernel (Philox)."""
-    fmt = _layout(x)
+    fmt = layout(x)
     x = x.contiguous(memory_format=fmt)
-    y = _dense(y, x, fmt)
-    n = x if noise is None else _dense(noise, x, fmt)
+    y = dense_like(y, x, fmt)
+    n = x if noise is None else dense_like(noise, x, fmt)
     out = torch.empty_like(x)
     numel = x.numel()
     _lincomb3_kernel[_grid(numel)](
@@ -201,14 +190,14 @@ def inpaint_blend(
     seed: int | None = None,
 ) -> Tensor:
     """Fused ``(1 - m) x + m (known_scale known + noise_scale noise)``."""
-    fmt = _layout(x)
+    fmt = layout(x)
     x = x.contiguous(memory_format=fmt)
-    known = _dense(known, x, fmt)
-    n = x if noise is None else _dense(noise, x, fmt)
+    known = dense_like(known, x, fmt)
+    n = x if noise is None else dense_like(noise, x, fmt)
     C = x.shape[1]
     plane = x[0, 0].numel()
     if mask.shape == x.shape:
-        m, mode = _dense(mask, x, fmt), 0
+        m, mode = dense_like(mask, x, fmt), 0
     elif fmt == torch.channels_last:
         m, mode = mask.contiguous(), 2
     else:
@@ -237,9 +226,9 @@ def inpaint_blend(
 
 def edict_mix(x: Tensor, y: Tensor, p: float) -> tuple[Tensor, Tensor]:
     """Fused EDICT mixing pair: both outputs in one pass."""
-    fmt = _layout(x)
+    fmt = layout(x)
     x = x.contiguous(memory_format=fmt)
-    y = _dense(y, x, fmt)
+    y = dense_like(y, x, fmt)
     x_out, y_out = torch.empty_like(x), torch.empty_like(y)
     numel = x.numel()
     _edict_mix_kernel[_grid(numel)](x, y, x_out, y_out, numel, float(p), BLOCK=BLOCK)

@@ -13,7 +13,7 @@ from torch import Tensor
 from imgdiff import kernels
 from imgdiff._checks import check_choice
 from imgdiff._ops import Scalar, add_scaled_, fusable, lincomb
-from imgdiff.kernels import use_triton
+from imgdiff.kernels import Fused, fused_backend
 from imgdiff.posterior import (
     POSTERIOR_VARIANCE_FLOOR,
     learned_range_log_variance,
@@ -141,18 +141,20 @@ class DDPM(DenoisingSampler[DDPMCoefficients]):
         self, x: Tensor, out: Tensor, coeffs: DDPMCoefficients, noise: Tensor | None
     ) -> StepOutput[Tensor]:
         c = coeffs
-        # the Triton path fuses the posterior mean with the noise (the posterior's formula, so not
+        # the fused paths fuse the posterior mean with the noise (the posterior's formula, so not
         # for a subclass that overrides it); the torch path is the posterior and its sampling
-        if use_triton(self.backend, x) and type(self).posterior is DDPM.posterior:
-            fused = self._fused_update(x, out, c, noise)
+        impl = fused_backend(self.backend, x, out, noise)
+        if impl is not None and type(self).posterior is DDPM.posterior:
+            fused = self._fused_update(x, out, c, noise, impl)
             if fused is not None:
                 return fused
         return self._sample_posterior(*self.posterior(x, out, c), c, noise)
 
     def _fused_update(
-        self, x: Tensor, out: Tensor, c: DDPMCoefficients, noise: Tensor | None
+        self, x: Tensor, out: Tensor, c: DDPMCoefficients, noise: Tensor | None, impl: Fused
     ) -> StepOutput[Tensor] | None:
-        """One Triton kernel per step, or ``None`` where the step must go through ``x0_hat``."""
+        """One fused kernel per step, or ``None`` where the step must go through ``x0_hat`` (or
+        the learned-variance step has no kernel on ``impl``)."""
         if self.output_channels_factor == 1:  # combine goes through x0_hat itself where needed
             x_next, x0 = self.combine(
                 x,
@@ -168,7 +170,8 @@ class DDPM(DenoisingSampler[DDPMCoefficients]):
             return StepOutput(x_next, x0)
         steps = (c.x_coef, c.out_coef, c.log_beta, c.log_beta_tilde, c.noise_mask)
         if (
-            self.thresholding is not None
+            impl != "triton"
+            or self.thresholding is not None
             or not fusable(c.x_coef, c.out_coef)
             or not all(isinstance(v, float) for v in steps)
         ):

@@ -24,7 +24,7 @@ from imgdiff._checks import check_same_shape, check_tensor, check_timestep_tenso
 from imgdiff._ops import Scalar, add_scaled_, fusable, lincomb
 from imgdiff.errors import InputTypeError, InputValueError
 from imgdiff.guidance import Guidance, ModelGuidance
-from imgdiff.kernels import use_triton
+from imgdiff.kernels import fused_backend
 from imgdiff.models import BoundModel, check_model_output
 from imgdiff.randomness import Generators, randn
 from imgdiff.samplers.base import Sampler
@@ -164,9 +164,10 @@ class DenoisingSampler(Sampler[Tensor, DCoeffT]):
             def x0() -> Tensor:  # evaluated at most once, if someone reads it
                 return coeffs.raw_x0_hat(x, out)
 
-            if use_triton(self.backend, x) and isinstance(noise_weight, float):
-                fused = kernels.lincomb3(
-                    x, float(x_coef), out, float(out_coef), noise, noise_weight, backend="triton"
+            impl = fused_backend(self.backend, x, out, noise)
+            if impl is not None and isinstance(noise_weight, float):
+                fused = kernels.fused_lincomb3(
+                    impl, x, float(x_coef), out, float(out_coef), noise, noise_weight
                 )
                 return fused, x0
             result = lincomb(x, x_coef, out, out_coef)

@@ -11,6 +11,7 @@ diffusers community pipeline is not; algorithms spec 4.3).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +24,7 @@ from imgdiff._checks import check_float, check_same_shape, check_tensor, describ
 from imgdiff._ops import Scalar, lincomb
 from imgdiff._warnings import warn_user
 from imgdiff.errors import InputTypeError, InputValueError, PrecisionWarning
-from imgdiff.kernels import use_triton
+from imgdiff.kernels import Fused, fused_backend
 from imgdiff.models import BoundModel, Model, check_model_output
 from imgdiff.randomness import Generators
 from imgdiff.samplers.base import Sampler
@@ -140,23 +141,25 @@ class EDICT(Sampler[EDICTState, EDICTCoefficients]):
         c, p = coeffs, self.mix
         x, y = state
         eps = _Eps(model, c, ctx.t)
-        lin = self._lincomb
+        impl = fused_backend(self.backend, x, y)  # once per step: x, y share device and dtype
+        lin = functools.partial(self._lincomb, impl)
         if c.x_first:
             x1 = lin(x, c.a, eps(y), c.b)
             y1 = lin(y, c.a, eps(x1), c.b)
         else:
             y1 = lin(y, c.a, eps(x), c.b)
             x1 = lin(x, c.a, eps(y1), c.b)
-        if use_triton(self.backend, x1):
-            mixed = kernels.edict_mix(x1, y1, p, backend="triton")
+        if impl is not None:
+            mixed = kernels.fused_edict_mix(impl, x1, y1, p)
         else:
             mixed = edict_mix(x1, y1, p)
         return StepOutput(mixed, lambda: eps.x0_hat(0))
 
-    def _lincomb(self, x: Tensor, a: Scalar, y: Tensor, b: Scalar) -> Tensor:
-        """A sub-step ``a x + b y``: one Triton kernel where :attr:`backend` resolves to it."""
-        if isinstance(a, float) and isinstance(b, float) and use_triton(self.backend, x):
-            return kernels.lincomb3(x, a, y, b, backend="triton")
+    @staticmethod
+    def _lincomb(impl: Fused | None, x: Tensor, a: Scalar, y: Tensor, b: Scalar) -> Tensor:
+        """A sub-step ``a x + b y``: one fused kernel ``impl`` (from :attr:`backend`) if any."""
+        if impl is not None and isinstance(a, float) and isinstance(b, float):
+            return kernels.fused_lincomb3(impl, x, a, y, b)
         return lincomb(x, a, y, b)
 
     # ------------------------------------------------------------------ the exact inverse
@@ -180,7 +183,7 @@ class EDICT(Sampler[EDICTState, EDICTCoefficients]):
         eps = _Eps(model, c, ctx.t)
         x1, y1 = edict_unmix(x2, y2, p)
         inv_a = 1.0 / c.a
-        lin = self._lincomb
+        lin = functools.partial(self._lincomb, fused_backend(self.backend, x2, y2))
         if c.x_first:  # generation did x then y: undo y first
             y = lin(y1, inv_a, eps(x1), -c.b * inv_a)
             x = lin(x1, inv_a, eps(y), -c.b * inv_a)

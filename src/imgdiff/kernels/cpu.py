@@ -1,0 +1,261 @@
+"""Fused CPU kernels: ``cpu_kernels.c`` compiled on first use and called through ctypes.
+
+One pass over memory per update (each input read once, each output written once), float32
+arithmetic for float32 and bfloat16 storage, OpenMP threads (as many as
+``torch.get_num_threads()``) for tensors of 65536 elements and more. The torch path needs two
+to six passes and as many dispatches for the same updates (``benchmarks/kernels.py``).
+
+The shared library is built with the C compiler named by ``$CC`` (default ``cc``) into a cache
+folder (``$IMGDIFF_CACHE_DIR``, else ``$XDG_CACHE_HOME/imgdiff``, else ``~/.cache/imgdiff``),
+keyed by the source, compiler and flags; a build takes about a second and happens once per
+machine. Without a working compiler :func:`available` is ``False``, ``backend="auto"`` uses the
+torch path and :func:`build_error` says why. ``IMGDIFF_CPU_KERNELS=0`` turns the kernels off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from imgdiff.kernels._layout import dense_like, layout
+
+__all__ = [
+    "DTYPES",
+    "available",
+    "build_error",
+    "edict_mix",
+    "inpaint_blend",
+    "library_path",
+    "lincomb3",
+]
+
+DTYPES = (torch.float32, torch.bfloat16)
+"""Storage dtypes the CPU kernels take (others use the torch path)."""
+
+_SOURCE = Path(__file__).with_name("cpu_kernels.c")
+_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
+_BASE_FLAGS = ("-O3", "-std=c11", "-fPIC", "-shared")
+_BUILD_TIMEOUT_S = 300
+
+_P, _F, _I64, _INT = ctypes.c_void_p, ctypes.c_float, ctypes.c_int64, ctypes.c_int
+_SIGNATURES = {
+    "lincomb3": [_P, _F, _P, _F, _P, _F, _P, _I64, _INT],
+    "edict_mix": [_P, _P, _F, _P, _P, _I64, _INT],
+    "inpaint_blend": [_P, _P, _F, _P, _F, _P, _INT, _INT, _I64, _I64, _I64, _P, _INT],
+}
+
+
+@dataclass(frozen=True)
+class _Library:
+    path: Path
+    functions: dict[str, Any]  # ctypes foreign functions with argtypes set
+    openmp: bool
+    pid: int
+
+
+def _cache_dir() -> Path:
+    explicit = os.environ.get("IMGDIFF_CACHE_DIR")
+    if explicit:
+        return Path(explicit) / "kernels"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".cache"
+    return base / "imgdiff" / "kernels"
+
+
+def _compile(compiler: str, flags: tuple[str, ...], target: Path) -> str | None:
+    """Build ``target`` atomically; the compiler's complaint on failure, else ``None``."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        done = subprocess.run(
+            [compiler, *flags, str(_SOURCE), "-o", tmp],
+            capture_output=True,
+            text=True,
+            timeout=_BUILD_TIMEOUT_S,
+            check=False,
+        )
+        if done.returncode != 0:
+            return (done.stderr or done.stdout).strip()[-2000:] or f"exit {done.returncode}"
+        os.replace(tmp, target)  # atomic: concurrent builders (test workers) cannot clash
+        return None
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@functools.cache
+def _load() -> tuple[_Library | None, str | None]:
+    if os.environ.get("IMGDIFF_CPU_KERNELS", "").strip() == "0":
+        return None, "turned off by IMGDIFF_CPU_KERNELS=0"
+    if sys.platform == "win32":
+        return None, "the CPU kernels are built with a POSIX C compiler; not on Windows"
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        return None, f"no C compiler found (looked for {os.environ.get('CC', 'cc')!r}; set $CC)"
+    source = _SOURCE.read_bytes()
+    errors = []
+    for flags in ((*_BASE_FLAGS, "-fopenmp"), _BASE_FLAGS):  # OpenMP when the compiler has it
+        key = hashlib.sha256(
+            b"\0".join(
+                [source, compiler.encode(), " ".join(flags).encode(), platform.machine().encode()]
+            )
+        ).hexdigest()[:16]
+        target = _cache_dir() / f"imgdiff_cpu_kernels-{key}.so"
+        if not target.exists():
+            error = _compile(compiler, flags, target)
+            if error is not None:
+                errors.append(f"{compiler} {' '.join(flags)}: {error}")
+                continue
+        try:
+            lib = ctypes.CDLL(str(target))
+        except OSError as exc:
+            errors.append(f"loading {target}: {exc}")
+            continue
+        functions = {}
+        for name, argtypes in _SIGNATURES.items():
+            for suffix in _SUFFIX.values():
+                fn = getattr(lib, f"imgdiff_{name}_{suffix}")
+                fn.argtypes = argtypes
+                fn.restype = None
+                functions[f"{name}_{suffix}"] = fn
+        has_openmp = bool(lib.imgdiff_has_openmp())
+        return _Library(target, functions, has_openmp, os.getpid()), None
+    return None, "; ".join(errors)
+
+
+def available() -> bool:
+    """Whether the CPU kernels are built and loaded (builds them on the first call)."""
+    return _load()[0] is not None
+
+
+def build_error() -> str | None:
+    """Why the CPU kernels are not available (``None`` when they are)."""
+    return _load()[1]
+
+
+def library_path() -> Path | None:
+    """The loaded shared library, if any."""
+    lib = _load()[0]
+    return None if lib is None else lib.path
+
+
+def _library() -> _Library:
+    lib, error = _load()
+    if lib is None:
+        raise RuntimeError(f"imgdiff CPU kernels unavailable: {error}")
+    return lib
+
+
+def _threads(lib: _Library) -> int:
+    # an OpenMP team created before a fork() is unusable in the child: run single-threaded there
+    if not lib.openmp or os.getpid() != lib.pid:
+        return 1
+    return torch.get_num_threads()
+
+
+def _dense_as(t: Tensor, like: Tensor, fmt: torch.memory_format) -> Tensor:
+    return dense_like(t if t.dtype == like.dtype else t.to(like.dtype), like, fmt)
+
+
+def lincomb3(
+    x: Tensor, a: float, y: Tensor, b: float, noise: Tensor | None = None, c: float = 0.0
+) -> Tensor:
+    """``a x + b y + c noise`` in one pass (float32 or bfloat16 CPU tensors of one shape)."""
+    lib = _library()
+    if not (
+        x.is_contiguous()
+        and y.is_contiguous()
+        and y.dtype == x.dtype
+        and (noise is None or (noise.is_contiguous() and noise.dtype == x.dtype))
+    ):
+        fmt = layout(x)
+        x = x.contiguous(memory_format=fmt)
+        y = _dense_as(y, x, fmt)
+        noise = None if noise is None else _dense_as(noise, x, fmt)
+    out = torch.empty_like(x)
+    lib.functions[f"lincomb3_{_SUFFIX[x.dtype]}"](
+        x.data_ptr(),
+        a,
+        y.data_ptr(),
+        b,
+        None if noise is None else noise.data_ptr(),
+        c,
+        out.data_ptr(),
+        x.numel(),
+        _threads(lib),
+    )
+    return out
+
+
+def edict_mix(x: Tensor, y: Tensor, p: float) -> tuple[Tensor, Tensor]:
+    """EDICT's mixing pair in one pass: ``x' = p x + (1 - p) y``, ``y' = p y + (1 - p) x'``."""
+    lib = _library()
+    if not (x.is_contiguous() and y.is_contiguous() and y.dtype == x.dtype):
+        fmt = layout(x)
+        x = x.contiguous(memory_format=fmt)
+        y = _dense_as(y, x, fmt)
+    x_out, y_out = torch.empty_like(x), torch.empty_like(x)
+    lib.functions[f"edict_mix_{_SUFFIX[x.dtype]}"](
+        x.data_ptr(), y.data_ptr(), p, x_out.data_ptr(), y_out.data_ptr(), x.numel(), _threads(lib)
+    )
+    return x_out, y_out
+
+
+def inpaint_blend(
+    x: Tensor,
+    known: Tensor,
+    mask: Tensor,
+    *,
+    known_scale: float = 1.0,
+    noise: Tensor | None = None,
+    noise_scale: float = 0.0,
+) -> Tensor:
+    """``(1 - m) x + m (known_scale known + noise_scale noise)`` in one pass.
+
+    ``mask``: ``x``'s shape or ``(B, 1, ...)``, float32 or ``x``'s dtype (others are converted).
+    """
+    lib = _library()
+    fmt = layout(x)
+    x = x.contiguous(memory_format=fmt)
+    known = _dense_as(known, x, fmt)
+    z = None if noise is None or noise_scale == 0.0 else _dense_as(noise, x, fmt)
+    if mask.dtype not in (torch.float32, x.dtype):
+        mask = mask.to(torch.float32)
+    if mask.shape == x.shape:
+        m, mode = dense_like(mask, x, fmt), 0
+    else:
+        m, mode = mask.contiguous(), 2 if fmt == torch.channels_last else 1
+    out = torch.empty_like(x)
+    lib.functions[f"inpaint_blend_{_SUFFIX[x.dtype]}"](
+        x.data_ptr(),
+        known.data_ptr(),
+        known_scale,
+        None if z is None else z.data_ptr(),
+        noise_scale,
+        m.data_ptr(),
+        int(m.dtype == torch.float32),
+        mode,
+        x.shape[0],
+        x.shape[1],
+        math.prod(x.shape[2:]),
+        out.data_ptr(),
+        _threads(lib),
+    )
+    return out

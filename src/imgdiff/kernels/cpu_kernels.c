@@ -1,0 +1,124 @@
+/* imgdiff's fused CPU kernels: the sampler updates of imgdiff/kernels/reference.py in one pass.
+ *
+ * Compiled on first use by imgdiff/kernels/cpu.py with the system C compiler (-O3, OpenMP when
+ * the compiler has it) and called through ctypes. Every function reads each input once and
+ * writes each output once, computes in float32 whatever the storage (float32 or bfloat16), and
+ * splits the elements over `threads` OpenMP threads for large tensors. Pointers address dense
+ * memory of `n` elements in one shared layout (the Python side checks it).
+ *
+ * On x86-64 Linux each function is built twice (AVX2/FMA and baseline) and the loader picks
+ * the one the processor runs (GCC target_clones).
+ */
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
+#define IMGDIFF_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define IMGDIFF_CLONES
+#endif
+
+#if defined(_OPENMP)
+#define IMGDIFF_PARALLEL _Pragma("omp parallel for schedule(static) num_threads(threads) if(threads > 1 && n >= 65536)")
+#else
+#define IMGDIFF_PARALLEL
+#endif
+
+int imgdiff_has_openmp(void) {
+#if defined(_OPENMP)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+static inline float ld_f32(const void *p, int64_t i) { return ((const float *)p)[i]; }
+static inline void st_f32(void *p, int64_t i, float v) { ((float *)p)[i] = v; }
+
+/* bfloat16 is the top half of a float32; stores round to nearest even, NaN stays NaN. */
+static inline float ld_bf16(const void *p, int64_t i) {
+    uint32_t u = (uint32_t)((const uint16_t *)p)[i] << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+static inline void st_bf16(void *p, int64_t i, float v) {
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    ((uint16_t *)p)[i] = (uint16_t)(v != v ? 0x7fc0u : r);
+}
+
+/* out = a x + b y (+ c z when z is not NULL): DDIM, fixed-variance DDPM, conversions. */
+#define IMGDIFF_LINCOMB3(S)                                                                       \
+    IMGDIFF_CLONES void imgdiff_lincomb3_##S(const void *restrict x, float a, const void *restrict y, \
+                                             float b, const void *restrict z, float c,           \
+                                             void *restrict out, int64_t n, int threads) {       \
+        if (z) {                                                                                  \
+            IMGDIFF_PARALLEL                                                                      \
+            for (int64_t i = 0; i < n; i++)                                                       \
+                st_##S(out, i, a * ld_##S(x, i) + b * ld_##S(y, i) + c * ld_##S(z, i));           \
+        } else {                                                                                  \
+            IMGDIFF_PARALLEL                                                                      \
+            for (int64_t i = 0; i < n; i++) st_##S(out, i, a * ld_##S(x, i) + b * ld_##S(y, i)); \
+        }                                                                                         \
+    }
+IMGDIFF_LINCOMB3(f32)
+IMGDIFF_LINCOMB3(bf16)
+
+/* EDICT's mixing pair (Wallace et al. 2023, eq. 13): x' = p x + (1-p) y, y' = p y + (1-p) x'. */
+#define IMGDIFF_EDICT_MIX(S)                                                                      \
+    IMGDIFF_CLONES void imgdiff_edict_mix_##S(const void *restrict x, const void *restrict y,    \
+                                              float p, void *restrict xo, void *restrict yo,     \
+                                              int64_t n, int threads) {                          \
+        const float q = 1.0f - p;                                                                 \
+        IMGDIFF_PARALLEL                                                                          \
+        for (int64_t i = 0; i < n; i++) {                                                         \
+            const float xv = ld_##S(x, i), yv = ld_##S(y, i);                                     \
+            const float xn = p * xv + q * yv;                                                     \
+            st_##S(xo, i, xn);                                                                    \
+            st_##S(yo, i, p * yv + q * xn);                                                       \
+        }                                                                                         \
+    }
+IMGDIFF_EDICT_MIX(f32)
+IMGDIFF_EDICT_MIX(bf16)
+
+/* out = (1 - m) x + m (ks k + ns z): Palette's clean paste and RePaint's noised paste.
+ * mode 0: the mask has x's shape and layout; 1: (B, 1, S) against contiguous (B, C, S);
+ * 2: (B, 1, S) against channels-last (B, S, C) memory. n = outer * channels * plane. The mask is
+ * float32 (mask_f32) or of x's dtype. */
+#define IMGDIFF_BLEND_AT(S, I, MI)                                                                \
+    do {                                                                                          \
+        const float mv = mask_f32 ? ld_f32(m, (MI)) : ld_##S(m, (MI));                                                         \
+        float pv = ks * ld_##S(k, (I));                                                           \
+        if (z) pv += ns * ld_##S(z, (I));                                                         \
+        st_##S(out, (I), ld_##S(x, (I)) * (1.0f - mv) + pv * mv);                                 \
+    } while (0)
+
+#define IMGDIFF_INPAINT_BLEND(S)                                                                  \
+    IMGDIFF_CLONES void imgdiff_inpaint_blend_##S(                                                \
+        const void *restrict x, const void *restrict k, float ks, const void *restrict z,        \
+        float ns, const void *restrict m, int mask_f32, int mode, int64_t outer, int64_t channels,             \
+        int64_t plane, void *restrict out, int threads) {                                         \
+        const int64_t n = outer * channels * plane;                                               \
+        if (mode == 0) {                                                                          \
+            IMGDIFF_PARALLEL                                                                      \
+            for (int64_t i = 0; i < n; i++) IMGDIFF_BLEND_AT(S, i, i);                            \
+        } else if (mode == 1) {                                                                   \
+            const int64_t rows = outer * channels;                                                \
+            IMGDIFF_PARALLEL                                                                      \
+            for (int64_t r = 0; r < rows; r++) {                                                  \
+                const int64_t base = r * plane, mbase = (r / channels) * plane;                   \
+                for (int64_t j = 0; j < plane; j++) IMGDIFF_BLEND_AT(S, base + j, mbase + j);     \
+            }                                                                                     \
+        } else {                                                                                  \
+            const int64_t sites = outer * plane;                                                  \
+            IMGDIFF_PARALLEL                                                                      \
+            for (int64_t s = 0; s < sites; s++) {                                                 \
+                const int64_t base = s * channels;                                                \
+                for (int64_t j = 0; j < channels; j++) IMGDIFF_BLEND_AT(S, base + j, s);          \
+            }                                                                                     \
+        }                                                                                         \
+    }
+IMGDIFF_INPAINT_BLEND(f32)
+IMGDIFF_INPAINT_BLEND(bf16)
