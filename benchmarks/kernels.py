@@ -8,9 +8,9 @@ timings use ``time.perf_counter``.
 
 1. **Per-step update cost, model excluded**, shapes (1,4,64,64), (8,4,64,64), (16,4,128,128),
    float32 and bfloat16. imgdiff runs twice: ``torch`` (the reference path: the lean torch
-   arithmetic the samplers use, or ``kernels.reference`` for the blend) and ``fused`` (the
-   Triton kernels; CUDA only: on a CPU Triton only runs interpreted, so the column reads
-   "n/a on CPU").
+   arithmetic of ``imgdiff._ops``, or ``kernels.reference`` for the blend) and ``fused`` (the
+   Triton kernels on CUDA; on a CPU the compiled C kernels of ``imgdiff.kernels.cpu``,
+   ``backend="cpu"``, which ``backend="auto"`` picks there).
 
    * DDIM: imgdiff ``DDIM.update(x, out, coeffs, None)`` with the step's precomputed Python-float
      coefficients (one ``lincomb3`` launch when fused) vs ``DDIMScheduler.step(out, t, x)`` with
@@ -348,9 +348,19 @@ def step_functions(
     known_mask = 1 - hole  # imgdiff: 1 = known
     ab = float(schedule.alphas_cumprod[int(noise_timestep)])  # imgdiff reads a host table
     ks, ns = math.sqrt(ab), math.sqrt(1.0 - ab)
-    for b in backends:
-        fns[f"inpaint blend|{b}"] = lambda b=b: kernels.inpaint_blend(
-            x, init, known_mask, known_scale=ks, noise=z, noise_scale=ns, backend=b
+    # the calls KnownRegion.paste makes: the reference, or the fused kernel without re-validation
+    fns["inpaint blend|torch"] = lambda: kernels.reference.inpaint_blend(
+        x, init, known_mask, known_scale=ks, noise=z, noise_scale=ns
+    )
+    for b in backends[1:]:
+        fns[f"inpaint blend|{b}"] = lambda b=b: kernels.fused_inpaint_blend(
+            b,  # type: ignore[arg-type]
+            x,
+            init,
+            known_mask,
+            ks,
+            z,
+            ns,
         )
     return fns
 
@@ -404,7 +414,7 @@ def bench_steps(
                 shape,
                 dtype_name,
                 m[f"{step}|torch"],
-                m.get(f"{step}|triton"),
+                m.get(f"{step}|{backends[-1]}") if len(backends) > 1 else None,
                 diffusers_s,
             )
         )
@@ -667,8 +677,12 @@ def main() -> None:
     target_s = 0.002 if args.quick else 0.01
     shapes = QUICK_SHAPES if args.quick else SHAPES
     has_triton = importlib.util.find_spec("triton") is not None
-    backends = ["torch", "triton"] if cuda and has_triton else ["torch"]
-    fused_na = "n/a (no triton)" if cuda else "n/a on CPU"
+    if cuda:
+        backends = ["torch", "triton"] if has_triton else ["torch"]
+        fused_na = "n/a (no triton)"
+    else:
+        backends = ["torch", "cpu"] if kernels.cpu.available() else ["torch"]
+        fused_na = f"n/a ({kernels.cpu.build_error()})"
     desc = device_description(device) + (
         ", glibc malloc keeping freed memory (see `keep_freed_memory`)" if tuned else ""
     )
@@ -684,12 +698,19 @@ def main() -> None:
         "",
         "imgdiff `torch`: the samplers' torch path (`DDIM.update` / `DDPM.update` with the step's "
         "precomputed float coefficients, `EDICT.step` with a model stub returning a precomputed "
-        "output, `kernels.inpaint_blend(backend='torch')`, i.e. `kernels.reference`); `fused`: "
-        "the same calls with `backend='triton'`. diffusers: `DDIMScheduler.step` / "
+        "output, `kernels.reference.inpaint_blend`); `fused`: "
+        "the same calls with "
+        + (
+            "`backend='triton'` (the Triton kernels)"
+            if cuda
+            else "`backend='cpu'` (the compiled C kernels of `imgdiff.kernels.cpu`: one pass, "
+            f"OpenMP over {torch.get_num_threads()} threads)"
+        )
+        + ". diffusers: `DDIMScheduler.step` / "
         "`DDPMScheduler.step` (int t; DDPM minus its in-step `randn`), the community EDICT "
         "pipeline's step arithmetic, `add_noise` + mask blend as `StableDiffusionInpaintPipeline`. "
         f"Goal: <= {STEP_GOAL}x at {GOAL_SHAPES[0]} and {GOAL_SHAPES[1]} "
-        f"({'fused' if backends[-1] == 'triton' else 'torch'} path, the one `backend='auto'` "
+        f"({'fused' if len(backends) > 1 else 'torch'} path, the one `backend='auto'` "
         "picks here).",
         "",
         "| step | shape | dtype | imgdiff torch | imgdiff fused | diffusers | torch / diffusers | "
