@@ -50,7 +50,7 @@ class DynamicThreshold(Thresholding):
     :class:`Clip` (as in diffusers); pixel-space models that want Imagen's behaviour need
     ``max_value > 1`` (e.g. 1.5). The quantile is computed in float32 (or float64) by torch; the
     clamp and scale run as one Triton kernel where ``backend`` resolves to it (see
-    :mod:`imgdiff.kernels`).
+    :mod:`imgdiff.kernels`; ``"cpu"`` has no kernel for it and uses torch).
     """
 
     ratio: float = 0.995

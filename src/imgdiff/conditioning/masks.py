@@ -69,8 +69,8 @@ class KnownRegion:
         mode: ``"clean"`` (Palette) or ``"noised"`` (RePaint-style; needs ``schedule``).
         schedule: the sampler's schedule (``"noised"`` only).
         generator: for the noise of ``"noised"`` pastes (one, or one per sample).
-        backend: the paste's implementation (:mod:`imgdiff.kernels`): one fused Triton kernel
-            where it resolves to ``"triton"``, ``torch.where`` otherwise.
+        backend: the paste's implementation (:mod:`imgdiff.kernels`): one fused kernel where it
+            resolves to ``"triton"`` or ``"cpu"``, ``torch.where`` otherwise.
 
     Used as ``sampler.sample(model, known_region.start(noise), callback=known_region)``: after
     each step the known pixels are replaced exactly (``(1 - m) x == (1 - m) known`` bitwise for

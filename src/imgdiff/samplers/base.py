@@ -79,8 +79,9 @@ class Sampler(ABC, Generic[StateT, CoeffT]):
         dtype: the sampler's arithmetic and state dtype. ``None``: float32, or float64 when
             the input is float64. The model runs in its own dtype (see ``model_dtype``).
         backend: the updates' implementation (:mod:`imgdiff.kernels`): ``"torch"``, ``"triton"``
-            (fused kernels for CUDA samples of float32/bfloat16/float16) or ``"auto"`` (torch until
-            the kernels have been checked on a GPU; then Triton on CUDA).
+            (fused kernels for CUDA samples of float32/bfloat16/float16), ``"cpu"`` (compiled C
+            kernels for CPU samples of float32/bfloat16) or ``"auto"`` (the C kernels on a CPU
+            when they build; on CUDA torch until the Triton kernels have been checked on a GPU).
 
     Subclasses (decorated ``@dataclass(frozen=True, kw_only=True)``) implement
     :meth:`coefficients`, :meth:`init_state`, :meth:`final_sample` and :meth:`step`, and may
