@@ -59,6 +59,7 @@ __all__ = [
 Backend = Literal["auto", "torch", "triton", "cpu"]
 BACKENDS: tuple[Backend, ...] = ("auto", "torch", "triton", "cpu")
 Fused = Literal["triton", "cpu"]
+"""A fused implementation: the Triton kernels (CUDA) or the compiled CPU kernels."""
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -76,8 +77,8 @@ def _has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-# The kernels index with int32 offsets (Triton) or are not worth it beyond: larger tensors take
-# the reference path.
+# The Triton kernels index with int32 offsets; larger tensors take the reference path (on every
+# backend, so that one rule decides).
 _MAX_NUMEL = 2**31 - 1
 
 
@@ -92,14 +93,20 @@ def fused_backend(backend: Backend, x: Tensor, *others: Tensor | None) -> Fused 
     if backend == "torch" or x.numel() > _MAX_NUMEL or _differentiable((x, *others)):
         return None
     if backend == "auto":
-        if x.is_cuda:
-            ok = _AUTO_PICKS_TRITON and x.dtype in _FUSED_DTYPES and _has_triton()
-            return "triton" if ok else None
-        if x.device.type == "cpu" and x.dtype in cpu.DTYPES and cpu.available():
-            return "cpu"
-        return None
+        return _auto(x)
     resolved = resolve_backend(backend, x)
     return None if resolved == "torch" else resolved
+
+
+def _auto(x: Tensor) -> Fused | None:
+    """What ``"auto"`` picks for ``x`` (size and autograd aside)."""
+    if x.is_cuda:
+        return (
+            "triton" if _AUTO_PICKS_TRITON and x.dtype in _FUSED_DTYPES and _has_triton() else None
+        )
+    if x.device.type == "cpu" and x.dtype in cpu.DTYPES and cpu.available():
+        return "cpu"
+    return None
 
 
 def use_triton(backend: Backend, x: Tensor) -> bool:
@@ -117,7 +124,7 @@ def resolve_backend(backend: Backend, x: Tensor) -> Literal["torch", "triton", "
     if backend == "torch" or x.numel() > _MAX_NUMEL:
         return "torch"
     if backend == "auto":
-        return fused_backend("auto", x) or "torch"
+        return _auto(x) or "torch"
     if backend == "cpu":
         if x.device.type != "cpu":
             raise InputValueError(f"backend: 'cpu' runs on CPU tensors, got a tensor on {x.device}")

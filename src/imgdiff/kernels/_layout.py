@@ -5,7 +5,23 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["dense_like", "layout"]
+__all__ = [
+    "MASK_BROADCAST_CHANNELS_LAST",
+    "MASK_BROADCAST_CONTIGUOUS",
+    "MASK_FULL",
+    "aligned",
+    "aligned_to",
+    "dense_like",
+    "layout",
+    "mask_operand",
+]
+
+MASK_FULL = 0
+"""Mask mode: the mask has ``x``'s shape and layout."""
+MASK_BROADCAST_CONTIGUOUS = 1
+"""Mask mode: a ``(B, 1, *spatial)`` mask against contiguous ``(B, C, *spatial)`` memory."""
+MASK_BROADCAST_CHANNELS_LAST = 2
+"""Mask mode: a ``(B, 1, *spatial)`` mask against channels-last ``(B, *spatial, C)`` memory."""
 
 
 def layout(x: Tensor) -> torch.memory_format:
@@ -20,3 +36,36 @@ def dense_like(t: Tensor, like: Tensor, fmt: torch.memory_format) -> Tensor:
     if t.stride() == like.stride() and t.is_contiguous(memory_format=fmt):
         return t
     return t.contiguous(memory_format=fmt)
+
+
+def aligned(
+    x: Tensor, *others: Tensor, cast: bool = False
+) -> tuple[torch.memory_format, Tensor, list[Tensor]]:
+    """``x`` in its dense layout and ``others`` with ``x``'s strides (and dtype, with ``cast``),
+    so a kernel can walk all of them with one linear index; copies only what is not laid out.
+
+    Returns the layout, ``x`` and the others. An optional operand joins with :func:`aligned_to`.
+    """
+    if x.is_contiguous() and all(
+        t.is_contiguous() and (not cast or t.dtype == x.dtype) for t in others
+    ):  # the common case, checked cheaply
+        return torch.contiguous_format, x, list(others)
+    fmt = layout(x)
+    x = x.contiguous(memory_format=fmt)
+    return fmt, x, [aligned_to(t, x, fmt, cast=cast) for t in others]
+
+
+def aligned_to(t: Tensor, x: Tensor, fmt: torch.memory_format, *, cast: bool = False) -> Tensor:
+    """``t`` with the strides of ``x`` (already dense in layout ``fmt``), and its dtype with
+    ``cast``."""
+    return dense_like(t.to(x.dtype) if cast else t, x, fmt)
+
+
+def mask_operand(mask: Tensor, x: Tensor, fmt: torch.memory_format) -> tuple[Tensor, int]:
+    """An inpainting mask (``x``'s shape or ``(B, 1, ...)``) laid out for ``x`` (of layout
+    ``fmt``), and its mask mode (``MASK_*``)."""
+    if mask.shape == x.shape:
+        return dense_like(mask, x, fmt), MASK_FULL
+    if fmt == torch.channels_last:
+        return mask.contiguous(), MASK_BROADCAST_CHANNELS_LAST
+    return mask.contiguous(), MASK_BROADCAST_CONTIGUOUS

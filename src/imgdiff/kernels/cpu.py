@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from imgdiff.kernels._layout import dense_like, layout
+from imgdiff.kernels._layout import aligned, aligned_to, mask_operand
 
 __all__ = [
     "DTYPES",
@@ -170,32 +170,21 @@ def _threads(lib: _Library) -> int:
     return torch.get_num_threads()
 
 
-def _dense_as(t: Tensor, like: Tensor, fmt: torch.memory_format) -> Tensor:
-    return dense_like(t if t.dtype == like.dtype else t.to(like.dtype), like, fmt)
-
-
 def lincomb3(
     x: Tensor, a: float, y: Tensor, b: float, noise: Tensor | None = None, c: float = 0.0
 ) -> Tensor:
-    """``a x + b y + c noise`` in one pass (float32 or bfloat16 CPU tensors of one shape)."""
+    """``a x + b y + c noise`` in one pass: ``x``, ``y``, ``noise`` ``(B, ...)`` of one shape, float32
+    or bfloat16 CPU tensors (``y``, ``noise`` converted to ``x``'s dtype); a new ``(B, ...)``."""
     lib = _library()
-    if not (
-        x.is_contiguous()
-        and y.is_contiguous()
-        and y.dtype == x.dtype
-        and (noise is None or (noise.is_contiguous() and noise.dtype == x.dtype))
-    ):
-        fmt = layout(x)
-        x = x.contiguous(memory_format=fmt)
-        y = _dense_as(y, x, fmt)
-        noise = None if noise is None else _dense_as(noise, x, fmt)
+    fmt, x, (y,) = aligned(x, y, cast=True)
+    z = None if noise is None else aligned_to(noise, x, fmt, cast=True)
     out = torch.empty_like(x)
     lib.functions[f"lincomb3_{_SUFFIX[x.dtype]}"](
         x.data_ptr(),
         a,
         y.data_ptr(),
         b,
-        None if noise is None else noise.data_ptr(),
+        None if z is None else z.data_ptr(),
         c,
         out.data_ptr(),
         x.numel(),
@@ -205,12 +194,10 @@ def lincomb3(
 
 
 def edict_mix(x: Tensor, y: Tensor, p: float) -> tuple[Tensor, Tensor]:
-    """EDICT's mixing pair in one pass: ``x' = p x + (1 - p) y``, ``y' = p y + (1 - p) x'``."""
+    """EDICT's mixing pair in one pass: ``x' = p x + (1 - p) y``, ``y' = p y + (1 - p) x'``, for
+    ``x``, ``y`` ``(B, ...)``; two new tensors of ``x``'s shape and dtype."""
     lib = _library()
-    if not (x.is_contiguous() and y.is_contiguous() and y.dtype == x.dtype):
-        fmt = layout(x)
-        x = x.contiguous(memory_format=fmt)
-        y = _dense_as(y, x, fmt)
+    _, x, (y,) = aligned(x, y, cast=True)
     x_out, y_out = torch.empty_like(x), torch.empty_like(x)
     lib.functions[f"edict_mix_{_SUFFIX[x.dtype]}"](
         x.data_ptr(), y.data_ptr(), p, x_out.data_ptr(), y_out.data_ptr(), x.numel(), _threads(lib)
@@ -229,19 +216,15 @@ def inpaint_blend(
 ) -> Tensor:
     """``(1 - m) x + m (known_scale known + noise_scale noise)`` in one pass.
 
-    ``mask``: ``x``'s shape or ``(B, 1, ...)``, float32 or ``x``'s dtype (others are converted).
+    ``x``, ``known``, ``noise``: ``(B, C, ...)``; ``mask``: ``x``'s shape or ``(B, 1, ...)``,
+    float32 or ``x``'s dtype (others are converted to float32).
     """
     lib = _library()
-    fmt = layout(x)
-    x = x.contiguous(memory_format=fmt)
-    known = _dense_as(known, x, fmt)
-    z = None if noise is None or noise_scale == 0.0 else _dense_as(noise, x, fmt)
+    fmt, x, (known,) = aligned(x, known, cast=True)
+    z = None if noise is None or noise_scale == 0.0 else aligned_to(noise, x, fmt, cast=True)
     if mask.dtype not in (torch.float32, x.dtype):
         mask = mask.to(torch.float32)
-    if mask.shape == x.shape:
-        m, mode = dense_like(mask, x, fmt), 0
-    else:
-        m, mode = mask.contiguous(), 2 if fmt == torch.channels_last else 1
+    m, mode = mask_operand(mask, x, fmt)
     out = torch.empty_like(x)
     lib.functions[f"inpaint_blend_{_SUFFIX[x.dtype]}"](
         x.data_ptr(),

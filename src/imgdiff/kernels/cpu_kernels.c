@@ -50,35 +50,35 @@ static inline void st_bf16(void *p, int64_t i, float v) {
 }
 
 /* out = a x + b y (+ c z when z is not NULL): DDIM, fixed-variance DDPM, conversions. */
-#define IMGDIFF_LINCOMB3(S)                                                                       \
+#define IMGDIFF_LINCOMB3(S)                                                                        \
     IMGDIFF_CLONES void imgdiff_lincomb3_##S(const void *restrict x, float a, const void *restrict y, \
-                                             float b, const void *restrict z, float c,           \
-                                             void *restrict out, int64_t n, int threads) {       \
-        if (z) {                                                                                  \
-            IMGDIFF_PARALLEL                                                                      \
-            for (int64_t i = 0; i < n; i++)                                                       \
-                st_##S(out, i, a * ld_##S(x, i) + b * ld_##S(y, i) + c * ld_##S(z, i));           \
-        } else {                                                                                  \
-            IMGDIFF_PARALLEL                                                                      \
-            for (int64_t i = 0; i < n; i++) st_##S(out, i, a * ld_##S(x, i) + b * ld_##S(y, i)); \
-        }                                                                                         \
+                                             float b, const void *restrict z, float c,             \
+                                             void *restrict out, int64_t n, int threads) {         \
+        if (z) {                                                                                   \
+            IMGDIFF_PARALLEL                                                                       \
+            for (int64_t i = 0; i < n; i++)                                                        \
+                st_##S(out, i, a * ld_##S(x, i) + b * ld_##S(y, i) + c * ld_##S(z, i));            \
+        } else {                                                                                   \
+            IMGDIFF_PARALLEL                                                                       \
+            for (int64_t i = 0; i < n; i++) st_##S(out, i, a * ld_##S(x, i) + b * ld_##S(y, i));   \
+        }                                                                                          \
     }
 IMGDIFF_LINCOMB3(f32)
 IMGDIFF_LINCOMB3(bf16)
 
 /* EDICT's mixing pair (Wallace et al. 2023, eq. 13): x' = p x + (1-p) y, y' = p y + (1-p) x'. */
-#define IMGDIFF_EDICT_MIX(S)                                                                      \
-    IMGDIFF_CLONES void imgdiff_edict_mix_##S(const void *restrict x, const void *restrict y,    \
-                                              float p, void *restrict xo, void *restrict yo,     \
-                                              int64_t n, int threads) {                          \
-        const float q = 1.0f - p;                                                                 \
-        IMGDIFF_PARALLEL                                                                          \
-        for (int64_t i = 0; i < n; i++) {                                                         \
-            const float xv = ld_##S(x, i), yv = ld_##S(y, i);                                     \
-            const float xn = p * xv + q * yv;                                                     \
-            st_##S(xo, i, xn);                                                                    \
-            st_##S(yo, i, p * yv + q * xn);                                                       \
-        }                                                                                         \
+#define IMGDIFF_EDICT_MIX(S)                                                                       \
+    IMGDIFF_CLONES void imgdiff_edict_mix_##S(const void *restrict x, const void *restrict y,      \
+                                              float p, void *restrict xo, void *restrict yo,       \
+                                              int64_t n, int threads) {                            \
+        const float q = 1.0f - p;                                                                  \
+        IMGDIFF_PARALLEL                                                                           \
+        for (int64_t i = 0; i < n; i++) {                                                          \
+            const float xv = ld_##S(x, i), yv = ld_##S(y, i);                                      \
+            const float xn = p * xv + q * yv;                                                      \
+            st_##S(xo, i, xn);                                                                     \
+            st_##S(yo, i, p * yv + q * xn);                                                        \
+        }                                                                                          \
     }
 IMGDIFF_EDICT_MIX(f32)
 IMGDIFF_EDICT_MIX(bf16)
@@ -87,38 +87,38 @@ IMGDIFF_EDICT_MIX(bf16)
  * mode 0: the mask has x's shape and layout; 1: (B, 1, S) against contiguous (B, C, S);
  * 2: (B, 1, S) against channels-last (B, S, C) memory. n = outer * channels * plane. The mask is
  * float32 (mask_f32) or of x's dtype. */
-#define IMGDIFF_BLEND_AT(S, I, MI)                                                                \
-    do {                                                                                          \
-        const float mv = mask_f32 ? ld_f32(m, (MI)) : ld_##S(m, (MI));                                                         \
-        float pv = ks * ld_##S(k, (I));                                                           \
-        if (z) pv += ns * ld_##S(z, (I));                                                         \
-        st_##S(out, (I), ld_##S(x, (I)) * (1.0f - mv) + pv * mv);                                 \
+#define IMGDIFF_BLEND_AT(S, I, MI)                                                                 \
+    do {                                                                                           \
+        const float mv = mask_f32 ? ld_f32(m, (MI)) : ld_##S(m, (MI));                             \
+        float pv = ks * ld_##S(k, (I));                                                            \
+        if (z) pv += ns * ld_##S(z, (I));                                                          \
+        st_##S(out, (I), ld_##S(x, (I)) * (1.0f - mv) + pv * mv);                                  \
     } while (0)
 
-#define IMGDIFF_INPAINT_BLEND(S)                                                                  \
-    IMGDIFF_CLONES void imgdiff_inpaint_blend_##S(                                                \
-        const void *restrict x, const void *restrict k, float ks, const void *restrict z,        \
-        float ns, const void *restrict m, int mask_f32, int mode, int64_t outer, int64_t channels,             \
-        int64_t plane, void *restrict out, int threads) {                                         \
-        const int64_t n = outer * channels * plane;                                               \
-        if (mode == 0) {                                                                          \
-            IMGDIFF_PARALLEL                                                                      \
-            for (int64_t i = 0; i < n; i++) IMGDIFF_BLEND_AT(S, i, i);                            \
-        } else if (mode == 1) {                                                                   \
-            const int64_t rows = outer * channels;                                                \
-            IMGDIFF_PARALLEL                                                                      \
-            for (int64_t r = 0; r < rows; r++) {                                                  \
-                const int64_t base = r * plane, mbase = (r / channels) * plane;                   \
-                for (int64_t j = 0; j < plane; j++) IMGDIFF_BLEND_AT(S, base + j, mbase + j);     \
-            }                                                                                     \
-        } else {                                                                                  \
-            const int64_t sites = outer * plane;                                                  \
-            IMGDIFF_PARALLEL                                                                      \
-            for (int64_t s = 0; s < sites; s++) {                                                 \
-                const int64_t base = s * channels;                                                \
-                for (int64_t j = 0; j < channels; j++) IMGDIFF_BLEND_AT(S, base + j, s);          \
-            }                                                                                     \
-        }                                                                                         \
+#define IMGDIFF_INPAINT_BLEND(S)                                                                   \
+    IMGDIFF_CLONES void imgdiff_inpaint_blend_##S(                                                 \
+        const void *restrict x, const void *restrict k, float ks, const void *restrict z,          \
+        float ns, const void *restrict m, int mask_f32, int mode, int64_t outer, int64_t channels, \
+        int64_t plane, void *restrict out, int threads) {                                          \
+        const int64_t n = outer * channels * plane;                                                \
+        if (mode == 0) {                                                                           \
+            IMGDIFF_PARALLEL                                                                       \
+            for (int64_t i = 0; i < n; i++) IMGDIFF_BLEND_AT(S, i, i);                             \
+        } else if (mode == 1) {                                                                    \
+            const int64_t rows = outer * channels;                                                 \
+            IMGDIFF_PARALLEL                                                                       \
+            for (int64_t r = 0; r < rows; r++) {                                                   \
+                const int64_t base = r * plane, mbase = (r / channels) * plane;                    \
+                for (int64_t j = 0; j < plane; j++) IMGDIFF_BLEND_AT(S, base + j, mbase + j);      \
+            }                                                                                      \
+        } else {                                                                                   \
+            const int64_t sites = outer * plane;                                                   \
+            IMGDIFF_PARALLEL                                                                       \
+            for (int64_t s = 0; s < sites; s++) {                                                  \
+                const int64_t base = s * channels;                                                 \
+                for (int64_t j = 0; j < channels; j++) IMGDIFF_BLEND_AT(S, base + j, s);           \
+            }                                                                                      \
+        }                                                                                          \
     }
 IMGDIFF_INPAINT_BLEND(f32)
 IMGDIFF_INPAINT_BLEND(bf16)

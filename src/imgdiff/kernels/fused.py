@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from imgdiff.kernels._layout import dense_like, layout
+from imgdiff.kernels._layout import aligned, aligned_to, mask_operand
 
 __all__ = ["ddpm_learned_step", "edict_mix", "inpaint_blend", "lincomb3", "threshold_apply"]
 
@@ -68,7 +68,7 @@ def _inpaint_kernel(
 ):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < numel
-    if MASK_MODE == 0:  # the mask has x's shape and layout
+    if MASK_MODE == 0:  # the mask has x's shape and layout (the MASK_* modes of _layout)
         m_offs = offs
     elif MASK_MODE == 1:  # (B, 1, *spatial) against contiguous (B, C, *spatial)
         m_offs = (offs // (channels * plane)) * plane + offs % plane
@@ -156,10 +156,8 @@ def lincomb3(
     seed: int | None = None,
 ) -> Tensor:
     """Fused ``a x + b y + c noise``; with ``seed`` the noise is drawn in the kernel (Philox)."""
-    fmt = layout(x)
-    x = x.contiguous(memory_format=fmt)
-    y = dense_like(y, x, fmt)
-    n = x if noise is None else dense_like(noise, x, fmt)
+    fmt, x, (y,) = aligned(x, y)
+    n = x if noise is None else aligned_to(noise, x, fmt)
     out = torch.empty_like(x)
     numel = x.numel()
     _lincomb3_kernel[_grid(numel)](
@@ -190,18 +188,11 @@ def inpaint_blend(
     seed: int | None = None,
 ) -> Tensor:
     """Fused ``(1 - m) x + m (known_scale known + noise_scale noise)``."""
-    fmt = layout(x)
-    x = x.contiguous(memory_format=fmt)
-    known = dense_like(known, x, fmt)
-    n = x if noise is None else dense_like(noise, x, fmt)
+    fmt, x, (known,) = aligned(x, known)
+    n = x if noise is None else aligned_to(noise, x, fmt)
     C = x.shape[1]
     plane = x[0, 0].numel()
-    if mask.shape == x.shape:
-        m, mode = dense_like(mask, x, fmt), 0
-    elif fmt == torch.channels_last:
-        m, mode = mask.contiguous(), 2
-    else:
-        m, mode = mask.contiguous(), 1
+    m, mode = mask_operand(mask, x, fmt)
     out = torch.empty_like(x)
     numel = x.numel()
     _inpaint_kernel[_grid(numel)](
@@ -226,9 +217,7 @@ def inpaint_blend(
 
 def edict_mix(x: Tensor, y: Tensor, p: float) -> tuple[Tensor, Tensor]:
     """Fused EDICT mixing pair: both outputs in one pass."""
-    fmt = layout(x)
-    x = x.contiguous(memory_format=fmt)
-    y = dense_like(y, x, fmt)
+    _, x, (y,) = aligned(x, y)
     x_out, y_out = torch.empty_like(x), torch.empty_like(y)
     numel = x.numel()
     _edict_mix_kernel[_grid(numel)](x, y, x_out, y_out, numel, float(p), BLOCK=BLOCK)
