@@ -38,8 +38,9 @@ timings use ``time.perf_counter``.
 3. **Whole loop**: 50 DDIM steps (eta 0) with a small random ``UNet2DModel`` (32/64 channels)
    on a (4,4,32,32) latent: ``imgdiff.DDIM(schedule).sample(model, x)`` vs the usual diffusers
    loop (``set_timesteps(50)``, ``unet`` then ``scheduler.step``), the same network; the UNet's
-   own 50 calls are timed too, so each loop's overhead per step is shown. CUDA graphs: imgdiff
-   has no CUDA-graph option yet.
+   own 50 calls are timed too, so each loop's overhead per step is shown. On CUDA also the same
+   loop recorded once with ``DDIM.capture_graph`` and replayed (one launch per run); goal: at
+   least 1.5x faster than the diffusers loop.
 4. **Host syncs** (CUDA only), counted with ``torch.cuda.set_sync_debug_mode("warn")``: per
    50-step loop (imgdiff, diffusers, the UNet alone) and per step of section 1.
 
@@ -84,6 +85,7 @@ GOAL_SHAPES: list[Shape] = [(1, 4, 64, 64), (8, 4, 64, 64)]
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 STEP_GOAL = 0.15  # imgdiff / diffusers per step (issue 6, CPU)
 BANDWIDTH_GOAL = 0.80  # fraction of the device's copy bandwidth (issue 6, GPU)
+GRAPH_GOAL = 1.5  # CUDA-graph loop vs the diffusers eager loop, speed-up (issue 6, GPU)
 BANDWIDTH_SHAPES: list[Shape] = [(16, 4, 512, 512), (16, 4, 128, 128)]
 LOOP_SHAPE: Shape = (4, 4, 32, 32)
 NUM_STEPS = 50
@@ -581,7 +583,13 @@ def loop_functions(device: torch.device) -> tuple[dict[str, Callable[[], torch.T
 
     reference = diffusers_loop()
     diff = float((imgdiff_loop() - reference).abs().max() / reference.abs().max())
-    return {"imgdiff": imgdiff_loop, "diffusers": diffusers_loop, "unet": unet_only}, diff
+    fns = {"imgdiff": imgdiff_loop, "diffusers": diffusers_loop, "unet": unet_only}
+    if device.type == "cuda":
+        graphed = sampler.capture_graph(model, x, num_steps=NUM_STEPS)
+        fns["graph"] = lambda: graphed(x)
+        graph_diff = float((graphed(x) - imgdiff_loop()).abs().max())
+        print(f"CUDA graph replay vs eager imgdiff loop: max abs difference {graph_diff:.1e}")
+    return fns, diff
 
 
 def count_syncs(fn: Callable[[], object]) -> int:
@@ -805,6 +813,14 @@ def main() -> None:
             return f"within noise (+- {fmt_time(spread)})"
         return f"{fmt_time(median)} +- {fmt_time(spread)}"
 
+    graph_cell = NO_GPU
+    if "graph" in loop:
+        speedup = loop["diffusers"] / loop["graph"]
+        verdict = "met" if speedup >= GRAPH_GOAL else "missed"
+        graph_cell = (
+            f"{fmt_time(loop['graph'])}: {speedup:.2f}x faster than diffusers (goal "
+            f">= {GRAPH_GOAL}x: {verdict})"
+        )
     out += [
         "",
         f"### 3. Whole loop: {NUM_STEPS} DDIM steps, small UNet",
@@ -826,7 +842,7 @@ def main() -> None:
         "|---|---|---|---|---|---|---|",
         f"| {fmt_time(loop['imgdiff'])} | {fmt_time(loop['diffusers'])} | "
         f"{fmt_ratio(loop['imgdiff'] / loop['diffusers'])} | {fmt_time(loop['unet'])} | "
-        f"{overhead('imgdiff')} | {overhead('diffusers')} | not implemented yet |",
+        f"{overhead('imgdiff')} | {overhead('diffusers')} | {graph_cell} |",
     ]
     print(out[-1], flush=True)
 
@@ -840,6 +856,7 @@ def main() -> None:
             "|---|---|---|",
             f"| {NUM_STEPS}-step loop (UNet alone: {count_syncs(fns['unet'])}) | "
             f"{count_syncs(fns['imgdiff'])} | {count_syncs(fns['diffusers'])} |",
+            f"| {NUM_STEPS}-step loop replayed as a CUDA graph | {count_syncs(fns['graph'])} | - |",
         ]
         step_fns = step_functions(GOAL_SHAPES[0], torch.float32, device, backends)
         side = backends[-1]

@@ -16,6 +16,7 @@ from imgdiff import conditioning, data, degradations, kernels, losses, metrics, 
 from imgdiff.conditioning import ClassifierFreeGuidance
 from imgdiff.editing import edict_edit
 from imgdiff.errors import (
+    GraphCaptureError,
     ImgdiffError,
     InputTypeError,
     InputValueError,
@@ -66,6 +67,7 @@ __all__ = [
     "EmpiricalDenoiser",
     "GaussianDenoiser",
     "Generators",
+    "GraphCaptureError",
     "Guidance",
     "GuidanceInputs",
     "ImgdiffError",

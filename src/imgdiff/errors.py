@@ -9,6 +9,7 @@ what was expected and what came.
 from __future__ import annotations
 
 __all__ = [
+    "GraphCaptureError",
     "ImgdiffError",
     "ImgdiffWarning",
     "InputTypeError",
@@ -39,3 +40,7 @@ class PrecisionWarning(ImgdiffWarning):
 
 class WeightsUnavailableError(ImgdiffError, RuntimeError):
     """Pretrained weights (or the files describing them) could not be found locally or fetched."""
+
+
+class GraphCaptureError(ImgdiffError, RuntimeError):
+    """A sampling loop could not be recorded as a CUDA graph (something in it is not graph-safe)."""

@@ -18,8 +18,9 @@ indexing of host tables with device tensors: nothing synchronises the host with 
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass
 from typing import Any, Generic, TypeVar, cast
 
@@ -39,6 +40,13 @@ from imgdiff.kernels import BACKENDS, Backend
 from imgdiff.models import BoundModel, Model, infer_model_dtype
 from imgdiff.prediction import PREDICTION_TYPES, PredictionType, linear_prediction_coefficients
 from imgdiff.randomness import Generators, check_generators, draw_normal
+from imgdiff.samplers.graphs import (
+    CUDAGraphSampling,
+    capture_loop,
+    check_graph_generators,
+    static_copy,
+    static_kwargs,
+)
 from imgdiff.samplers.step import (
     Callback,
     StepCoefficients,
@@ -63,6 +71,7 @@ __all__ = ["Sampler"]
 
 StateT = TypeVar("StateT")
 CoeffT = TypeVar("CoeffT", bound=StepCoefficients)
+OutT = TypeVar("OutT")
 
 
 @dataclass(frozen=True)
@@ -277,6 +286,126 @@ class Sampler(ABC, Generic[StateT, CoeffT]):
             desc=f"{type(self).__name__} sampling",
         )
 
+    def capture_graph(
+        self,
+        model: Model,
+        noise: Tensor,
+        *,
+        num_steps: int | None = None,
+        timesteps: Sequence[int] | Tensor | None = None,
+        strength: float = 1.0,
+        generator: Generators = None,
+        step_noise: Tensor | None = None,
+        model_kwargs: Mapping[str, Any] | None = None,
+        model_dtype: torch.dtype | None = None,
+        callback: Callback | None = None,
+        warmup: int = 2,
+    ) -> CUDAGraphSampling[Tensor]:
+        """Record :meth:`sample` with these arguments as one CUDA graph; call the result to replay it.
+
+        ``graphed = sampler.capture_graph(model, noise, num_steps=50)`` runs the loop ``warmup``
+        times eagerly on a side stream, then records one run, model included. ``graphed(noise)``
+        then replays all the steps with one launch and returns ``sample(model, noise, ...)``'s
+        result (``(B, ...)``, a new tensor each call). Worth it when one capture serves many
+        replays and the model is small enough for kernel launches to matter.
+
+        Arguments as in :meth:`sample`, with these rules of graph recording:
+
+        * ``noise`` must be on a CUDA device; later calls take a sample of the same shape and
+          dtype. Nothing the caller passed is written to (the graph reads copies).
+        * ``generator``: ``None`` (the default CUDA generator) or CUDA generators: per-step noise
+          is drawn on the GPU at every replay. ``step_noise`` must be a tensor ``(N, B, ...)``;
+          new noise can then be passed to each call.
+        * Tensor ``model_kwargs`` on the sample's device can be replaced at each call; other
+          arguments are fixed.
+        * ``callback`` is called while recording only: its tensor operations (e.g. a
+          :class:`~imgdiff.conditioning.KnownRegion` paste, drawing its noise on the GPU) are
+          replayed, its Python side effects are not. There is no progress bar.
+        * The model must be graph-safe: no host synchronisation (``.item()``, printing values,
+          data-dependent control flow), no CPU tensors copied in per call, fixed shapes.
+          Otherwise :class:`~imgdiff.errors.GraphCaptureError` says so.
+
+        Memory: the graph keeps its own pool, about one eager run's peak, until it is deleted.
+        """
+        check_tensor("noise", noise, floating=True, min_ndim=2)
+        plan = self.plan(num_steps, timesteps=timesteps, strength=strength)
+        return self._capture(
+            model,
+            {"noise": noise},
+            lambda start: self.init_state(start[0].to(self.state_dtype(start[0]))),
+            self.final_sample,
+            plan,
+            inverse=False,
+            generator=generator,
+            step_noise=step_noise,
+            model_kwargs=model_kwargs,
+            model_dtype=model_dtype,
+            callback=callback,
+            warmup=warmup,
+        )
+
+    def _capture(
+        self,
+        model: Model,
+        starts: Mapping[str, Tensor],
+        make_state: Callable[[tuple[Tensor, ...]], StateT],
+        finish: Callable[[StateT], OutT],
+        plan: SamplingPlan,
+        *,
+        inverse: bool,
+        generator: Generators,
+        step_noise: Tensor | None,
+        model_kwargs: Mapping[str, Any] | None,
+        model_dtype: torch.dtype | None,
+        callback: Callback | None,
+        warmup: int,
+    ) -> CUDAGraphSampling[OutT]:
+        """Record ``finish(loop(make_state(starts)))`` over ``plan`` as a CUDA graph."""
+        first = next(iter(starts.values()))
+        device = first.device
+        if device.type != "cuda":
+            raise InputValueError(
+                f"{next(iter(starts))}: CUDA-graph capture needs a sample on a CUDA device, "
+                f"got one on {device}"
+            )
+        if step_noise is not None and not isinstance(step_noise, Tensor):
+            raise InputTypeError(
+                "step_noise: expected None or a tensor (steps, *sample shape) for a captured loop "
+                f"(a function would be called only while recording), got {describe(step_noise)}"
+            )
+        static = tuple(static_copy(name, t, device) for name, t in starts.items())
+        gens = check_generators(generator, first.shape[0])
+        dtype = self.state_dtype(first)
+        noise_table = self._prepare_step_noise(step_noise, gens, plan, first, dtype)
+        noise_buf = None if noise_table is None else noise_table.clone()
+        kwargs, replaceable = static_kwargs(model_kwargs, device)
+        loop = self._prepare_loop(
+            model,
+            plan,
+            like=static[0],
+            generator=gens,
+            step_noise=noise_buf,
+            model_kwargs=kwargs,
+            model_dtype=model_dtype,
+            callback=callback,
+            inverse=inverse,
+        )
+
+        def run() -> OutT:
+            return finish(loop.run(make_state(static), progress=False, desc=""))
+
+        graph, result = capture_loop(
+            run, device=device, generators=check_graph_generators(gens, device), warmup=warmup
+        )
+        return CUDAGraphSampling(
+            graph,
+            start=static,
+            step_noise=noise_buf,
+            model_kwargs=replaceable,
+            result=result,
+            num_steps=len(plan),
+        )
+
     def run(
         self,
         model: Model,
@@ -337,6 +466,34 @@ class Sampler(ABC, Generic[StateT, CoeffT]):
         instead (samplers with an exact inverse, over ``plan.reversed()``). For samplers whose
         state is not one tensor (EDICT's pair).
         """
+        loop = self._prepare_loop(
+            model,
+            plan,
+            like=like,
+            generator=generator,
+            step_noise=step_noise,
+            model_kwargs=model_kwargs,
+            model_dtype=model_dtype,
+            callback=callback,
+            inverse=inverse,
+        )
+        with torch.no_grad():
+            return loop.run(state, progress=progress, desc=desc)
+
+    def _prepare_loop(
+        self,
+        model: Model,
+        plan: SamplingPlan,
+        *,
+        like: Tensor,
+        generator: Generators,
+        step_noise: StepNoise | None,
+        model_kwargs: Mapping[str, Any] | None,
+        model_dtype: torch.dtype | None,
+        callback: Callback | None,
+        inverse: bool,
+    ) -> _Loop[StateT, CoeffT]:
+        """Validate the loop's arguments and precompute everything its steps need (host work)."""
         check_tensor("like", like, floating=True, min_ndim=2)
         batch, device = like.shape[0], like.device
         dtype = self.state_dtype(like)
@@ -356,27 +513,23 @@ class Sampler(ABC, Generic[StateT, CoeffT]):
             kwargs=model_kwargs,
         )
         table = self.inverse_coefficients(plan) if inverse else self.coefficients(plan)
-        step = self.inverse_step if inverse else self.step
         steps = table.unbind()
-        contexts = _contexts(plan, batch, device)
-        with torch.no_grad():
-            for ctx in tqdm(contexts, desc=desc, disable=not progress, leave=False):
-                c = steps[ctx.step_index]
-                noise = None
-                if self.needs_noise(c):
-                    noise = self._step_noise(
-                        ctx.step_index, like, step_noise, noise_table, gens, dtype
-                    )
-                out = step(bound, state, c, ctx, noise)
-                state = out.state
-                if callback is not None:
-                    info = StepInfo(
-                        ctx.step_index, ctx.num_steps, ctx.timestep, out, ctx.next_timestep
-                    )
-                    replaced = callback(info)
-                    if replaced is not None:
-                        state = _checked_replacement(replaced, state)
-        return state
+        return _Loop(
+            step=self.inverse_step if inverse else self.step,
+            needs_noise=[self.needs_noise(c) for c in steps],
+            steps=steps,
+            contexts=_contexts(plan, batch, device),
+            model=bound,
+            callback=callback,
+            draw=functools.partial(
+                self._step_noise,
+                like=like,
+                step_noise=step_noise,
+                noise_table=noise_table,
+                gens=gens,
+                dtype=dtype,
+            ),
+        )
 
     @staticmethod
     def _prepare_step_noise(
@@ -411,12 +564,14 @@ class Sampler(ABC, Generic[StateT, CoeffT]):
     @staticmethod
     def _step_noise(
         i: int,
-        x: Tensor,
+        *,
+        like: Tensor,
         step_noise: StepNoise | None,
         noise_table: Tensor | None,
         gens: Generators,
         dtype: torch.dtype,
     ) -> Tensor:
+        x = like
         if noise_table is not None:
             return noise_table[i]
         if step_noise is None:
@@ -432,6 +587,39 @@ class Sampler(ABC, Generic[StateT, CoeffT]):
                 f"step_noise: expected a floating-point tensor for step {i}, got dtype {z.dtype}"
             )
         return z.to(device=x.device, dtype=dtype)
+
+
+@dataclass(frozen=True, eq=False)
+class _Loop(Generic[StateT, CoeffT]):
+    """A prepared loop: the steps' coefficients, contexts, bound model and noise source.
+
+    Built on the host before any step runs; :meth:`run` then only launches device work (this is
+    what a CUDA graph records, see :meth:`Sampler.capture_graph`).
+    """
+
+    step: Callable[[BoundModel, StateT, CoeffT, StepContext, Tensor | None], StepOutput[StateT]]
+    needs_noise: list[bool]
+    steps: list[CoeffT]
+    contexts: list[StepContext]
+    model: BoundModel
+    callback: Callback | None
+    draw: Callable[[int], Tensor]
+
+    def run(self, state: StateT, *, progress: bool, desc: str) -> StateT:
+        """Every step from ``state`` (under ``torch.no_grad()`` at the caller); the final state."""
+        step, steps, callback = self.step, self.steps, self.callback
+        for ctx in tqdm(self.contexts, desc=desc, disable=not progress, leave=False):
+            i = ctx.step_index
+            out = step(
+                self.model, state, steps[i], ctx, self.draw(i) if self.needs_noise[i] else None
+            )
+            state = out.state
+            if callback is not None:
+                info = StepInfo(i, ctx.num_steps, ctx.timestep, out, ctx.next_timestep)
+                replaced = callback(info)
+                if replaced is not None:
+                    state = _checked_replacement(replaced, state)
+        return state
 
 
 def _contexts(plan: SamplingPlan, batch: int, device: torch.device) -> list[StepContext]:

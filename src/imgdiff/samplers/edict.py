@@ -12,9 +12,9 @@ diffusers community pipeline is not; algorithms spec 4.3).
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -29,10 +29,13 @@ from imgdiff.models import BoundModel, Model, check_model_output
 from imgdiff.randomness import Generators
 from imgdiff.samplers.base import Sampler
 from imgdiff.samplers.denoising import DenoiserCoefficients
+from imgdiff.samplers.graphs import CUDAGraphSampling
 from imgdiff.samplers.step import Callback, StepContext, StepNoise, StepOutput
 from imgdiff.timesteps import SamplingPlan
 
 __all__ = ["EDICT", "EDICTCoefficients", "EDICTState", "edict_mix", "edict_unmix"]
+
+OutT = TypeVar("OutT")
 
 EDICTState = tuple[Tensor, Tensor]
 """The coupled pair ``(x, y)``, each ``(B, ...)``."""
@@ -215,11 +218,7 @@ class EDICT(Sampler[EDICTState, EDICTCoefficients]):
         Returns ``x`` at the end (``y`` is close to it; see :meth:`sample_pair`). EDICT is
         deterministic: ``generator`` and ``step_noise`` must be ``None``.
         """
-        if generator is not None or step_noise is not None:
-            raise InputValueError(
-                "generator: EDICT is deterministic and draws no noise; expected generator=None and "
-                f"step_noise=None, got {describe(generator)} and {describe(step_noise)}"
-            )
+        _check_no_noise(generator, step_noise)
         return self.sample_pair(
             model,
             noise,
@@ -286,6 +285,112 @@ class EDICT(Sampler[EDICTState, EDICTCoefficients]):
             model_dtype=model_dtype,
             callback=callback,
             progress=progress,
+        )
+
+    def capture_graph(
+        self,
+        model: Model,
+        noise: Tensor,
+        *,
+        num_steps: int | None = None,
+        timesteps: Sequence[int] | Tensor | None = None,
+        strength: float = 1.0,
+        generator: Generators = None,
+        step_noise: Tensor | None = None,
+        model_kwargs: Mapping[str, Any] | None = None,
+        model_dtype: torch.dtype | None = None,
+        callback: Callback | None = None,
+        warmup: int = 2,
+    ) -> CUDAGraphSampling[Tensor]:
+        """:meth:`Sampler.capture_graph` for :meth:`sample` from ``noise`` ``(B, ...)``: each replay
+        returns ``x_0``. EDICT draws no noise: ``generator`` and ``step_noise`` must be ``None``."""
+        _check_no_noise(generator, step_noise)
+        return self._capture_pair(
+            model,
+            "noise",
+            noise,
+            self.final_sample,
+            self.plan(num_steps, timesteps=timesteps, strength=strength),
+            inverse=False,
+            model_kwargs=model_kwargs,
+            model_dtype=model_dtype,
+            callback=callback,
+            warmup=warmup,
+        )
+
+    def capture_graph_pair(
+        self,
+        model: Model,
+        start: Tensor | EDICTState,
+        *,
+        inverse: bool = False,
+        num_steps: int | None = None,
+        timesteps: Sequence[int] | Tensor | None = None,
+        strength: float = 1.0,
+        model_kwargs: Mapping[str, Any] | None = None,
+        model_dtype: torch.dtype | None = None,
+        callback: Callback | None = None,
+        warmup: int = 2,
+    ) -> CUDAGraphSampling[EDICTState]:
+        """Record :meth:`sample_pair` (or, with ``inverse=True``, :meth:`invert`) as a CUDA graph.
+
+        ``start`` is a tensor ``(B, ...)`` or a pair, and every replay takes the same kind (one
+        tensor, or a pair) and returns the pair ``(x, y)``. Rules as in
+        :meth:`Sampler.capture_graph`.
+        """
+        if not isinstance(inverse, bool):
+            raise InputTypeError(f"inverse: expected a bool, got {describe(inverse)}")
+        return self._capture_pair(
+            model,
+            "x0" if inverse else "noise",
+            start,
+            lambda pair: pair,
+            self.plan(num_steps, timesteps=timesteps, strength=strength),
+            inverse=inverse,
+            model_kwargs=model_kwargs,
+            model_dtype=model_dtype,
+            callback=callback,
+            warmup=warmup,
+        )
+
+    def _capture_pair(
+        self,
+        model: Model,
+        name: str,
+        start: Tensor | EDICTState,
+        finish: Callable[[EDICTState], OutT],
+        plan: SamplingPlan,
+        *,
+        inverse: bool,
+        model_kwargs: Mapping[str, Any] | None,
+        model_dtype: torch.dtype | None,
+        callback: Callback | None,
+        warmup: int,
+    ) -> CUDAGraphSampling[OutT]:
+        """Record generation (or inversion over ``plan.reversed()``) from a tensor or a pair."""
+        _, like = self._start(name, start)  # validates and warns
+        dtype = self.state_dtype(like)
+        if isinstance(start, tuple):
+            starts = {f"{name}[0]": start[0], f"{name}[1]": start[1]}
+        else:
+            starts = {name: start}
+
+        def make_state(s: tuple[Tensor, ...]) -> EDICTState:
+            return (s[0].to(dtype), s[-1].to(dtype))
+
+        return self._capture(
+            model,
+            starts,
+            make_state,
+            finish,
+            plan.reversed() if inverse else plan,
+            inverse=inverse,
+            generator=None,
+            step_noise=None,
+            model_kwargs=model_kwargs,
+            model_dtype=model_dtype,
+            callback=callback,
+            warmup=warmup,
         )
 
     def _run_pair(
@@ -367,6 +472,14 @@ class _Eps:
     def x0_hat(self, call: int) -> Tensor:
         """``x0_hat`` from model call ``call`` of the step (its input must be at level t)."""
         return self.coeffs.raw_x0_hat(*self.calls[call])
+
+
+def _check_no_noise(generator: object, step_noise: object) -> None:
+    if generator is not None or step_noise is not None:
+        raise InputValueError(
+            "generator: EDICT is deterministic and draws no noise; expected generator=None and "
+            f"step_noise=None, got {describe(generator)} and {describe(step_noise)}"
+        )
 
 
 def _warn_precision(dtype: torch.dtype) -> None:

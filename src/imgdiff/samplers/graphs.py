@@ -1,0 +1,241 @@
+"""CUDA-graph sampling: record a whole N-step loop, model included, once; replay it with one launch.
+
+A sampling loop on a GPU launches hundreds of small kernels per step (the model's and the
+update's); with a small network the CPU cannot issue them as fast as the GPU runs them. A CUDA
+graph records the launches of a loop once and replays them as one unit, so the launch cost is
+paid once per run instead of once per kernel (CUDA programming guide, "CUDA Graphs"; the
+pattern and its rules are those of ``torch.cuda.graph``: warm up on a side stream, record on a
+private memory pool, feed new inputs by copying them into the recorded input tensors).
+
+imgdiff's loops can be recorded because nothing in them synchronises the host with the device
+(DESIGN: "a whole loop must be capturable in a CUDA graph"): the coefficients are Python floats
+computed before the loop, the timestep tensors are on the device before the first step, and the
+per-step noise is drawn on the GPU. :meth:`Sampler.capture_graph
+<imgdiff.samplers.Sampler.capture_graph>` builds a :class:`CUDAGraphSampling`; calling it
+replays the loop on new inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Generic, Protocol, TypeVar, cast
+
+import torch
+from torch import Tensor
+
+from imgdiff._checks import check_int, describe
+from imgdiff.errors import GraphCaptureError, InputTypeError, InputValueError
+
+__all__ = [
+    "CUDAGraphSampling",
+    "Replayable",
+    "capture_loop",
+    "check_graph_generators",
+    "static_copy",
+    "static_kwargs",
+]
+
+OutT = TypeVar("OutT")
+
+
+class Replayable(Protocol):
+    """What :class:`CUDAGraphSampling` replays: a ``torch.cuda.CUDAGraph``."""
+
+    def replay(self) -> None: ...
+
+
+class CUDAGraphSampling(Generic[OutT]):
+    """A sampling run recorded as one CUDA graph; call it to run it again on new inputs.
+
+    Made by :meth:`Sampler.capture_graph <imgdiff.samplers.Sampler.capture_graph>` (and
+    :meth:`EDICT.capture_graph_pair <imgdiff.samplers.EDICT.capture_graph_pair>`). A call copies
+    ``start`` (and, optionally, new per-step noise and new tensor conditions) into the tensors the
+    graph reads, replays every step with one launch, and returns a copy of the result: the same
+    values an eager ``sample`` call with these inputs returns (for stochastic samplers: when the
+    generator is in the same state; each replay draws fresh noise, as an eager call does).
+
+    Everything else is fixed at capture: the sampler, the plan, the model and its non-tensor
+    arguments, the batch shape, device and dtypes. Tensors the model or a callback holds
+    themselves (weights, a :class:`~imgdiff.conditioning.KnownRegion`'s image) are read at
+    replay time, so changing them in place changes the next replay.
+
+    Attributes:
+        num_steps: steps per replay.
+        start_shapes: the shapes a call's ``start`` must have (one per tensor of the start).
+    """
+
+    __slots__ = ("_graph", "_kwargs", "_result", "_start", "_step_noise", "num_steps")
+
+    def __init__(
+        self,
+        graph: Replayable,
+        *,
+        start: tuple[Tensor, ...],
+        step_noise: Tensor | None,
+        model_kwargs: Mapping[str, Tensor],
+        result: OutT,
+        num_steps: int,
+    ) -> None:
+        self._graph = graph
+        self._start = start
+        self._step_noise = step_noise
+        self._kwargs = dict(model_kwargs)
+        self._result = result
+        self.num_steps = num_steps
+
+    @property
+    def start_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """The shape of each tensor a call's ``start`` consists of."""
+        return tuple(tuple(t.shape) for t in self._start)
+
+    def __call__(
+        self,
+        start: Tensor | Sequence[Tensor],
+        *,
+        step_noise: Tensor | None = None,
+        model_kwargs: Mapping[str, Tensor] | None = None,
+    ) -> OutT:
+        """Replay the recorded loop from ``start``; returns a new tensor (or pair) each call.
+
+        Args:
+            start: the starting sample ``(B, ...)`` (a pair for EDICT's pair captures), of the
+                shape and dtype given at capture.
+            step_noise: new injected per-step noise ``(N, B, ...)``; only when the capture was
+                given a ``step_noise`` tensor (otherwise the loop draws its noise on the GPU).
+            model_kwargs: new values for tensor conditions given at capture (same names, shapes
+                and dtypes); conditions left out keep their last values.
+        """
+        if isinstance(start, Tensor):
+            starts: tuple[object, ...] = (start,)
+        elif isinstance(start, (tuple, list)):
+            starts = tuple(start)
+        else:
+            raise InputTypeError(
+                f"start: expected a torch.Tensor (or a tuple of them), got {describe(start)}"
+            )
+        if len(starts) != len(self._start):
+            raise InputValueError(
+                f"start: expected {len(self._start)} tensor(s) as at capture, got {len(starts)}"
+            )
+        name = "start" if len(starts) == 1 else "start[{}]"
+        for k, (new, buf) in enumerate(zip(starts, self._start, strict=True)):
+            _copy_into(name.format(k), new, buf)
+        if step_noise is not None:
+            if self._step_noise is None:
+                raise InputValueError(
+                    "step_noise: this loop was captured without injected noise (it draws its "
+                    "noise on the GPU); capture it with a step_noise tensor to inject noise"
+                )
+            _copy_into("step_noise", step_noise, self._step_noise)
+        for key, value in (model_kwargs or {}).items():
+            target = self._kwargs.get(key)
+            if target is None:
+                raise InputValueError(
+                    f"model_kwargs: expected tensor conditions given at capture "
+                    f"({sorted(self._kwargs) or 'none'}), got {key!r}"
+                )
+            _copy_into(f"model_kwargs[{key!r}]", value, target)
+        self._graph.replay()
+        return _clone(self._result)
+
+
+def _copy_into(name: str, value: object, buf: Tensor) -> None:
+    """Copy ``value`` into the graph's input tensor ``buf`` (same shape and dtype, any device)."""
+    if not isinstance(value, Tensor):
+        raise InputTypeError(f"{name}: expected a torch.Tensor, got {describe(value)}")
+    if value.shape != buf.shape or value.dtype != buf.dtype:
+        raise InputValueError(
+            f"{name}: expected shape {tuple(buf.shape)} and dtype {buf.dtype} as at capture, "
+            f"got shape {tuple(value.shape)} and dtype {value.dtype}"
+        )
+    buf.copy_(value, non_blocking=True)
+
+
+def _clone(result: OutT) -> OutT:
+    if isinstance(result, Tensor):
+        return cast(OutT, result.clone())
+    if isinstance(result, tuple):
+        return cast(OutT, tuple(_clone(r) for r in result))
+    raise TypeError(f"unexpected captured result {describe(result)}")  # internal: never reached
+
+
+def static_copy(name: str, value: Tensor, device: torch.device) -> Tensor:
+    """A copy of a graph input on ``device`` (the user's tensor is never written to)."""
+    if value.device != device:
+        raise InputValueError(
+            f"{name}: expected a tensor on {device} like the sample, got one on {value.device}"
+        )
+    return value.clone()
+
+
+def static_kwargs(
+    model_kwargs: Mapping[str, Any] | None, device: torch.device
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """The kwargs a recorded model call reads: tensors on ``device`` copied (replaceable at replay).
+
+    Returns ``(all kwargs, the copied tensors by name)``; other values are passed as they are.
+    """
+    if model_kwargs is not None and not isinstance(model_kwargs, Mapping):
+        raise InputTypeError(
+            f"model_kwargs: expected a mapping of keyword arguments, got {describe(model_kwargs)}"
+        )
+    tensors = {
+        k: v.clone()
+        for k, v in (model_kwargs or {}).items()
+        if isinstance(v, Tensor) and v.device == device
+    }
+    return {**(model_kwargs or {}), **tensors}, tensors
+
+
+def check_graph_generators(generator: object, device: torch.device) -> list[torch.Generator]:
+    """The distinct generators a recorded loop draws from; each must be on the sample's GPU."""
+    gens: list[torch.Generator] = []
+    if isinstance(generator, torch.Generator):
+        gens = [generator]
+    elif isinstance(generator, Sequence):
+        gens = [g for g in generator if isinstance(g, torch.Generator)]
+    for g in gens:
+        if g.device.type != "cuda":
+            raise InputValueError(
+                f"generator: a CUDA graph records noise drawn on the GPU; expected CUDA "
+                f"generator(s) (torch.Generator(device='cuda')) or None, got one on {g.device}"
+            )
+    unique: dict[int, torch.Generator] = {id(g): g for g in gens}
+    return list(unique.values())
+
+
+def capture_loop(
+    run: Callable[[], OutT],
+    *,
+    device: torch.device,
+    generators: Sequence[torch.Generator],
+    warmup: int,
+) -> tuple[torch.cuda.CUDAGraph, OutT]:
+    """Warm ``run`` up ``warmup`` times on a side stream, then record one call of it as a graph.
+
+    The warm-up runs lazy initialisation (cuBLAS/cuDNN workspaces, Triton compilation, autotuning)
+    outside the recording, as ``torch.cuda.graph`` requires. Returns the graph and the tensors
+    the recorded call returned (overwritten by every replay).
+    """
+    check_int("warmup", warmup, min=1)
+    graph = torch.cuda.CUDAGraph()
+    for g in generators:
+        graph.register_generator_state(g)
+    with torch.cuda.device(device), torch.no_grad():
+        side = torch.cuda.Stream()  # type: ignore[no-untyped-call]  # torch's stub
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                run()
+        torch.cuda.current_stream().wait_stream(side)
+        try:
+            with torch.cuda.graph(graph):
+                result = run()
+        except RuntimeError as error:
+            raise GraphCaptureError(
+                "capture_graph: the loop could not be recorded as a CUDA graph: something in it "
+                "(usually the model, or a callback) synchronises with the host, copies from CPU "
+                "memory, draws noise on the CPU or changes shape between calls. Run it eagerly "
+                f"with sample(), or make that part graph-safe. CUDA said: {error}"
+            ) from error
+    return graph, result

@@ -1,0 +1,269 @@
+"""CUDA-graph sampling (``Sampler.capture_graph``): replays equal eager sampling.
+
+The recording itself needs a CUDA GPU (those tests skip without one). On any machine the tests
+check the argument rules and the replay object's input handling, with a stand-in graph whose
+``replay`` re-runs the recorded function on the same input tensors, as a real replay does.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor
+
+import imgdiff
+from imgdiff import DDIM, DDPM, EDICT, NoiseSchedule
+from imgdiff.conditioning import KnownRegion
+from imgdiff.errors import GraphCaptureError, InputTypeError, InputValueError
+from imgdiff.samplers import CUDAGraphSampling
+from imgdiff.samplers.graphs import check_graph_generators, static_kwargs
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+class CondModel:
+    """``eps = 0.5 tanh(x) + 0.1 cond + 1e-3 t``: graph-safe, reads a tensor condition."""
+
+    def __call__(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
+        out = torch.tanh(x) * 0.5 + t.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1))) * 1e-3
+        return out if cond is None else out + 0.1 * cond
+
+
+class Rerun:
+    """A stand-in for a CUDA graph: ``replay`` runs the recorded function again on its inputs."""
+
+    def __init__(self, fn: object) -> None:
+        self.fn = fn
+        self.result: Tensor | None = None
+
+    def replay(self) -> None:
+        assert callable(self.fn)
+        out = self.fn()
+        assert self.result is not None
+        self.result.copy_(out)  # a graph writes its outputs to the same memory every replay
+
+
+# ------------------------------------------------------------------ on any machine
+
+
+def test_capture_needs_a_cuda_sample() -> None:
+    sampler = DDIM(NoiseSchedule.linear())
+    with pytest.raises(InputValueError, match="noise: CUDA-graph capture needs a sample on a CUDA"):
+        sampler.capture_graph(CondModel(), torch.randn(1, 3, 4, 4), num_steps=3)
+
+
+def test_edict_capture_refuses_noise_and_checks_inverse() -> None:
+    sampler = EDICT(NoiseSchedule.linear())
+    with pytest.raises(InputValueError, match="EDICT is deterministic"):
+        sampler.capture_graph(CondModel(), torch.randn(1, 3, 4, 4), generator=torch.Generator())
+    with pytest.raises(InputTypeError, match="inverse: expected a bool"):
+        sampler.capture_graph_pair(CondModel(), torch.randn(1, 3, 4, 4), inverse=1)  # type: ignore[arg-type]
+    with pytest.raises(InputValueError, match="x0: CUDA-graph capture needs"):
+        sampler.capture_graph_pair(CondModel(), torch.randn(1, 3, 4, 4), inverse=True)
+
+
+def test_graph_generators_must_be_on_the_gpu() -> None:
+    with pytest.raises(InputValueError, match="generator: a CUDA graph records noise drawn on the"):
+        check_graph_generators(torch.Generator(), torch.device("cuda", 0))
+    with pytest.raises(InputValueError, match="generator"):
+        check_graph_generators([torch.Generator(), torch.Generator()], torch.device("cuda", 0))
+    assert check_graph_generators(None, torch.device("cuda", 0)) == []
+
+
+def test_static_kwargs_copy_only_device_tensors() -> None:
+    cond, other = torch.randn(2, 3), torch.randn(2, 3, device="meta")
+    kwargs, replaceable = static_kwargs({"cond": cond, "other": other, "scale": 2.0}, cond.device)
+    assert set(replaceable) == {"cond"}
+    assert kwargs["cond"] is replaceable["cond"]
+    assert kwargs["cond"] is not cond
+    assert torch.equal(kwargs["cond"], cond)
+    assert kwargs["other"] is other
+    assert kwargs["scale"] == 2.0
+    with pytest.raises(InputTypeError, match="model_kwargs: expected a mapping"):
+        static_kwargs([("cond", cond)], cond.device)  # type: ignore[arg-type]
+
+
+def _replayer(step_noise: bool = True) -> tuple[CUDAGraphSampling[Tensor], dict[str, Tensor]]:
+    """A replay object over ``x * 2 + cond + noise.sum(0)`` with a re-running stand-in graph."""
+    bufs = {"x": torch.zeros(2, 3), "cond": torch.zeros(2, 3), "noise": torch.zeros(4, 2, 3)}
+    graph = Rerun(lambda: bufs["x"] * 2 + bufs["cond"] + bufs["noise"].sum(0))
+    graph.result = torch.zeros(2, 3)
+    replay = CUDAGraphSampling(
+        graph,
+        start=(bufs["x"],),
+        step_noise=bufs["noise"] if step_noise else None,
+        model_kwargs={"cond": bufs["cond"]},
+        result=graph.result,
+        num_steps=4,
+    )
+    return replay, bufs
+
+
+def test_replay_copies_inputs_in_and_returns_a_new_tensor() -> None:
+    replay, bufs = _replayer()
+    x, cond, noise = torch.randn(2, 3), torch.randn(2, 3), torch.randn(4, 2, 3)
+    saved = (x.clone(), cond.clone(), noise.clone())
+    first = replay(x, model_kwargs={"cond": cond}, step_noise=noise)
+    torch.testing.assert_close(first, x * 2 + cond + noise.sum(0), rtol=0, atol=0)
+    second = replay(torch.ones(2, 3))  # cond and noise keep their last values
+    torch.testing.assert_close(second, 2 + cond + noise.sum(0), rtol=0, atol=0)
+    torch.testing.assert_close(first, x * 2 + cond + noise.sum(0), rtol=0, atol=0)  # not aliased
+    for arg, before in zip((x, cond, noise), saved, strict=True):
+        assert torch.equal(arg, before)
+    assert replay.start_shapes == ((2, 3),)
+    assert replay.num_steps == 4
+    assert bufs["x"].data_ptr() != x.data_ptr()
+
+
+def test_replay_rejects_inputs_unlike_the_capture() -> None:
+    replay, _ = _replayer(step_noise=False)
+    with pytest.raises(InputValueError, match=r"start: expected shape \(2, 3\) and dtype"):
+        replay(torch.zeros(3, 3))
+    with pytest.raises(InputValueError, match=r"torch\.float32 as at capture"):
+        replay(torch.zeros(2, 3, dtype=torch.float64))
+    with pytest.raises(InputTypeError, match=r"start: expected a torch\.Tensor"):
+        replay(0.0)  # type: ignore[arg-type]
+    with pytest.raises(InputTypeError, match=r"start: expected a torch\.Tensor"):
+        replay([[0.0] * 3, [0.0] * 3][:1])  # type: ignore[list-item]
+    with pytest.raises(InputValueError, match="start: expected 1 tensor"):
+        replay((torch.zeros(2, 3), torch.zeros(2, 3)))
+    with pytest.raises(InputValueError, match="model_kwargs: expected tensor conditions given"):
+        replay(torch.zeros(2, 3), model_kwargs={"mask": torch.zeros(2, 3)})
+    with pytest.raises(InputValueError, match="step_noise: this loop was captured without"):
+        replay(torch.zeros(2, 3), step_noise=torch.zeros(4, 2, 3))
+
+
+def test_graph_capture_error_is_a_runtime_and_imgdiff_error() -> None:
+    assert issubclass(GraphCaptureError, RuntimeError)
+    assert issubclass(GraphCaptureError, imgdiff.ImgdiffError)
+
+
+# ------------------------------------------------------------------ on a CUDA GPU
+
+
+def _eager_and_graphed(
+    sampler: imgdiff.Sampler, x: Tensor, **kwargs: object
+) -> tuple[Tensor, CUDAGraphSampling[Tensor]]:
+    eager = sampler.sample(CondModel(), x, progress=False, **kwargs)  # type: ignore[arg-type]
+    graphed = sampler.capture_graph(CondModel(), x, **kwargs)  # type: ignore[arg-type]
+    return eager, graphed
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ddim_graph_replays_equal_eager(
+    backend: str, dtype: torch.dtype
+) -> None:  # pragma: no cover - GPU only
+    sampler = DDIM(NoiseSchedule.linear(), backend=backend, dtype=dtype)  # type: ignore[arg-type]
+    x = torch.randn(2, 4, 16, 16, device="cuda")
+    eager, graphed = _eager_and_graphed(sampler, x, num_steps=20)
+    torch.testing.assert_close(graphed(x), eager, rtol=0, atol=0)
+    x2 = torch.randn_like(x)
+    eager2 = sampler.sample(CondModel(), x2, num_steps=20, progress=False)
+    out2 = graphed(x2)
+    torch.testing.assert_close(out2, eager2, rtol=0, atol=0)
+    assert not torch.equal(out2, eager)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("name", ["ddpm", "ddim_eta"])
+def test_stochastic_graph_replays_equal_eager_with_the_same_generator_state(
+    name: str,
+) -> None:  # pragma: no cover - GPU only
+    s = NoiseSchedule.linear()
+    sampler = DDPM(s) if name == "ddpm" else DDIM(s, eta=1.0)
+    x = torch.randn(2, 3, 16, 16, device="cuda")
+    gen = torch.Generator(device="cuda")
+    graphed = sampler.capture_graph(CondModel(), x, num_steps=15, generator=gen)
+    gen.manual_seed(7)
+    eager = sampler.sample(CondModel(), x, num_steps=15, generator=gen, progress=False)
+    gen.manual_seed(7)
+    torch.testing.assert_close(graphed(x), eager, rtol=0, atol=0)
+    assert not torch.equal(graphed(x), eager)  # a replay draws fresh noise
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_injected_noise_and_conditions_can_change_between_replays() -> None:  # pragma: no cover
+    sampler = DDPM(NoiseSchedule.linear())
+    x = torch.randn(2, 3, 8, 8, device="cuda")
+    noise = torch.randn(10, *x.shape, device="cuda")
+    cond = torch.randn_like(x)
+    graphed = sampler.capture_graph(
+        CondModel(), x, num_steps=10, step_noise=noise, model_kwargs={"cond": cond}
+    )
+    noise2, cond2 = torch.randn_like(noise), torch.randn_like(cond)
+    eager = sampler.sample(
+        CondModel(),
+        x,
+        num_steps=10,
+        step_noise=noise2,
+        model_kwargs={"cond": cond2},
+        progress=False,
+    )
+    out = graphed(x, step_noise=noise2, model_kwargs={"cond": cond2})
+    torch.testing.assert_close(out, eager, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_known_region_callback_is_recorded() -> None:  # pragma: no cover - GPU only
+    s = NoiseSchedule.linear()
+    known = torch.randn(2, 3, 8, 8, device="cuda")
+    mask = torch.zeros(2, 1, 8, 8, device="cuda")
+    mask[..., 2:6, 2:6] = 1
+    region = KnownRegion(known, mask)
+    sampler = DDIM(s)
+    x = region.start(torch.randn_like(known))
+    eager = sampler.sample(CondModel(), x, num_steps=10, callback=region, progress=False)
+    graphed = sampler.capture_graph(CondModel(), x, num_steps=10, callback=region)
+    out = graphed(x)
+    torch.testing.assert_close(out, eager, rtol=0, atol=0)
+    keep = (1 - mask).bool().expand_as(out)
+    assert torch.equal(out[keep], known[keep])
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_edict_graphs_invert_and_reconstruct() -> None:  # pragma: no cover - GPU only
+    sampler = EDICT(NoiseSchedule.linear())
+    x0 = torch.randn(2, 3, 8, 8, device="cuda", dtype=torch.float64)
+    invert = sampler.capture_graph_pair(CondModel(), x0, inverse=True, num_steps=12)
+    pair = invert(x0)
+    eager_pair = sampler.invert(CondModel(), x0, num_steps=12, progress=False)
+    for got, want in zip(pair, eager_pair, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    generate = sampler.capture_graph_pair(CondModel(), pair, num_steps=12)
+    rec, _ = generate(pair)
+    torch.testing.assert_close(rec, x0, rtol=0, atol=1e-10)
+    graphed = sampler.capture_graph(CondModel(), x0, num_steps=12)
+    torch.testing.assert_close(
+        graphed(x0), sampler.sample(CondModel(), x0, num_steps=12, progress=False), rtol=0, atol=0
+    )
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_a_model_that_syncs_cannot_be_recorded() -> None:  # pragma: no cover - GPU only
+    def syncing(x: Tensor, t: Tensor) -> Tensor:
+        return x * float(x.abs().max())  # .item(): a host read
+
+    with pytest.raises(GraphCaptureError, match="could not be recorded"):
+        DDIM(NoiseSchedule.linear()).capture_graph(
+            syncing, torch.randn(1, 3, 8, 8, device="cuda"), num_steps=3
+        )
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cpu_generator_for_a_graph_is_refused() -> None:  # pragma: no cover - GPU only
+    with pytest.raises(InputValueError, match="generator: a CUDA graph records noise"):
+        DDPM(NoiseSchedule.linear()).capture_graph(
+            CondModel(),
+            torch.randn(1, 3, 8, 8, device="cuda"),
+            num_steps=3,
+            generator=torch.Generator(),
+        )
