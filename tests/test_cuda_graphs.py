@@ -7,6 +7,9 @@ check the argument rules and the replay object's input handling, with a stand-in
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from torch import Tensor
@@ -68,6 +71,12 @@ def test_graph_generators_must_be_on_the_gpu() -> None:
     with pytest.raises(InputValueError, match="generator"):
         check_graph_generators([torch.Generator(), torch.Generator()], torch.device("cuda", 0))
     assert check_graph_generators(None, torch.device("cuda", 0)) == []
+    with pytest.raises(InputValueError, match=r"callback\.generator: a CUDA graph"):
+        check_graph_generators(
+            torch.Generator(), torch.device("cuda", 0), name="callback.generator"
+        )
+    g = torch.Generator()
+    assert check_graph_generators([g, g], torch.device("cpu")) == [g]  # registered once
 
 
 def test_static_kwargs_copy_only_device_tensors() -> None:
@@ -131,6 +140,90 @@ def test_replay_rejects_inputs_unlike_the_capture() -> None:
         replay(torch.zeros(2, 3), model_kwargs={"mask": torch.zeros(2, 3)})
     with pytest.raises(InputValueError, match="step_noise: this loop was captured without"):
         replay(torch.zeros(2, 3), step_noise=torch.zeros(4, 2, 3))
+
+
+@pytest.fixture
+def rerun_capture(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let ``capture_graph`` run on the CPU: "recording" runs the loop once, a replay re-runs it
+    on the same input tensors and writes the recorded result tensors in place, as a graph does."""
+    import imgdiff.samplers.base as base
+
+    def capture(run: object, *, device: object, generators: object, warmup: int) -> object:
+        assert callable(run)
+        result = run()
+        recorded = weakref.ref(run)  # a real graph holds no reference to the Python loop
+
+        class Graph:
+            def replay(self) -> None:
+                loop = recorded()
+                assert loop is not None, "the recorded loop was freed"
+                new = loop()
+                pairs = (
+                    zip(result, new, strict=True) if isinstance(result, tuple) else [(result, new)]
+                )
+                for old, fresh in pairs:
+                    old.copy_(fresh)
+
+        return Graph(), result
+
+    monkeypatch.setattr(base, "require_cuda", lambda name, device: None)
+    monkeypatch.setattr(base, "capture_loop", capture)
+
+
+@pytest.mark.usefixtures("rerun_capture")
+def test_captured_loop_reads_its_inputs_from_the_replay() -> None:
+    """Through the whole capture path: a replay on new noise, injected noise and a new condition
+    equals eager sampling with them, and the caller's tensors are untouched."""
+    sampler = DDPM(NoiseSchedule.linear())
+    x, cond = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    noise = torch.randn(6, 2, 3, 4, 4)
+    saved = [t.clone() for t in (x, cond, noise)]
+    graphed = sampler.capture_graph(
+        CondModel(), x, num_steps=6, step_noise=noise, model_kwargs={"cond": cond}
+    )
+    x2, cond2, noise2 = torch.randn_like(x), torch.randn_like(cond), torch.randn_like(noise)
+    got = graphed(x2, step_noise=noise2, model_kwargs={"cond": cond2})
+    want = sampler.sample(
+        CondModel(),
+        x2,
+        num_steps=6,
+        step_noise=noise2,
+        model_kwargs={"cond": cond2},
+        progress=False,
+    )
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for arg, before in zip((x, cond, noise), saved, strict=True):
+        assert torch.equal(arg, before)
+
+
+@pytest.mark.usefixtures("rerun_capture")
+@pytest.mark.filterwarnings("ignore::imgdiff.PrecisionWarning")
+def test_captured_edict_pair_equals_eager_inversion() -> None:
+    sampler = EDICT(NoiseSchedule.linear())
+    x0 = torch.randn(1, 3, 4, 4, dtype=torch.float64)
+    invert = sampler.capture_graph_pair(CondModel(), x0, inverse=True, num_steps=5)
+    x1 = torch.randn_like(x0)
+    for got, want in zip(
+        invert(x1), sampler.invert(CondModel(), x1, num_steps=5, progress=False), strict=True
+    ):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.usefixtures("rerun_capture")
+def test_the_replay_object_keeps_what_the_graph_reads_alive() -> None:
+    """The model (and the loop's timestep tensors beside it) live as long as the replay object:
+    a graph reading freed memory would see whatever was allocated there next."""
+    model = CondModel()
+    ref = weakref.ref(model)
+    graphed = DDIM(NoiseSchedule.linear()).capture_graph(
+        model, torch.randn(1, 3, 4, 4), num_steps=3
+    )
+    del model
+    gc.collect()
+    assert ref() is not None
+    del graphed
+    gc.collect()
+    assert ref() is None
 
 
 def test_graph_capture_error_is_a_runtime_and_imgdiff_error() -> None:
@@ -248,13 +341,64 @@ def test_edict_graphs_invert_and_reconstruct() -> None:  # pragma: no cover - GP
 @pytest.mark.gpu
 @needs_cuda
 def test_a_model_that_syncs_cannot_be_recorded() -> None:  # pragma: no cover - GPU only
-    def syncing(x: Tensor, t: Tensor) -> Tensor:
-        return x * float(x.abs().max())  # .item(): a host read
+    """In a subprocess: some torch versions leave CUDA RNG state unusable after a failed capture."""
+    import subprocess
+    import sys
 
-    with pytest.raises(GraphCaptureError, match="could not be recorded"):
-        DDIM(NoiseSchedule.linear()).capture_graph(
-            syncing, torch.randn(1, 3, 8, 8, device="cuda"), num_steps=3
-        )
+    code = (
+        "import torch, imgdiff\n"
+        "def syncing(x, t):\n"
+        "    return x * float(x.abs().max())\n"
+        "try:\n"
+        "    imgdiff.DDIM(imgdiff.NoiseSchedule.linear()).capture_graph(\n"
+        "        syncing, torch.randn(1, 3, 8, 8, device='cuda'), num_steps=3)\n"
+        "except imgdiff.GraphCaptureError as e:\n"
+        "    print('refused:', 'could not be recorded' in str(e))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert "refused: True" in out.stdout, out.stdout + out.stderr
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_replays_survive_later_allocations() -> None:  # pragma: no cover - GPU only
+    """Memory freed after capture is reused by new tensors: replays must not read any of it."""
+    sampler = DDIM(NoiseSchedule.linear())
+    x = torch.randn(2, 3, 8, 8, device="cuda")
+    graphed = sampler.capture_graph(CondModel(), x, num_steps=10)
+    gc.collect()
+    filler = [
+        torch.full((k,), 10**6, dtype=torch.int64, device="cuda") for k in range(1, 20000, 61)
+    ]
+    eager = sampler.sample(CondModel(), x, num_steps=10, progress=False)
+    torch.testing.assert_close(graphed(x), eager, rtol=0, atol=0)
+    del filler
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_per_sample_generators_and_a_noised_paste() -> None:  # pragma: no cover - GPU only
+    s = NoiseSchedule.linear()
+    known = torch.randn(2, 3, 8, 8, device="cuda")
+    mask = torch.zeros(1, 1, 8, 8, device="cuda")
+    mask[..., 2:6, 2:6] = 1
+    paste_gen = torch.Generator(device="cuda")
+    region = KnownRegion(known, mask, mode="noised", schedule=s, generator=paste_gen)
+    gens = [torch.Generator(device="cuda") for _ in range(2)]
+    sampler = DDPM(s)
+    x = torch.randn_like(known)
+    graphed = sampler.capture_graph(CondModel(), x, num_steps=8, generator=gens, callback=region)
+
+    def seed() -> None:
+        for k, g in enumerate([*gens, paste_gen]):
+            g.manual_seed(10 + k)
+
+    seed()
+    eager = sampler.sample(
+        CondModel(), x, num_steps=8, generator=gens, callback=region, progress=False
+    )
+    seed()
+    torch.testing.assert_close(graphed(x), eager, rtol=0, atol=0)
 
 
 @pytest.mark.gpu

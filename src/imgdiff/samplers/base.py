@@ -44,6 +44,7 @@ from imgdiff.samplers.graphs import (
     CUDAGraphSampling,
     capture_loop,
     check_graph_generators,
+    require_cuda,
     static_copy,
     static_kwargs,
 )
@@ -363,11 +364,7 @@ class Sampler(ABC, Generic[StateT, CoeffT]):
         """Record ``finish(loop(make_state(starts)))`` over ``plan`` as a CUDA graph."""
         first = next(iter(starts.values()))
         device = first.device
-        if device.type != "cuda":
-            raise InputValueError(
-                f"{next(iter(starts))}: CUDA-graph capture needs a sample on a CUDA device, "
-                f"got one on {device}"
-            )
+        require_cuda(next(iter(starts)), device)
         if step_noise is not None and not isinstance(step_noise, Tensor):
             raise InputTypeError(
                 "step_noise: expected None or a tensor (steps, *sample shape) for a captured loop "
@@ -394,9 +391,12 @@ class Sampler(ABC, Generic[StateT, CoeffT]):
         def run() -> OutT:
             return finish(loop.run(make_state(static), progress=False, desc=""))
 
-        graph, result = capture_loop(
-            run, device=device, generators=check_graph_generators(gens, device), warmup=warmup
+        generators = check_graph_generators(gens, device)
+        # a callback that draws noise (KnownRegion's noised paste) must draw it on this GPU too
+        generators += check_graph_generators(
+            getattr(callback, "generator", None), device, name="callback.generator"
         )
+        graph, result = capture_loop(run, device=device, generators=generators, warmup=warmup)
         return CUDAGraphSampling(
             graph,
             start=static,
@@ -404,6 +404,7 @@ class Sampler(ABC, Generic[StateT, CoeffT]):
             model_kwargs=replaceable,
             result=result,
             num_steps=len(plan),
+            keep_alive=run,  # the recorded loop and everything it reads
         )
 
     def run(

@@ -17,6 +17,7 @@ replays the loop on new inputs.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Generic, Protocol, TypeVar, cast
 
@@ -31,6 +32,7 @@ __all__ = [
     "Replayable",
     "capture_loop",
     "check_graph_generators",
+    "require_cuda",
     "static_copy",
     "static_kwargs",
 ]
@@ -64,7 +66,7 @@ class CUDAGraphSampling(Generic[OutT]):
         start_shapes: the shapes a call's ``start`` must have (one per tensor of the start).
     """
 
-    __slots__ = ("_graph", "_kwargs", "_result", "_start", "_step_noise", "num_steps")
+    __slots__ = ("_graph", "_keep", "_kwargs", "_result", "_start", "_step_noise", "num_steps")
 
     def __init__(
         self,
@@ -75,8 +77,12 @@ class CUDAGraphSampling(Generic[OutT]):
         model_kwargs: Mapping[str, Tensor],
         result: OutT,
         num_steps: int,
+        keep_alive: object = None,
     ) -> None:
         self._graph = graph
+        # everything else the recorded kernels read (the prepared loop: timestep tensors, model,
+        # callback): freed memory would be reused by later allocations and read by replays
+        self._keep = keep_alive
         self._start = start
         self._step_noise = step_noise
         self._kwargs = dict(model_kwargs)
@@ -105,6 +111,15 @@ class CUDAGraphSampling(Generic[OutT]):
             model_kwargs: new values for tensor conditions given at capture (same names, shapes
                 and dtypes); conditions left out keep their last values.
         """
+        with torch.no_grad():  # the copies into the graph's inputs must not record autograd
+            return self._replay(start, step_noise, model_kwargs)
+
+    def _replay(
+        self,
+        start: Tensor | Sequence[Tensor],
+        step_noise: Tensor | None,
+        model_kwargs: Mapping[str, Tensor] | None,
+    ) -> OutT:
         if isinstance(start, Tensor):
             starts: tuple[object, ...] = (start,)
         elif isinstance(start, (tuple, list)):
@@ -187,7 +202,9 @@ def static_kwargs(
     return {**(model_kwargs or {}), **tensors}, tensors
 
 
-def check_graph_generators(generator: object, device: torch.device) -> list[torch.Generator]:
+def check_graph_generators(
+    generator: object, device: torch.device, *, name: str = "generator"
+) -> list[torch.Generator]:
     """The distinct generators a recorded loop draws from; each must be on the sample's GPU."""
     gens: list[torch.Generator] = []
     if isinstance(generator, torch.Generator):
@@ -195,13 +212,29 @@ def check_graph_generators(generator: object, device: torch.device) -> list[torc
     elif isinstance(generator, Sequence):
         gens = [g for g in generator if isinstance(g, torch.Generator)]
     for g in gens:
-        if g.device.type != "cuda":
+        if _normalized(g.device) != _normalized(device):
             raise InputValueError(
-                f"generator: a CUDA graph records noise drawn on the GPU; expected CUDA "
-                f"generator(s) (torch.Generator(device='cuda')) or None, got one on {g.device}"
+                f"{name}: a CUDA graph records noise drawn on the sample's GPU; expected "
+                f"generator(s) on {_normalized(device)} (torch.Generator(device=...)) or None, "
+                f"got one on {g.device}"
             )
     unique: dict[int, torch.Generator] = {id(g): g for g in gens}
     return list(unique.values())
+
+
+def _normalized(device: torch.device) -> torch.device:
+    """``cuda`` with its index made explicit (the current device's), other devices as they are."""
+    if str(device) == "cuda":  # no index (torch types .index as int, it can be None)
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def require_cuda(name: str, device: torch.device) -> None:
+    """Raise unless ``device`` is a CUDA device (graph recording needs one)."""
+    if device.type != "cuda":
+        raise InputValueError(
+            f"{name}: CUDA-graph capture needs a sample on a CUDA device, got one on {device}"
+        )
 
 
 def capture_loop(
@@ -218,20 +251,27 @@ def capture_loop(
     the recorded call returned (overwritten by every replay).
     """
     check_int("warmup", warmup, min=1)
-    graph = torch.cuda.CUDAGraph()
-    for g in generators:
-        graph.register_generator_state(g)
     with torch.cuda.device(device), torch.no_grad():
+        graph = torch.cuda.CUDAGraph()
+        with warnings.catch_warnings():
+            # newer torch registers generators on first use and deprecates the call (a no-op
+            # there); older torch needs it before capture for any non-default generator
+            warnings.filterwarnings("ignore", message=".*register_generator_state.*")
+            for g in generators:
+                graph.register_generator_state(g)
         side = torch.cuda.Stream()  # type: ignore[no-untyped-call]  # torch's stub
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(warmup):
                 run()
-        torch.cuda.current_stream().wait_stream(side)
+        caller_stream = torch.cuda.current_stream()
+        caller_stream.wait_stream(side)
         try:
             with torch.cuda.graph(graph):
                 result = run()
         except RuntimeError as error:
+            # some torch versions leave the capture stream current when capture_end raises
+            torch.cuda.set_stream(caller_stream)
             raise GraphCaptureError(
                 "capture_graph: the loop could not be recorded as a CUDA graph: something in it "
                 "(usually the model, or a callback) synchronises with the host, copies from CPU "
