@@ -403,8 +403,9 @@ def bench_steps(
     target_s: float,
 ) -> tuple[list[StepRow], dict[str, float]]:
     fns = step_functions(shape, DTYPES[dtype_name], device, backends)
-    diffs = max_differences(fns, backends)
-    m = interleaved_medians(fns, timer, rounds=rounds, target_s=target_s)
+    with torch.no_grad():  # as in a sampling loop, and as diffusers' pipelines call their steps
+        diffs = max_differences(fns, backends)
+        m = interleaved_medians(fns, timer, rounds=rounds, target_s=target_s)
     rows = []
     for step in STEPS:
         diffusers_s = m[f"{step}|diffusers"]
@@ -496,6 +497,12 @@ def bench_bandwidth(
                 "edict_mix": (
                     4 * n * s,
                     lambda x=x, y=y: kernels.edict_mix(x, y, EDICT_MIX, backend="triton"),
+                ),
+                "edict_substep_mix": (
+                    5 * n * s,
+                    lambda x=x, y=y, z=z: kernels.edict_substep_mix(
+                        x, y, z, 0.98, -0.1, EDICT_MIX, update="y", backend="triton"
+                    ),
                 ),
                 "ddpm_learned_step (noise)": (
                     5 * n * s,

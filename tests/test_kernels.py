@@ -142,6 +142,42 @@ def test_edict_mix_equals_reference(backend: str, case: tuple, p: float) -> None
     _close(gy, ry)
 
 
+@pytest.mark.parametrize("backend", FUSED)
+@settings(max_examples=20, deadline=None)
+@given(_case(), st.floats(-2.0, 2.0), st.floats(-2.0, 2.0), st.floats(0.5, 0.99), st.booleans())
+def test_edict_substep_mix_equals_reference(
+    backend: str, case: tuple, a: float, b: float, p: float, update_x: bool
+) -> None:
+    shape, dtype, channels_last, seed = case
+    x, y, eps = _tensors(shape, dtype, channels_last, seed, 3, _device(backend))
+    update = "x" if update_x else "y"
+    gx, gy = kernels.edict_substep_mix(x, y, eps, a, b, p, update=update, backend=backend)  # type: ignore[arg-type]
+    rx, ry = reference.edict_substep_mix(x, y, eps, a, b, p, update_x=update_x)
+    _close(gx, rx)
+    _close(gy, ry)
+    assert gx.stride() == x.stride()
+
+
+def test_edict_substep_mix_is_a_substep_then_the_mixing_pair() -> None:
+    """The reference equals lincomb3 then edict_mix (float64: no rounding in between)."""
+    g = torch.Generator().manual_seed(0)
+    x, y, eps = (torch.randn(2, 3, 5, 7, generator=g, dtype=torch.float64) for _ in range(3))
+    for update in ("x", "y"):
+        got = kernels.edict_substep_mix(x, y, eps, 0.97, -0.2, 0.93, update=update)  # type: ignore[arg-type]
+        if update == "x":
+            want = reference.edict_mix(reference.lincomb3(x, 0.97, eps, -0.2), y, 0.93)
+        else:
+            want = reference.edict_mix(x, reference.lincomb3(y, 0.97, eps, -0.2), 0.93)
+        for g_, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g_, w, rtol=1e-13, atol=1e-13)
+    with pytest.raises(IVE, match="update: expected one of"):
+        kernels.edict_substep_mix(x, y, eps, 1.0, 0.0, 0.9, update="z")  # type: ignore[arg-type]
+    with pytest.raises(IVE, match="eps: expected shape"):
+        kernels.edict_substep_mix(x, y, eps[:1], 1.0, 0.0, 0.9, update="x")
+    with pytest.raises(imgdiff.InputTypeError, match="eps: expected x's dtype"):
+        kernels.edict_substep_mix(x, y, eps.float(), 1.0, 0.0, 0.9, update="x")
+
+
 @needs_triton
 def test_in_kernel_noise_is_seeded_standard_normal() -> None:
     x = torch.zeros(4, 4, 64, 64, device=DEVICE)
@@ -250,6 +286,23 @@ def test_samplers_give_the_same_samples_on_the_fused_kernels(fused: str) -> None
                 extra["generator"] = torch.Generator(device).manual_seed(1)
             runs.append(_run(make, backend, 2 if name == "edict" else 8, **extra))
         torch.testing.assert_close(runs[1], runs[0], rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("fused", FUSED)
+@pytest.mark.filterwarnings("ignore::imgdiff.PrecisionWarning")
+def test_edict_on_the_fused_kernels_still_inverts(fused: str) -> None:
+    """Generation on the fused kernels (second sub-step fused with the mixing) is still undone by
+    the inverse steps: the float32 round trip is as close as on the torch path."""
+    device = _device(fused)
+    model = imgdiff.GaussianDenoiser(SCHED)
+    x0 = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(4)).to(device) * 2 - 1
+    errors = {}
+    for backend in ("torch", fused):
+        sampler = imgdiff.EDICT(SCHED, dtype=torch.float32, backend=backend)  # type: ignore[arg-type]
+        pair = sampler.invert(model, x0, num_steps=10, progress=False)
+        rec = sampler.sample(model, pair, num_steps=10, progress=False)
+        errors[backend] = float((rec - x0).abs().max())
+    assert errors[fused] <= 4 * errors["torch"] + 1e-5, errors
 
 
 @pytest.mark.parametrize("fused", FUSED)

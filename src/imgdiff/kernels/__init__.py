@@ -1,12 +1,14 @@
-"""Fused updates of the samplers' hot loops: a plain-torch reference and a Triton kernel each.
+"""Fused updates of the samplers' hot loops: a plain-torch reference and fused kernels each.
 
 Every function takes ``backend``: ``"torch"``, ``"triton"`` (on CUDA tensors of float32,
-bfloat16 or float16; on a CPU only under ``TRITON_INTERPRET=1``, which the parity tests use) or
-``"auto"``. float64 and tensors of more than 2^31 - 1 elements (the kernels use int32
-offsets) always run the reference. ``"auto"`` will pick Triton for CUDA tensors once
-the compiled kernels have been checked on a GPU (so far they have run only under Triton's
-interpreter); until then it picks torch, and ``backend="triton"`` opts in. The kernels compute in float32 and read each input once and write each
-output once; a Triton kernel equals its reference to float32 rounding (tested).
+bfloat16 or float16; on a CPU only under ``TRITON_INTERPRET=1``, which the parity tests use),
+``"cpu"`` (the compiled C kernels of :mod:`imgdiff.kernels.cpu`, CPU tensors of float32 or
+bfloat16) or ``"auto"``. float64 and tensors of more than 2^31 - 1 elements (the kernels use
+int32 offsets) always run the reference. ``"auto"`` picks the C kernels for CPU tensors when
+they build, and will pick Triton for CUDA tensors once the compiled kernels have been checked on
+a GPU (so far they have run only under Triton's interpreter); until then it picks torch there,
+and ``backend="triton"`` opts in. The kernels compute in float32 and read each input once and
+write each output once; each equals its reference to float32 rounding (tested).
 
 * :func:`lincomb3`: ``a x + b y + c noise``: the DDIM step (``x_coef``, ``out_coef``, ``sigma``),
   DDPM with a fixed variance, the x0/eps/v conversions; noise injected or drawn in the kernel
@@ -14,6 +16,7 @@ output once; a Triton kernel equals its reference to float32 rounding (tested).
 * :func:`inpaint_blend`: ``(1 - m) x + m (known_scale known + noise_scale noise)``: Palette's
   clean paste and RePaint's noised paste, with a ``(B, 1, ...)`` or full-size mask.
 * :func:`edict_mix`: EDICT's mixing pair in one pass.
+* :func:`edict_substep_mix`: EDICT's second affine sub-step and the mixing pair in one pass.
 * :func:`threshold_apply`: ``clamp(x0, -s, s) / s`` with per-sample ``s`` (dynamic thresholding;
   the quantile itself is torch's reduction).
 * :func:`ddpm_learned_step`: a DDPM step with a learned (or learned-range) variance read from the
@@ -21,7 +24,7 @@ output once; a Triton kernel equals its reference to float32 rounding (tested).
 
 The samplers take the same ``backend`` option: DDIM and fixed-variance DDPM steps (noise
 included), EDICT's sub-steps and mixing, and :class:`~imgdiff.conditioning.KnownRegion`'s paste
-run as one kernel each where the backend resolves to Triton, and as the lean torch arithmetic of
+run as one kernel each where the backend resolves to a fused one, and as the lean torch arithmetic of
 ``imgdiff._ops`` otherwise.
 """
 
@@ -45,8 +48,10 @@ __all__ = [
     "Fused",
     "ddpm_learned_step",
     "edict_mix",
+    "edict_substep_mix",
     "fused_backend",
     "fused_edict_mix",
+    "fused_edict_substep_mix",
     "fused_inpaint_blend",
     "fused_lincomb3",
     "inpaint_blend",
@@ -92,10 +97,18 @@ def fused_backend(backend: Backend, x: Tensor, *others: Tensor | None) -> Fused 
     operands, or ``None`` for the torch path (fast; for inner loops)."""
     if backend == "torch" or x.numel() > _MAX_NUMEL or _differentiable((x, *others)):
         return None
-    if backend == "auto":
-        return _auto(x)
-    resolved = resolve_backend(backend, x)
-    return None if resolved == "torch" else resolved
+    key = (backend, x.device, x.dtype)
+    if key in _RESOLVED:
+        return _RESOLVED[key]
+    resolved = _auto(x) if backend == "auto" else resolve_backend(backend, x)
+    fused: Fused | None = None if resolved in (None, "torch") else resolved  # type: ignore[assignment]
+    _RESOLVED[key] = fused
+    return fused
+
+
+# What fused_backend resolved per (backend, device, dtype): the answer depends only on them (and
+# on facts fixed for the process: triton importable, the CPU kernels built); errors are not kept.
+_RESOLVED: dict[tuple[str, torch.device, torch.dtype], Fused | None] = {}
 
 
 def _auto(x: Tensor) -> Fused | None:
@@ -174,6 +187,25 @@ def fused_edict_mix(impl: Fused, x: Tensor, y: Tensor, p: float) -> tuple[Tensor
     from imgdiff.kernels import fused
 
     return fused.edict_mix(x, y, p)
+
+
+def fused_edict_substep_mix(
+    impl: Fused,
+    x: Tensor,
+    y: Tensor,
+    eps: Tensor,
+    a: float,
+    b: float,
+    p: float,
+    update_x: bool,
+) -> tuple[Tensor, Tensor]:
+    """:func:`edict_substep_mix` on the fused kernels ``impl``, unchecked (``update_x``: whether
+    the sub-step moves ``x``; see :func:`fused_lincomb3`)."""
+    if impl == "cpu":
+        return cpu.edict_substep_mix(x, y, eps, a, b, p, update_x)
+    from imgdiff.kernels import fused
+
+    return fused.edict_substep_mix(x, y, eps, a, b, p, update_x)
 
 
 def fused_inpaint_blend(
@@ -320,6 +352,41 @@ def edict_mix(
     if impl != "torch":
         return fused_edict_mix(impl, x, y, mix)
     return reference.edict_mix(x, y, mix)
+
+
+def edict_substep_mix(
+    x: Tensor,
+    y: Tensor,
+    eps: Tensor,
+    a: float,
+    b: float,
+    p: float,
+    *,
+    update: Literal["x", "y"],
+    backend: Backend = "auto",
+) -> tuple[Tensor, Tensor]:
+    """The second half of an EDICT generation step in one pass (Wallace et al. 2023, Eq. 10-13).
+
+    The sequence named by ``update`` (``"x"`` or ``"y"``) takes its affine sub-step
+    ``z -> a z + b eps`` (``eps`` is the model's noise estimate at the *other* sequence), then the
+    mixing pair ``x' = p x + (1 - p) y``, ``y' = p y + (1 - p) x'``. ``x``, ``y``, ``eps``:
+    ``(B, ...)`` of one shape, device and dtype; returns two new tensors like ``x``. Equals
+    :func:`lincomb3` then :func:`edict_mix` except that the sub-step's result is not rounded to
+    the storage dtype before mixing.
+    """
+    x = check_tensor("x", x, floating=True, min_ndim=1)
+    y = _same("y", y, x)
+    e = _same("eps", eps, x)
+    for name, t in (("y", y), ("eps", e)):
+        if t.dtype != x.dtype:
+            raise InputTypeError(f"{name}: expected x's dtype {x.dtype}, got {t.dtype}")
+    fa, fb = check_float("a", a), check_float("b", b)
+    mix = check_float("p", p, min=0.0, max=1.0, min_open=True)
+    update_x = check_choice("update", update, ("x", "y")) == "x"
+    impl = _impl(backend, x, y, e)
+    if impl != "torch":
+        return fused_edict_substep_mix(impl, x, y, e, fa, fb, mix, update_x)
+    return reference.edict_substep_mix(x, y, e, fa, fb, mix, update_x=update_x)
 
 
 def ddpm_learned_step(

@@ -46,10 +46,12 @@ def aligned(
 
     Returns the layout, ``x`` and the others. An optional operand joins with :func:`aligned_to`.
     """
-    if x.is_contiguous() and all(
-        t.is_contiguous() and (not cast or t.dtype == x.dtype) for t in others
-    ):  # the common case, checked cheaply
-        return torch.contiguous_format, x, list(others)
+    if x.is_contiguous():  # the common case, checked cheaply (no generator: inner loops)
+        for t in others:
+            if not t.is_contiguous() or (cast and t.dtype != x.dtype):
+                break
+        else:
+            return torch.contiguous_format, x, list(others)
     fmt = layout(x)
     x = x.contiguous(memory_format=fmt)
     return fmt, x, [aligned_to(t, x, fmt, cast=cast) for t in others]

@@ -38,6 +38,7 @@ __all__ = [
     "available",
     "build_error",
     "edict_mix",
+    "edict_substep_mix",
     "inpaint_blend",
     "library_path",
     "lincomb3",
@@ -55,8 +56,15 @@ _P, _F, _I64, _INT = ctypes.c_void_p, ctypes.c_float, ctypes.c_int64, ctypes.c_i
 _SIGNATURES = {
     "lincomb3": [_P, _F, _P, _F, _P, _F, _P, _I64, _INT],
     "edict_mix": [_P, _P, _F, _P, _P, _I64, _INT],
-    "inpaint_blend": [_P, _P, _F, _P, _F, _P, _INT, _INT, _I64, _I64, _I64, _P, _INT],
+    "edict_substep_mix": [_P, _P, _P, _F, _F, _F, _INT, _P, _P, _I64, _INT],
 }
+# one function per storage, mask storage (float32 or the storage's) and with or without noise
+_BLEND_ARGTYPES = [_P, _P, _F, _P, _F, _P, _INT, _I64, _I64, _I64, _P, _INT]
+_BLEND_VARIANTS = [
+    f"inpaint_blend_{s}_{m}_{z}"
+    for s, m in (("f32", "f32"), ("bf16", "f32"), ("bf16", "bf16"))
+    for z in ("z", "nz")
+]
 
 
 @dataclass(frozen=True)
@@ -64,7 +72,6 @@ class _Library:
     path: Path
     functions: dict[str, Any]  # ctypes foreign functions with argtypes set
     openmp: bool
-    pid: int
 
 
 def _cache_dir() -> Path:
@@ -129,14 +136,21 @@ def _load() -> tuple[_Library | None, str | None]:
             errors.append(f"loading {target}: {exc}")
             continue
         functions = {}
-        for name, argtypes in _SIGNATURES.items():
-            for suffix in _SUFFIX.values():
-                fn = getattr(lib, f"imgdiff_{name}_{suffix}")
-                fn.argtypes = argtypes
-                fn.restype = None
-                functions[f"{name}_{suffix}"] = fn
+        signatures = [
+            *(
+                (f"{name}_{suffix}", argtypes)
+                for name, argtypes in _SIGNATURES.items()
+                for suffix in _SUFFIX.values()
+            ),
+            *((name, _BLEND_ARGTYPES) for name in _BLEND_VARIANTS),
+        ]
+        for name, argtypes in signatures:
+            fn = getattr(lib, f"imgdiff_{name}")
+            fn.argtypes = argtypes
+            fn.restype = None
+            functions[name] = fn
         has_openmp = bool(lib.imgdiff_has_openmp())
-        return _Library(target, functions, has_openmp, os.getpid()), None
+        return _Library(target, functions, has_openmp), None
     return None, "; ".join(errors)
 
 
@@ -164,10 +178,24 @@ def _library() -> _Library:
 
 
 def _threads(lib: _Library) -> int:
-    # an OpenMP team created before a fork() is unusable in the child: run single-threaded there
-    if not lib.openmp or os.getpid() != lib.pid:
+    # an OpenMP team created before a fork() is unusable in the child (and torch's libgomp may
+    # have made one): run single-threaded in any forked child
+    if not lib.openmp or _FORKED:
         return 1
     return torch.get_num_threads()
+
+
+_FORKED = False
+"""Set in a forked child (cheaper than comparing process ids on every call)."""
+
+
+def _mark_forked() -> None:
+    global _FORKED
+    _FORKED = True
+
+
+if hasattr(os, "register_at_fork"):  # POSIX; the kernels are not built elsewhere
+    os.register_at_fork(after_in_child=_mark_forked)
 
 
 def lincomb3(
@@ -205,6 +233,30 @@ def edict_mix(x: Tensor, y: Tensor, p: float) -> tuple[Tensor, Tensor]:
     return x_out, y_out
 
 
+def edict_substep_mix(
+    x: Tensor, y: Tensor, eps: Tensor, a: float, b: float, p: float, update_x: bool
+) -> tuple[Tensor, Tensor]:
+    """EDICT's second sub-step (``x`` or ``y`` becomes ``a z + b eps``) and mixing pair in one
+    pass, for ``x``, ``y``, ``eps`` ``(B, ...)``; two new tensors of ``x``'s shape and dtype."""
+    lib = _library()
+    _, x, (y, eps) = aligned(x, y, eps, cast=True)
+    x_out, y_out = torch.empty_like(x), torch.empty_like(x)
+    lib.functions[f"edict_substep_mix_{_SUFFIX[x.dtype]}"](
+        x.data_ptr(),
+        y.data_ptr(),
+        eps.data_ptr(),
+        a,
+        b,
+        p,
+        int(update_x),
+        x_out.data_ptr(),
+        y_out.data_ptr(),
+        x.numel(),
+        _threads(lib),
+    )
+    return x_out, y_out
+
+
 def inpaint_blend(
     x: Tensor,
     known: Tensor,
@@ -226,14 +278,15 @@ def inpaint_blend(
         mask = mask.to(torch.float32)
     m, mode = mask_operand(mask, x, fmt)
     out = torch.empty_like(x)
-    lib.functions[f"inpaint_blend_{_SUFFIX[x.dtype]}"](
+    storage = _SUFFIX[x.dtype]
+    mask_storage = "f32" if m.dtype == torch.float32 else storage
+    lib.functions[f"inpaint_blend_{storage}_{mask_storage}_{'nz' if z is None else 'z'}"](
         x.data_ptr(),
         known.data_ptr(),
         known_scale,
         None if z is None else z.data_ptr(),
         noise_scale,
         m.data_ptr(),
-        int(m.dtype == torch.float32),
         mode,
         x.shape[0],
         x.shape[1],

@@ -83,42 +83,80 @@ IMGDIFF_LINCOMB3(bf16)
 IMGDIFF_EDICT_MIX(f32)
 IMGDIFF_EDICT_MIX(bf16)
 
+/* EDICT's second affine sub-step and the mixing pair (Wallace et al. 2023, eq. 10-13): the
+ * sequence being updated (x when update_x, else y) becomes a z + b e, then the mixing pair.
+ * The updated value stays in float32 for the mixing. */
+#define IMGDIFF_EDICT_SUBSTEP_MIX(S)                                                               \
+    IMGDIFF_CLONES void imgdiff_edict_substep_mix_##S(                                             \
+        const void *restrict x, const void *restrict y, const void *restrict e, float a, float b,  \
+        float p, int update_x, void *restrict xo, void *restrict yo, int64_t n, int threads) {     \
+        const float q = 1.0f - p;                                                                  \
+        if (update_x) {                                                                            \
+            IMGDIFF_PARALLEL                                                                       \
+            for (int64_t i = 0; i < n; i++) {                                                      \
+                const float xv = a * ld_##S(x, i) + b * ld_##S(e, i), yv = ld_##S(y, i);           \
+                const float xn = p * xv + q * yv;                                                  \
+                st_##S(xo, i, xn);                                                                 \
+                st_##S(yo, i, p * yv + q * xn);                                                    \
+            }                                                                                      \
+        } else {                                                                                   \
+            IMGDIFF_PARALLEL                                                                       \
+            for (int64_t i = 0; i < n; i++) {                                                      \
+                const float xv = ld_##S(x, i), yv = a * ld_##S(y, i) + b * ld_##S(e, i);           \
+                const float xn = p * xv + q * yv;                                                  \
+                st_##S(xo, i, xn);                                                                 \
+                st_##S(yo, i, p * yv + q * xn);                                                    \
+            }                                                                                      \
+        }                                                                                          \
+    }
+IMGDIFF_EDICT_SUBSTEP_MIX(f32)
+IMGDIFF_EDICT_SUBSTEP_MIX(bf16)
+
 /* out = (1 - m) x + m (ks k + ns z): Palette's clean paste and RePaint's noised paste.
  * mode 0: the mask has x's shape and layout; 1: (B, 1, S) against contiguous (B, C, S);
- * 2: (B, 1, S) against channels-last (B, S, C) memory. n = outer * channels * plane. The mask is
- * float32 (mask_f32) or of x's dtype. */
-#define IMGDIFF_BLEND_AT(S, I, MI)                                                                 \
+ * 2: (B, 1, S) against channels-last (B, S, C) memory. n = outer * channels * plane. One
+ * function per storage S, mask storage M (float32, or S) and with (z) or without (nz) noise, so
+ * the inner loops carry no per-element branches. */
+#define IMGDIFF_BLEND_AT(S, M, HAS_Z, I, MI)                                                       \
     do {                                                                                           \
-        const float mv = mask_f32 ? ld_f32(m, (MI)) : ld_##S(m, (MI));                             \
+        const float mv = ld_##M(m, (MI));                                                          \
         float pv = ks * ld_##S(k, (I));                                                            \
-        if (z) pv += ns * ld_##S(z, (I));                                                          \
+        if (HAS_Z) pv += ns * ld_##S(z, (I));                                                      \
         st_##S(out, (I), ld_##S(x, (I)) * (1.0f - mv) + pv * mv);                                  \
     } while (0)
 
-#define IMGDIFF_INPAINT_BLEND(S)                                                                   \
-    IMGDIFF_CLONES void imgdiff_inpaint_blend_##S(                                                 \
+#define IMGDIFF_INPAINT_BLEND(S, M, HAS_Z, NAME)                                                   \
+    IMGDIFF_CLONES void imgdiff_inpaint_blend_##S##_##M##_##NAME(                                  \
         const void *restrict x, const void *restrict k, float ks, const void *restrict z,          \
-        float ns, const void *restrict m, int mask_f32, int mode, int64_t outer, int64_t channels, \
+        float ns, const void *restrict m, int mode, int64_t outer, int64_t channels,               \
         int64_t plane, void *restrict out, int threads) {                                          \
         const int64_t n = outer * channels * plane;                                                \
+        (void)z;                                                                                   \
+        (void)ns;                                                                                  \
         if (mode == 0) {                                                                           \
             IMGDIFF_PARALLEL                                                                       \
-            for (int64_t i = 0; i < n; i++) IMGDIFF_BLEND_AT(S, i, i);                             \
+            for (int64_t i = 0; i < n; i++) IMGDIFF_BLEND_AT(S, M, HAS_Z, i, i);                   \
         } else if (mode == 1) {                                                                    \
             const int64_t rows = outer * channels;                                                 \
             IMGDIFF_PARALLEL                                                                       \
             for (int64_t r = 0; r < rows; r++) {                                                   \
                 const int64_t base = r * plane, mbase = (r / channels) * plane;                    \
-                for (int64_t j = 0; j < plane; j++) IMGDIFF_BLEND_AT(S, base + j, mbase + j);      \
+                for (int64_t j = 0; j < plane; j++)                                                \
+                    IMGDIFF_BLEND_AT(S, M, HAS_Z, base + j, mbase + j);                            \
             }                                                                                      \
         } else {                                                                                   \
             const int64_t sites = outer * plane;                                                   \
             IMGDIFF_PARALLEL                                                                       \
             for (int64_t s = 0; s < sites; s++) {                                                  \
                 const int64_t base = s * channels;                                                 \
-                for (int64_t j = 0; j < channels; j++) IMGDIFF_BLEND_AT(S, base + j, s);           \
+                for (int64_t j = 0; j < channels; j++)                                             \
+                    IMGDIFF_BLEND_AT(S, M, HAS_Z, base + j, s);                                    \
             }                                                                                      \
         }                                                                                          \
     }
-IMGDIFF_INPAINT_BLEND(f32)
-IMGDIFF_INPAINT_BLEND(bf16)
+IMGDIFF_INPAINT_BLEND(f32, f32, 1, z)
+IMGDIFF_INPAINT_BLEND(f32, f32, 0, nz)
+IMGDIFF_INPAINT_BLEND(bf16, f32, 1, z)
+IMGDIFF_INPAINT_BLEND(bf16, f32, 0, nz)
+IMGDIFF_INPAINT_BLEND(bf16, bf16, 1, z)
+IMGDIFF_INPAINT_BLEND(bf16, bf16, 0, nz)

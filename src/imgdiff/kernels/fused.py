@@ -17,7 +17,14 @@ from torch import Tensor
 
 from imgdiff.kernels._layout import aligned, aligned_to, mask_operand
 
-__all__ = ["ddpm_learned_step", "edict_mix", "inpaint_blend", "lincomb3", "threshold_apply"]
+__all__ = [
+    "ddpm_learned_step",
+    "edict_mix",
+    "edict_substep_mix",
+    "inpaint_blend",
+    "lincomb3",
+    "threshold_apply",
+]
 
 BLOCK = 1024
 
@@ -91,6 +98,25 @@ def _edict_mix_kernel(x_ptr, y_ptr, xo_ptr, yo_ptr, numel, p, BLOCK: tl.constexp
     inside = offs < numel
     x = tl.load(x_ptr + offs, mask=inside).to(tl.float32)
     y = tl.load(y_ptr + offs, mask=inside).to(tl.float32)
+    x_new = p * x + (1.0 - p) * y
+    y_new = p * y + (1.0 - p) * x_new
+    tl.store(xo_ptr + offs, x_new.to(xo_ptr.dtype.element_ty), mask=inside)
+    tl.store(yo_ptr + offs, y_new.to(yo_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _edict_substep_mix_kernel(
+    x_ptr, y_ptr, e_ptr, xo_ptr, yo_ptr, numel, a, b, p, UPDATE_X: tl.constexpr, BLOCK: tl.constexpr
+):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < numel
+    x = tl.load(x_ptr + offs, mask=inside).to(tl.float32)
+    y = tl.load(y_ptr + offs, mask=inside).to(tl.float32)
+    e = tl.load(e_ptr + offs, mask=inside).to(tl.float32)
+    if UPDATE_X:
+        x = a * x + b * e
+    else:
+        y = a * y + b * e
     x_new = p * x + (1.0 - p) * y
     y_new = p * y + (1.0 - p) * x_new
     tl.store(xo_ptr + offs, x_new.to(xo_ptr.dtype.element_ty), mask=inside)
@@ -221,6 +247,29 @@ def edict_mix(x: Tensor, y: Tensor, p: float) -> tuple[Tensor, Tensor]:
     x_out, y_out = torch.empty_like(x), torch.empty_like(y)
     numel = x.numel()
     _edict_mix_kernel[_grid(numel)](x, y, x_out, y_out, numel, float(p), BLOCK=BLOCK)
+    return x_out, y_out
+
+
+def edict_substep_mix(
+    x: Tensor, y: Tensor, eps: Tensor, a: float, b: float, p: float, update_x: bool
+) -> tuple[Tensor, Tensor]:
+    """Fused EDICT second sub-step and mixing pair: both outputs in one pass."""
+    _, x, (y, eps) = aligned(x, y, eps, cast=True)
+    x_out, y_out = torch.empty_like(x), torch.empty_like(x)
+    numel = x.numel()
+    _edict_substep_mix_kernel[_grid(numel)](
+        x,
+        y,
+        eps,
+        x_out,
+        y_out,
+        numel,
+        float(a),
+        float(b),
+        float(p),
+        UPDATE_X=bool(update_x),
+        BLOCK=BLOCK,
+    )
     return x_out, y_out
 
 

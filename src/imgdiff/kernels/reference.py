@@ -11,7 +11,14 @@ from torch import Tensor
 
 from imgdiff._ops import per_sample
 
-__all__ = ["ddpm_learned_step", "edict_mix", "inpaint_blend", "lincomb3", "threshold_apply"]
+__all__ = [
+    "ddpm_learned_step",
+    "edict_mix",
+    "edict_substep_mix",
+    "inpaint_blend",
+    "lincomb3",
+    "threshold_apply",
+]
 
 
 def _wide(t: Tensor) -> Tensor:
@@ -60,6 +67,23 @@ def edict_mix(x: Tensor, y: Tensor, p: float) -> tuple[Tensor, Tensor]:
     """EDICT's mixing pair (Wallace et al. 2023, Eq. 13): ``x' = p x + (1 - p) y``, then
     ``y' = p y + (1 - p) x'``."""
     xw, yw = _wide(x), _wide(y)
+    x_new = p * xw + (1 - p) * yw
+    y_new = p * yw + (1 - p) * x_new
+    return x_new.to(x.dtype), y_new.to(y.dtype)
+
+
+def edict_substep_mix(
+    x: Tensor, y: Tensor, eps: Tensor, a: float, b: float, p: float, *, update_x: bool
+) -> tuple[Tensor, Tensor]:
+    """The second affine sub-step of an EDICT generation step, then the mixing pair (Wallace et
+    al. 2023, Eq. 10-13): the sequence being updated (``x`` when ``update_x``, else ``y``) becomes
+    ``a z + b eps``, then ``x' = p x + (1 - p) y``, ``y' = p y + (1 - p) x'``; the updated value
+    is not rounded to the storage dtype before mixing."""
+    xw, yw, ew = _wide(x), _wide(y), _wide(eps)
+    if update_x:
+        xw = a * xw + b * ew
+    else:
+        yw = a * yw + b * ew
     x_new = p * xw + (1 - p) * yw
     y_new = p * yw + (1 - p) * x_new
     return x_new.to(x.dtype), y_new.to(y.dtype)

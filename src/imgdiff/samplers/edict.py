@@ -145,16 +145,22 @@ class EDICT(Sampler[EDICTState, EDICTCoefficients]):
         x, y = state
         eps = _Eps(model, c, ctx.t)
         impl = fused_backend(self.backend, x, y)  # once per step: x, y share device and dtype
-        lin = functools.partial(self._lincomb, impl)
-        if c.x_first:
-            x1 = lin(x, c.a, eps(y), c.b)
-            y1 = lin(y, c.a, eps(x1), c.b)
+        a, b = c.a, c.b
+        if impl is not None and isinstance(a, float) and isinstance(b, float):
+            # two passes: the first sub-step, then the second fused with the mixing layer
+            if c.x_first:
+                x1 = kernels.fused_lincomb3(impl, x, a, eps(y), b)
+                mixed = kernels.fused_edict_substep_mix(impl, x1, y, eps(x1), a, b, p, False)
+            else:
+                y1 = kernels.fused_lincomb3(impl, y, a, eps(x), b)
+                mixed = kernels.fused_edict_substep_mix(impl, x, y1, eps(y1), a, b, p, True)
         else:
-            y1 = lin(y, c.a, eps(x), c.b)
-            x1 = lin(x, c.a, eps(y1), c.b)
-        if impl is not None:
-            mixed = kernels.fused_edict_mix(impl, x1, y1, p)
-        else:
+            if c.x_first:
+                x1 = lincomb(x, a, eps(y), b)
+                y1 = lincomb(y, a, eps(x1), b)
+            else:
+                y1 = lincomb(y, a, eps(x), b)
+                x1 = lincomb(x, a, eps(y1), b)
             mixed = edict_mix(x1, y1, p)
         return StepOutput(mixed, lambda: eps.x0_hat(0))
 
