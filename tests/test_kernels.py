@@ -8,6 +8,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -454,6 +455,34 @@ except imgdiff.InputValueError as e:
     off = _python(code, IMGDIFF_CPU_KERNELS="0")
     assert off.returncode == 0, off.stderr
     assert "IMGDIFF_CPU_KERNELS=0" in off.stdout
+
+
+def test_cpu_kernels_build_without_clones_when_the_compiler_rejects_them(tmp_path: Path) -> None:
+    """A compiler that cannot build the per-CPU clones (or OpenMP) still gets baseline kernels."""
+    import shutil
+
+    cc = shutil.which(os.environ.get("CC", "cc"))
+    if cc is None:
+        pytest.skip("needs a C compiler")
+    wrapper = tmp_path / "cc"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        'case " $* " in *" -DIMGDIFF_NO_CLONES "*) ;; *) echo "no clones here" >&2; exit 1;; esac\n'
+        'case " $* " in *" -fopenmp "*) echo "no OpenMP here" >&2; exit 1;; esac\n'
+        f'exec {cc} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    code = """
+import torch
+from imgdiff import kernels
+x = torch.randn(2, 3, 5, 5)
+assert kernels.cpu.available(), kernels.cpu.build_error()
+assert torch.allclose(kernels.lincomb3(x, 0.5, x, 0.25, backend="cpu"), 0.75 * x)
+print(kernels.cpu.library_path())
+"""
+    done = _python(code, CC=str(wrapper), IMGDIFF_CACHE_DIR=str(tmp_path / "cache"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert str(tmp_path / "cache") in done.stdout
 
 
 def test_cpu_kernels_run_in_a_forked_child() -> None:

@@ -118,7 +118,12 @@ def _load() -> tuple[_Library | None, str | None]:
         return None, f"no C compiler found (looked for {os.environ.get('CC', 'cc')!r}; set $CC)"
     source = _SOURCE.read_bytes()
     errors = []
-    for flags in ((*_BASE_FLAGS, "-fopenmp"), _BASE_FLAGS):  # OpenMP when the compiler has it
+    # OpenMP and per-CPU clones when the compiler has them (each fallback is its own build)
+    for flags in (
+        (*_BASE_FLAGS, "-fopenmp"),
+        (*_BASE_FLAGS, "-fopenmp", "-DIMGDIFF_NO_CLONES"),
+        (*_BASE_FLAGS, "-DIMGDIFF_NO_CLONES"),
+    ):
         key = hashlib.sha256(
             b"\0".join(
                 [source, compiler.encode(), " ".join(flags).encode(), platform.machine().encode()]

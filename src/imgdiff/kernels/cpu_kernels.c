@@ -6,14 +6,17 @@
  * splits the elements over `threads` OpenMP threads for large tensors. Pointers address dense
  * memory of `n` elements in one shared layout (the Python side checks it).
  *
- * On x86-64 Linux each function is built twice (AVX2/FMA and baseline) and the loader picks
- * the one the processor runs (GCC target_clones).
+ * On x86-64 Linux each function is built three times (AVX-512, AVX2/FMA and baseline; GCC
+ * target_clones) and the loader picks the one the processor runs. AVX-512 matters for bfloat16,
+ * whose conversions make the loops compute-bound; float32 is bound by memory either way.
+ * Compilers that reject the clones build with IMGDIFF_NO_CLONES (baseline only).
  */
 #include <stdint.h>
 #include <string.h>
 
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
-#define IMGDIFF_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && \
+    !defined(IMGDIFF_NO_CLONES)
+#define IMGDIFF_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define IMGDIFF_CLONES
 #endif
