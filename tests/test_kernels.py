@@ -224,6 +224,23 @@ def test_fused_paths_leave_autograd_to_torch(backend: str) -> None:
     assert gy.requires_grad
 
 
+def test_fused_backend_answers_per_call_whatever_it_remembers() -> None:
+    """The per-(backend, device, dtype) memo never hides autograd, size or dtype: each call
+    still says torch (None) where the kernels must not run."""
+    x = torch.zeros(1, 2, 2, 2)
+    for _ in range(2):  # the second round is answered from the memo
+        assert kernels.fused_backend("cpu", x) == "cpu"
+        assert kernels.fused_backend("auto", x) == "cpu"
+        assert kernels.fused_backend("cpu", x.double()) is None
+        assert kernels.fused_backend("torch", x) is None
+        with torch.enable_grad():
+            assert kernels.fused_backend("cpu", x.clone().requires_grad_()) is None
+        with torch.no_grad():
+            assert kernels.fused_backend("cpu", x.clone().requires_grad_()) == "cpu"
+    with pytest.raises(IVE, match="backend: 'cpu' runs on CPU tensors"):
+        kernels.fused_backend("cpu", torch.zeros(1, 2, device="meta"))
+
+
 def test_auto_backend_and_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu = torch.zeros(1, 2, 2, 2)
     assert kernels.resolve_backend("auto", cpu) == "cpu"  # the compiled CPU kernels
