@@ -7,8 +7,8 @@ expected and what came. None of these helpers is meant to run inside a sampling 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import TypeVar
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -20,6 +20,7 @@ __all__ = [
     "check_float",
     "check_floating_dtype",
     "check_int",
+    "check_kwargs",
     "check_same_shape",
     "check_tensor",
     "check_timestep_tensor",
@@ -64,6 +65,15 @@ def check_tensor(
         )
     if floating and not value.dtype.is_floating_point:
         raise InputTypeError(f"{name}: expected a floating-point tensor, got dtype {value.dtype}")
+    return value
+
+
+def check_kwargs(name: str, value: object) -> Mapping[str, Any] | None:
+    """Check that ``value`` is ``None`` or a mapping of keyword arguments and return it."""
+    if value is not None and not isinstance(value, Mapping):
+        raise InputTypeError(
+            f"{name}: expected a mapping of keyword arguments, got {describe(value)}"
+        )
     return value
 
 

@@ -101,7 +101,7 @@ def fused_backend(backend: Backend, x: Tensor, *others: Tensor | None) -> Fused 
     if key in _RESOLVED:
         return _RESOLVED[key]
     resolved = _auto(x) if backend == "auto" else resolve_backend(backend, x)
-    fused: Fused | None = None if resolved in (None, "torch") else resolved  # type: ignore[assignment]
+    fused: Fused | None = None if resolved is None or resolved == "torch" else resolved
     _RESOLVED[key] = fused
     return fused
 

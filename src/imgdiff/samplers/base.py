@@ -32,6 +32,7 @@ from imgdiff._checks import (
     check_choice,
     check_floating_dtype,
     check_int,
+    check_kwargs,
     check_tensor,
     describe,
 )
@@ -375,7 +376,7 @@ class Sampler(ABC, Generic[StateT, CoeffT]):
         dtype = self.state_dtype(first)
         noise_table = self._prepare_step_noise(step_noise, gens, plan, first, dtype)
         noise_buf = None if noise_table is None else noise_table.clone()
-        kwargs, replaceable = static_kwargs(model_kwargs, device)
+        kwargs, replaceable = static_kwargs(check_kwargs("model_kwargs", model_kwargs), device)
         loop = self._prepare_loop(
             model,
             plan,
@@ -500,10 +501,7 @@ class Sampler(ABC, Generic[StateT, CoeffT]):
         dtype = self.state_dtype(like)
         gens = check_generators(generator, batch)
         noise_table = self._prepare_step_noise(step_noise, gens, plan, like, dtype)
-        if model_kwargs is not None and not isinstance(model_kwargs, Mapping):
-            raise InputTypeError(
-                f"model_kwargs: expected a mapping of keyword arguments, got {describe(model_kwargs)}"
-            )
+        check_kwargs("model_kwargs", model_kwargs)
         check_floating_dtype("model_dtype", model_dtype, optional=True)
         if callback is not None and not callable(callback):
             raise InputTypeError(f"callback: expected a callable, got {describe(callback)}")

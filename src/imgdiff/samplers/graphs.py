@@ -188,12 +188,8 @@ def static_kwargs(
 ) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """The kwargs a recorded model call reads: tensors on ``device`` copied (replaceable at replay).
 
-    Returns ``(all kwargs, the copied tensors by name)``; other values are passed as they are.
+    ``model_kwargs`` is already validated (:func:`imgdiff._checks.check_kwargs`). Returns ``(all kwargs, the copied tensors by name)``; other values are passed as they are.
     """
-    if model_kwargs is not None and not isinstance(model_kwargs, Mapping):
-        raise InputTypeError(
-            f"model_kwargs: expected a mapping of keyword arguments, got {describe(model_kwargs)}"
-        )
     tensors = {
         k: v.clone()
         for k, v in (model_kwargs or {}).items()
