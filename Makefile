@@ -38,6 +38,7 @@ check: test lint typecheck
 bench: $(STAMP)
 	$(PY) benchmarks/step_overhead.py
 	$(PY) benchmarks/edict.py
+	$(PY) benchmarks/buffers.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -2,13 +2,16 @@
 
 Coefficients are Python floats inside sampling loops (one set per step, precomputed) and
 ``(B, 1, ..., 1)`` tensors for per-sample timesteps; these helpers take either and use the
-fewest torch calls for each case. Each returns a fresh tensor or updates only its own output.
+fewest torch calls for each case. Each returns a new tensor (inside a sampling loop, a recycled
+buffer: :mod:`imgdiff.buffers`) or updates only its own output.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from imgdiff.buffers import out_like
 
 __all__ = ["FUSE_LIMIT", "Scalar", "add_scaled_", "fusable", "lincomb", "per_sample"]
 
@@ -41,13 +44,14 @@ def lincomb(x: Tensor, a: Scalar, y: Tensor, b: Scalar) -> Tensor:
     memory passes for float coefficients; per-sample tensors pick the factor per sample.
     """
     if isinstance(a, float) and isinstance(b, float):
+        out = out_like(x, y)  # a recycled buffer inside a sampling loop (CPU), else None
         if abs(a) >= abs(b):
             if b == 0.0:
-                return torch.mul(x, a)
-            return torch.add(x, y, alpha=b / a).mul_(a)
+                return torch.mul(x, a, out=out)
+            return torch.add(x, y, alpha=b / a, out=out).mul_(a)
         if a == 0.0:
-            return torch.mul(y, b)
-        return torch.add(y, x, alpha=a / b).mul_(b)
+            return torch.mul(y, b, out=out)
+        return torch.add(y, x, alpha=a / b, out=out).mul_(b)
     ta = torch.as_tensor(a, dtype=x.dtype, device=x.device)
     tb = torch.as_tensor(b, dtype=x.dtype, device=x.device)
     a_is_big = ta.abs() >= tb.abs()

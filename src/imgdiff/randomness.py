@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from imgdiff._checks import check_floating_dtype, describe
+from imgdiff.buffers import empty
 from imgdiff.errors import InputTypeError, InputValueError
 
 __all__ = ["Generators", "check_generators", "draw_normal", "randn"]
@@ -73,10 +74,16 @@ def randn(
 def draw_normal(
     shape: Sequence[int], generator: Generators, device: torch.device, dtype: torch.dtype
 ) -> Tensor:
-    """:func:`randn` without validation, for loops whose arguments were checked once."""
+    """:func:`randn` without validation, for loops whose arguments were checked once (on a CPU,
+    into a recycled buffer inside :func:`~imgdiff.buffers.reuse_buffers`)."""
     if generator is None:
+        if device.type == "cpu":
+            return torch.randn(tuple(shape), dtype=dtype, out=empty(shape, dtype, device))
         return torch.randn(tuple(shape), device=device, dtype=dtype)
     if isinstance(generator, torch.Generator):
+        if device.type == "cpu" and generator.device.type == "cpu":
+            out = empty(shape, dtype, device)
+            return torch.randn(tuple(shape), generator=generator, dtype=dtype, out=out)
         return torch.randn(
             tuple(shape), generator=generator, device=generator.device, dtype=dtype
         ).to(device)
@@ -84,4 +91,6 @@ def draw_normal(
     parts = [
         torch.randn(item, generator=g, device=g.device, dtype=dtype).to(device) for g in generator
     ]
+    if device.type == "cpu":
+        return torch.stack(parts, out=empty(shape, dtype, device))
     return torch.stack(parts)

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from imgdiff import kernels
 from imgdiff._checks import check_choice, check_tensor, describe
+from imgdiff.buffers import out_like
 from imgdiff.errors import InputTypeError, InputValueError
 from imgdiff.kernels import BACKENDS, Backend, fused_backend
 from imgdiff.randomness import Generators, check_generators, draw_normal
@@ -133,7 +134,7 @@ class KnownRegion:
         if impl is not None:
             return kernels.fused_inpaint_blend(impl, x, known, keep, scale, noise, noise_scale)
         pasted = known if noise is None else known * scale + noise * noise_scale
-        return torch.where(hole, x, pasted)
+        return torch.where(hole, x, pasted, out=out_like(x, pasted))
 
     def start(self, noise: Tensor, timestep: int | None = None) -> Tensor:
         """A starting sample: ``noise`` in the hole, the known region at the first level.

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from imgdiff.buffers import empty_like
 from imgdiff.kernels._layout import aligned, aligned_to, mask_operand
 
 __all__ = [
@@ -211,7 +212,7 @@ def lincomb3(
     lib = _library()
     fmt, x, (y,) = aligned(x, y, cast=True)
     z = None if noise is None else aligned_to(noise, x, fmt, cast=True)
-    out = torch.empty_like(x)
+    out = empty_like(x)
     lib.functions[f"lincomb3_{_SUFFIX[x.dtype]}"](
         x.data_ptr(),
         a,
@@ -231,7 +232,7 @@ def edict_mix(x: Tensor, y: Tensor, p: float) -> tuple[Tensor, Tensor]:
     ``x``, ``y`` ``(B, ...)``; two new tensors of ``x``'s shape and dtype."""
     lib = _library()
     _, x, (y,) = aligned(x, y, cast=True)
-    x_out, y_out = torch.empty_like(x), torch.empty_like(x)
+    x_out, y_out = empty_like(x), empty_like(x)
     lib.functions[f"edict_mix_{_SUFFIX[x.dtype]}"](
         x.data_ptr(), y.data_ptr(), p, x_out.data_ptr(), y_out.data_ptr(), x.numel(), _threads(lib)
     )
@@ -245,7 +246,7 @@ def edict_substep_mix(
     pass, for ``x``, ``y``, ``eps`` ``(B, ...)``; two new tensors of ``x``'s shape and dtype."""
     lib = _library()
     _, x, (y, eps) = aligned(x, y, eps, cast=True)
-    x_out, y_out = torch.empty_like(x), torch.empty_like(x)
+    x_out, y_out = empty_like(x), empty_like(x)
     lib.functions[f"edict_substep_mix_{_SUFFIX[x.dtype]}"](
         x.data_ptr(),
         y.data_ptr(),
@@ -282,7 +283,7 @@ def inpaint_blend(
     if mask.dtype not in (torch.float32, x.dtype):
         mask = mask.to(torch.float32)
     m, mode = mask_operand(mask, x, fmt)
-    out = torch.empty_like(x)
+    out = empty_like(x)
     storage = _SUFFIX[x.dtype]
     mask_storage = "f32" if m.dtype == torch.float32 else storage
     lib.functions[f"inpaint_blend_{storage}_{mask_storage}_{'nz' if z is None else 'z'}"](

@@ -36,6 +36,7 @@ from imgdiff._checks import (
     check_tensor,
     describe,
 )
+from imgdiff.buffers import reuse_buffers
 from imgdiff.errors import InputTypeError, InputValueError
 from imgdiff.kernels import BACKENDS, Backend
 from imgdiff.models import BoundModel, Model, infer_model_dtype
@@ -607,17 +608,22 @@ class _Loop(Generic[StateT, CoeffT]):
     def run(self, state: StateT, *, progress: bool, desc: str) -> StateT:
         """Every step from ``state`` (under ``torch.no_grad()`` at the caller); the final state."""
         step, steps, callback = self.step, self.steps, self.callback
-        for ctx in tqdm(self.contexts, desc=desc, disable=not progress, leave=False):
-            i = ctx.step_index
-            out = step(
-                self.model, state, steps[i], ctx, self.draw(i) if self.needs_noise[i] else None
-            )
-            state = out.state
-            if callback is not None:
-                info = StepInfo(i, ctx.num_steps, ctx.timestep, out, ctx.next_timestep)
-                replaced = callback(info)
-                if replaced is not None:
-                    state = _checked_replacement(replaced, state)
+        # CPU outputs cycle through a few buffers (imgdiff.buffers); dropping each step's output
+        # record (its inputs, for a lazy x0_hat) before the next step lets them be reused sooner
+        with reuse_buffers():
+            for ctx in tqdm(self.contexts, desc=desc, disable=not progress, leave=False):
+                i = ctx.step_index
+                out = step(
+                    self.model, state, steps[i], ctx, self.draw(i) if self.needs_noise[i] else None
+                )
+                state = out.state
+                if callback is not None:
+                    replaced = callback(
+                        StepInfo(i, ctx.num_steps, ctx.timestep, out, ctx.next_timestep)
+                    )
+                    if replaced is not None:
+                        state = _checked_replacement(replaced, state)
+                del out
         return state
 
 

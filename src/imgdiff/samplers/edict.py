@@ -23,6 +23,7 @@ from imgdiff import kernels
 from imgdiff._checks import check_float, check_same_shape, check_tensor, describe
 from imgdiff._ops import Scalar, lincomb
 from imgdiff._warnings import warn_user
+from imgdiff.buffers import out_like
 from imgdiff.errors import InputTypeError, InputValueError, PrecisionWarning
 from imgdiff.kernels import Fused, fused_backend
 from imgdiff.models import BoundModel, Model, check_model_output
@@ -450,8 +451,8 @@ def edict_mix(x: Tensor, y: Tensor, p: float) -> EDICTState:
     Sequential (``y'`` uses the mixed ``x'``); shapes ``(B, ...)``. Inverse: :func:`edict_unmix`.
     """
     # lerp(a, b, w) = a + w (b - a): one pass each
-    x_mixed = torch.lerp(y, x, p)
-    return x_mixed, torch.lerp(x_mixed, y, p)
+    x_mixed = torch.lerp(y, x, p, out=out_like(x, y))
+    return x_mixed, torch.lerp(x_mixed, y, p, out=out_like(x, y))
 
 
 def edict_unmix(x: Tensor, y: Tensor, p: float) -> EDICTState:
