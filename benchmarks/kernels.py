@@ -719,7 +719,8 @@ def main() -> None:
             "`backend='triton'` (the Triton kernels)"
             if cuda
             else "`backend='cpu'` (the compiled C kernels of `imgdiff.kernels.cpu`: one pass, "
-            f"OpenMP over {torch.get_num_threads()} threads)"
+            f"OpenMP over {torch.get_num_threads()} threads, called through the "
+            f"{kernels.cpu.binding()} binding)"
         )
         + ". diffusers: `DDIMScheduler.step` / "
         "`DDPMScheduler.step` (int t; DDPM minus its in-step `randn`), the community EDICT "

@@ -525,3 +525,104 @@ print("ok")
     done = _python(code)
     assert done.returncode == 0, done.stderr
     assert "ok" in done.stdout
+
+
+# -- the two bindings: a CPython extension module, or ctypes ------------------------------------
+
+
+def _compiler() -> str:
+    import shutil
+
+    cc = shutil.which(os.environ.get("CC", "cc"))
+    if cc is None or not kernels.cpu.available():
+        pytest.skip("needs a C compiler")
+    return cc
+
+
+def _kernel_calls(x: Tensor, y: Tensor, z: Tensor, mask: Tensor) -> list[Tensor]:
+    cpu = kernels.cpu
+    return [
+        cpu.lincomb3(x, 0.7, y, -0.3),
+        cpu.lincomb3(x, 0.7, y, -0.3, z, 0.2),
+        *cpu.edict_mix(x, y, 0.93),
+        *cpu.edict_substep_mix(x, y, z, 1.1, -0.2, 0.93, True),
+        *cpu.edict_substep_mix(x, y, z, 1.1, -0.2, 0.93, False),
+        cpu.inpaint_blend(x, y, mask),
+        cpu.inpaint_blend(
+            x, y, mask.expand_as(x).contiguous(), known_scale=0.8, noise=z, noise_scale=0.6
+        ),
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (2, 4, 128, 130)])  # one thread; OpenMP threads
+def test_the_extension_and_ctypes_bindings_compute_the_same(
+    dtype: torch.dtype, shape: tuple[int, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cc = _compiler()
+    errors: list[str] = []
+    as_ctypes = kernels.cpu._load_ctypes(cc, errors)
+    as_module = kernels.cpu._load_extension(cc, errors)
+    if as_module is None:
+        pytest.skip(f"no extension module here: {errors}")
+    assert as_ctypes is not None, errors
+    assert (as_ctypes.binding, as_module.binding) == ("ctypes", "extension")
+    g = torch.Generator().manual_seed(0)
+    x, y, z = (torch.randn(shape, generator=g).to(dtype) for _ in range(3))
+    mask = (torch.rand(shape[0], 1, *shape[2:], generator=g) > 0.5).to(dtype)
+    results = {}
+    for lib in (as_ctypes, as_module):
+        monkeypatch.setattr(kernels.cpu, "_load", lambda lib=lib: (lib, None))
+        results[lib.binding] = _kernel_calls(x, y, z, mask)
+    for a, b in zip(results["ctypes"], results["extension"], strict=True):
+        assert torch.equal(a, b)
+    # and both equal the reference
+    want = reference.lincomb3(x, 0.7, y, -0.3, z, 0.2)
+    torch.testing.assert_close(
+        results["extension"][1], want, rtol=0, atol=1e-5 if dtype == torch.float32 else 2e-2
+    )
+
+
+def test_the_extension_module_checks_its_arguments() -> None:
+    cc = _compiler()
+    errors: list[str] = []
+    lib = kernels.cpu._load_extension(cc, errors)
+    if lib is None:
+        pytest.skip(f"no extension module here: {errors}")
+    fn = lib.functions["lincomb3_f32"]
+    with pytest.raises(TypeError, match="lincomb3_f32: expected 9 arguments, got 2"):
+        fn(1, 2)
+    x = torch.zeros(4)
+    with pytest.raises(TypeError):
+        fn("not a pointer", 1.0, x.data_ptr(), 1.0, None, 0.0, x.data_ptr(), 4, 1)
+    with pytest.raises(TypeError):
+        fn(x.data_ptr(), "1.0", x.data_ptr(), 1.0, None, 0.0, x.data_ptr(), 4, 1)
+
+
+def test_without_python_headers_the_kernels_load_through_ctypes(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    cc = _compiler()
+    import sysconfig
+
+    paths = sysconfig.get_paths()
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {**paths, "include": str(tmp_path)})
+    errors: list[str] = []
+    assert kernels.cpu._load_extension(cc, errors) is None
+    assert "Python.h" in errors[0]
+    monkeypatch.setenv("IMGDIFF_CACHE_DIR", str(tmp_path / "cache"))
+    kernels.cpu._load.cache_clear()
+    try:
+        assert kernels.cpu.binding() == "ctypes"
+        x = torch.randn(2, 3, 4, 4)
+        assert torch.allclose(kernels.cpu.lincomb3(x, 0.5, x, 0.25), 0.75 * x)
+    finally:
+        kernels.cpu._load.cache_clear()
+
+
+def test_the_ctypes_binding_can_be_chosen() -> None:
+    _compiler()
+    code = "from imgdiff.kernels import cpu; print(cpu.binding())"
+    done = _python(code, IMGDIFF_CPU_KERNELS="ctypes")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ctypes"

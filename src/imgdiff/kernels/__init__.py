@@ -95,9 +95,11 @@ def _differentiable(tensors: tuple[Tensor | None, ...]) -> bool:
 def fused_backend(backend: Backend, x: Tensor, *others: Tensor | None) -> Fused | None:
     """The fused kernels a validated ``backend`` runs for a sample ``x`` and the update's other
     operands, or ``None`` for the torch path (fast; for inner loops)."""
-    if backend == "torch" or x.numel() > _MAX_NUMEL or _differentiable((x, *others)):
+    if backend == "torch" or x.numel() > _MAX_NUMEL:
         return None
-    key = (backend, x.device, x.dtype)
+    if torch.is_grad_enabled() and _differentiable((x, *others)):
+        return None
+    key = (backend, x.is_cuda, x.is_cpu, x.dtype)  # cheaper than x.device
     if key in _RESOLVED:
         return _RESOLVED[key]
     resolved = _auto(x) if backend == "auto" else resolve_backend(backend, x)
@@ -106,9 +108,10 @@ def fused_backend(backend: Backend, x: Tensor, *others: Tensor | None) -> Fused 
     return fused
 
 
-# What fused_backend resolved per (backend, device, dtype): the answer depends only on them (and
-# on facts fixed for the process: triton importable, the CPU kernels built); errors are not kept.
-_RESOLVED: dict[tuple[str, torch.device, torch.dtype], Fused | None] = {}
+# What fused_backend resolved per (backend, device kind, dtype): the answer depends only on them
+# (CUDA, CPU or another device; not the device index) and on facts fixed for the process (triton
+# importable, the CPU kernels built); errors are not kept.
+_RESOLVED: dict[tuple[str, bool, bool, torch.dtype], Fused | None] = {}
 
 
 def _auto(x: Tensor) -> Fused | None:

@@ -1,15 +1,19 @@
-"""Fused CPU kernels: ``cpu_kernels.c`` compiled on first use and called through ctypes.
+"""Fused CPU kernels: ``cpu_kernels.c`` compiled on first use and called from Python.
 
 One pass over memory per update (each input read once, each output written once), float32
 arithmetic for float32 and bfloat16 storage, OpenMP threads (as many as
 ``torch.get_num_threads()``) for tensors of 65536 elements and more. The torch path needs two
 to six passes and as many dispatches for the same updates (``benchmarks/kernels.py``).
 
-The shared library is built with the C compiler named by ``$CC`` (default ``cc``) into a cache
-folder (``$IMGDIFF_CACHE_DIR``, else ``$XDG_CACHE_HOME/imgdiff``, else ``~/.cache/imgdiff``),
-keyed by the source, compiler and flags; a build takes about a second and happens once per
-machine. Without a working compiler :func:`available` is ``False``, ``backend="auto"`` uses the
-torch path and :func:`build_error` says why. ``IMGDIFF_CPU_KERNELS=0`` turns the kernels off.
+The kernels are built with the C compiler named by ``$CC`` (default ``cc``) into a cache folder
+(``$IMGDIFF_CACHE_DIR``, else ``$XDG_CACHE_HOME/imgdiff``, else ``~/.cache/imgdiff``), keyed by
+the sources, compiler and flags; a build takes about a second and happens once per machine (and
+Python version). Where this interpreter's headers (``Python.h``) are installed they are built as
+a CPython extension module (``cpu_module.c``: a call costs ~0.05 us), else as a plain shared
+library called through ctypes (~1.3 us a call); :func:`binding` says which. Without a working
+compiler :func:`available` is ``False``, ``backend="auto"`` uses the torch path and
+:func:`build_error` says why. ``IMGDIFF_CPU_KERNELS=0`` turns the kernels off,
+``IMGDIFF_CPU_KERNELS=ctypes`` skips the extension module.
 """
 
 from __future__ import annotations
@@ -17,26 +21,30 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import importlib.util
 import math
 import os
 import platform
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from imgdiff.buffers import empty_like
-from imgdiff.kernels._layout import aligned, aligned_to, mask_operand
+from imgdiff.kernels._layout import aligned, aligned_to, layout, mask_operand
 
 __all__ = [
     "DTYPES",
+    "Binding",
     "available",
+    "binding",
     "build_error",
     "edict_mix",
     "edict_substep_mix",
@@ -53,6 +61,9 @@ _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 _BASE_FLAGS = ("-O3", "-std=c11", "-fPIC", "-shared")
 _BUILD_TIMEOUT_S = 300
 
+_MODULE_SOURCE = Path(__file__).with_name("cpu_module.c")
+_EXT_SUFFIX = str(sysconfig.get_config_var("EXT_SUFFIX") or ".so")
+
 _P, _F, _I64, _INT = ctypes.c_void_p, ctypes.c_float, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {
     "lincomb3": [_P, _F, _P, _F, _P, _F, _P, _I64, _INT],
@@ -66,13 +77,27 @@ _BLEND_VARIANTS = [
     for s, m in (("f32", "f32"), ("bf16", "f32"), ("bf16", "bf16"))
     for z in ("z", "nz")
 ]
+_ARGTYPES = {
+    **{
+        f"{name}_{suffix}": argtypes
+        for name, argtypes in _SIGNATURES.items()
+        for suffix in ("f32", "bf16")
+    },
+    **dict.fromkeys(_BLEND_VARIANTS, _BLEND_ARGTYPES),
+}
+_FUNCTION_NAMES = tuple(_ARGTYPES)
+
+
+Binding = Literal["extension", "ctypes"]
+"""How the kernels are called: a CPython extension module, or ctypes."""
 
 
 @dataclass(frozen=True)
 class _Library:
     path: Path
-    functions: dict[str, Any]  # ctypes foreign functions with argtypes set
+    functions: dict[str, Any]  # name -> callable taking the kernel's arguments in order
     openmp: bool
+    binding: Binding
 
 
 def _cache_dir() -> Path:
@@ -84,14 +109,14 @@ def _cache_dir() -> Path:
     return base / "imgdiff" / "kernels"
 
 
-def _compile(compiler: str, flags: tuple[str, ...], target: Path) -> str | None:
+def _compile(compiler: str, flags: tuple[str, ...], source: Path, target: Path) -> str | None:
     """Build ``target`` atomically; the compiler's complaint on failure, else ``None``."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
     os.close(fd)
     try:
         done = subprocess.run(
-            [compiler, *flags, str(_SOURCE), "-o", tmp],
+            [compiler, *flags, str(source), "-o", tmp],
             capture_output=True,
             text=True,
             timeout=_BUILD_TIMEOUT_S,
@@ -108,56 +133,94 @@ def _compile(compiler: str, flags: tuple[str, ...], target: Path) -> str | None:
             os.unlink(tmp)
 
 
-@functools.cache
-def _load() -> tuple[_Library | None, str | None]:
-    if os.environ.get("IMGDIFF_CPU_KERNELS", "").strip() == "0":
-        return None, "turned off by IMGDIFF_CPU_KERNELS=0"
-    if sys.platform == "win32":
-        return None, "the CPU kernels are built with a POSIX C compiler; not on Windows"
-    compiler = shutil.which(os.environ.get("CC", "cc"))
-    if compiler is None:
-        return None, f"no C compiler found (looked for {os.environ.get('CC', 'cc')!r}; set $CC)"
-    source = _SOURCE.read_bytes()
-    errors = []
-    # OpenMP and per-CPU clones when the compiler has them (each fallback is its own build)
-    for flags in (
-        (*_BASE_FLAGS, "-fopenmp"),
-        (*_BASE_FLAGS, "-fopenmp", "-DIMGDIFF_NO_CLONES"),
-        (*_BASE_FLAGS, "-DIMGDIFF_NO_CLONES"),
-    ):
-        key = hashlib.sha256(
-            b"\0".join(
-                [source, compiler.encode(), " ".join(flags).encode(), platform.machine().encode()]
-            )
-        ).hexdigest()[:16]
-        target = _cache_dir() / f"imgdiff_cpu_kernels-{key}.so"
-        if not target.exists():
-            error = _compile(compiler, flags, target)
-            if error is not None:
-                errors.append(f"{compiler} {' '.join(flags)}: {error}")
-                continue
+# OpenMP and per-CPU clones when the compiler has them (each fallback is its own build)
+_FLAG_CHAIN = (
+    ("-fopenmp",),
+    ("-fopenmp", "-DIMGDIFF_NO_CLONES"),
+    ("-DIMGDIFF_NO_CLONES",),
+)
+
+
+def _build(
+    compiler: str, source: Path, flags: tuple[str, ...], tag: str, errors: list[str]
+) -> Path | None:
+    """``source`` built with ``flags`` into the cache (once per source, compiler, flags and
+    ``tag``), or ``None`` with the reason appended to ``errors``."""
+    parts = [_SOURCE.read_bytes(), source.read_bytes(), compiler.encode(), " ".join(flags).encode()]
+    key = hashlib.sha256(b"\0".join([*parts, platform.machine().encode(), tag.encode()]))
+    name = f"imgdiff_cpu_{'ext' if source != _SOURCE else 'kernels'}-{key.hexdigest()[:16]}"
+    target = _cache_dir() / (name + (_EXT_SUFFIX if source != _SOURCE else ".so"))
+    if not target.exists():
+        error = _compile(compiler, flags, source, target)
+        if error is not None:
+            errors.append(f"{compiler} {' '.join(flags)} {source.name}: {error}")
+            return None
+    return target
+
+
+def _load_extension(compiler: str, errors: list[str]) -> _Library | None:
+    """The kernels as a CPython extension module, built against this interpreter's headers."""
+    include = sysconfig.get_paths().get("include")
+    if not include or not (Path(include) / "Python.h").exists():
+        errors.append(f"no Python.h in {include!r} (install the Python development headers)")
+        return None
+    tag = f"{sys.implementation.cache_tag} {_EXT_SUFFIX} {include}"
+    for extra in _FLAG_CHAIN:
+        flags = (*_BASE_FLAGS, *extra, f"-I{include}", f"-I{_SOURCE.parent}")
+        target = _build(compiler, _MODULE_SOURCE, flags, tag, errors)
+        if target is None:
+            continue
+        try:
+            spec = importlib.util.spec_from_file_location("imgdiff_cpu_ext", target)
+            if spec is None or spec.loader is None:
+                raise ImportError(f"no loader for {target}")
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        except ImportError as exc:
+            errors.append(f"loading {target}: {exc}")
+            continue
+        functions = {name: getattr(module, name) for name in _FUNCTION_NAMES}
+        return _Library(target, functions, bool(module.has_openmp()), "extension")
+    return None
+
+
+def _load_ctypes(compiler: str, errors: list[str]) -> _Library | None:
+    """The kernels as a shared library called through ctypes."""
+    for extra in _FLAG_CHAIN:
+        target = _build(compiler, _SOURCE, (*_BASE_FLAGS, *extra), "ctypes", errors)
+        if target is None:
+            continue
         try:
             lib = ctypes.CDLL(str(target))
         except OSError as exc:
             errors.append(f"loading {target}: {exc}")
             continue
         functions = {}
-        signatures = [
-            *(
-                (f"{name}_{suffix}", argtypes)
-                for name, argtypes in _SIGNATURES.items()
-                for suffix in _SUFFIX.values()
-            ),
-            *((name, _BLEND_ARGTYPES) for name in _BLEND_VARIANTS),
-        ]
-        for name, argtypes in signatures:
+        for name, argtypes in _ARGTYPES.items():
             fn = getattr(lib, f"imgdiff_{name}")
             fn.argtypes = argtypes
             fn.restype = None
             functions[name] = fn
-        has_openmp = bool(lib.imgdiff_has_openmp())
-        return _Library(target, functions, has_openmp), None
-    return None, "; ".join(errors)
+        return _Library(target, functions, bool(lib.imgdiff_has_openmp()), "ctypes")
+    return None
+
+
+@functools.cache
+def _load() -> tuple[_Library | None, str | None]:
+    choice = os.environ.get("IMGDIFF_CPU_KERNELS", "").strip()
+    if choice == "0":
+        return None, "turned off by IMGDIFF_CPU_KERNELS=0"
+    if sys.platform == "win32":
+        return None, "the CPU kernels are built with a POSIX C compiler; not on Windows"
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        return None, f"no C compiler found (looked for {os.environ.get('CC', 'cc')!r}; set $CC)"
+    errors: list[str] = []
+    lib = None if choice == "ctypes" else _load_extension(compiler, errors)
+    lib = lib or _load_ctypes(compiler, errors)
+    if lib is None:
+        return None, "; ".join(errors)
+    return lib, None
 
 
 def available() -> bool:
@@ -168,6 +231,12 @@ def available() -> bool:
 def build_error() -> str | None:
     """Why the CPU kernels are not available (``None`` when they are)."""
     return _load()[1]
+
+
+def binding() -> Binding | None:
+    """How the loaded kernels are called (``None`` when they are not available)."""
+    lib = _load()[0]
+    return None if lib is None else lib.binding
 
 
 def library_path() -> Path | None:
@@ -204,14 +273,22 @@ if hasattr(os, "register_at_fork"):  # POSIX; the kernels are not built elsewher
     os.register_at_fork(after_in_child=_mark_forked)
 
 
+def _like(t: Tensor, x: Tensor, fmt: torch.memory_format | None = None) -> Tensor:
+    """``t`` in ``x``'s dtype and strides (``x`` dense, of layout ``fmt``; found if omitted)."""
+    if t.dtype == x.dtype and x.is_contiguous() and t.is_contiguous():  # the usual case, cheaply
+        return t
+    return aligned_to(t, x, layout(x) if fmt is None else fmt, cast=True)
+
+
 def lincomb3(
     x: Tensor, a: float, y: Tensor, b: float, noise: Tensor | None = None, c: float = 0.0
 ) -> Tensor:
     """``a x + b y + c noise`` in one pass: ``x``, ``y``, ``noise`` ``(B, ...)`` of one shape, float32
     or bfloat16 CPU tensors (``y``, ``noise`` converted to ``x``'s dtype); a new ``(B, ...)``."""
     lib = _library()
-    fmt, x, (y,) = aligned(x, y, cast=True)
-    z = None if noise is None else aligned_to(noise, x, fmt, cast=True)
+    if not (x.is_contiguous() and y.is_contiguous() and y.dtype == x.dtype):
+        _, x, (y,) = aligned(x, y, cast=True)
+    z = None if noise is None else _like(noise, x)
     out = empty_like(x)
     lib.functions[f"lincomb3_{_SUFFIX[x.dtype]}"](
         x.data_ptr(),
@@ -231,7 +308,8 @@ def edict_mix(x: Tensor, y: Tensor, p: float) -> tuple[Tensor, Tensor]:
     """EDICT's mixing pair in one pass: ``x' = p x + (1 - p) y``, ``y' = p y + (1 - p) x'``, for
     ``x``, ``y`` ``(B, ...)``; two new tensors of ``x``'s shape and dtype."""
     lib = _library()
-    _, x, (y,) = aligned(x, y, cast=True)
+    if not (x.is_contiguous() and y.is_contiguous() and y.dtype == x.dtype):
+        _, x, (y,) = aligned(x, y, cast=True)
     x_out, y_out = empty_like(x), empty_like(x)
     lib.functions[f"edict_mix_{_SUFFIX[x.dtype]}"](
         x.data_ptr(), y.data_ptr(), p, x_out.data_ptr(), y_out.data_ptr(), x.numel(), _threads(lib)
@@ -245,7 +323,13 @@ def edict_substep_mix(
     """EDICT's second sub-step (``x`` or ``y`` becomes ``a z + b eps``) and mixing pair in one
     pass, for ``x``, ``y``, ``eps`` ``(B, ...)``; two new tensors of ``x``'s shape and dtype."""
     lib = _library()
-    _, x, (y, eps) = aligned(x, y, eps, cast=True)
+    if not (
+        x.is_contiguous()
+        and y.is_contiguous()
+        and eps.is_contiguous()
+        and y.dtype == eps.dtype == x.dtype
+    ):
+        _, x, (y, eps) = aligned(x, y, eps, cast=True)
     x_out, y_out = empty_like(x), empty_like(x)
     lib.functions[f"edict_substep_mix_{_SUFFIX[x.dtype]}"](
         x.data_ptr(),
@@ -278,8 +362,10 @@ def inpaint_blend(
     float32 or ``x``'s dtype (others are converted to float32).
     """
     lib = _library()
-    fmt, x, (known,) = aligned(x, known, cast=True)
-    z = None if noise is None or noise_scale == 0.0 else aligned_to(noise, x, fmt, cast=True)
+    fmt = torch.contiguous_format
+    if not (x.is_contiguous() and known.is_contiguous() and known.dtype == x.dtype):
+        fmt, x, (known,) = aligned(x, known, cast=True)
+    z = None if noise is None or noise_scale == 0.0 else _like(noise, x, fmt)
     if mask.dtype not in (torch.float32, x.dtype):
         mask = mask.to(torch.float32)
     m, mode = mask_operand(mask, x, fmt)

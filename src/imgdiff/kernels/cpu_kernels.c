@@ -1,7 +1,8 @@
 /* imgdiff's fused CPU kernels: the sampler updates of imgdiff/kernels/reference.py in one pass.
  *
  * Compiled on first use by imgdiff/kernels/cpu.py with the system C compiler (-O3, OpenMP when
- * the compiler has it) and called through ctypes. Every function reads each input once and
+ * the compiler has it), as a CPython extension module with cpu_module.c's entry points where
+ * Python's headers are installed, else as a shared library called through ctypes. Every function reads each input once and
  * writes each output once, computes in float32 whatever the storage (float32 or bfloat16), and
  * splits the elements over `threads` OpenMP threads for large tensors. Pointers address dense
  * memory of `n` elements in one shared layout (the Python side checks it).
