@@ -4,6 +4,7 @@ nothing outside the pool refers to it, and loops give the same results with and 
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -76,25 +77,83 @@ def test_a_held_buffer_is_never_handed_out(holder: str) -> None:
     assert len(again) == 1
 
 
-@pytest.mark.parametrize(
-    "reshape",
-    [
-        lambda t: t.resize_(2, 4, 128, 128),
-        lambda t: t.unsqueeze_(0),
-        lambda t: t.transpose_(2, 3),
-        lambda t: t.as_strided_((4, 4, 128, 64), (65536, 16384, 128, 1)),
-    ],
-)
-def test_a_buffer_reshaped_in_place_is_dropped(reshape: Callable[[torch.Tensor], Any]) -> None:
+def test_each_output_is_a_new_tensor_object() -> None:
+    """Reused memory comes as a new tensor: no autograd flag, gradient, attribute or weak
+    reference of the previous one carries over."""
     pool = BufferPool()
     x = torch.randn(SHAPE)
     a = pool.empty_like(x)
-    reshape(a)
+    ptr = a.data_ptr()
+    a.requires_grad_(True)
+    a.grad = torch.ones_like(x)
+    a.tag = "mine"  # type: ignore[attr-defined]
+    ref = weakref.ref(a)
     del a
-    b = pool.empty_like(x)  # not the reshaped buffer, which left the pool
+    assert ref() is None
+    b = pool.empty_like(x)
+    assert b.data_ptr() == ptr  # the memory is reused...
+    assert not b.requires_grad  # ...the tensor is not
+    assert b.grad is None
+    assert not hasattr(b, "tag")
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda t: t.share_memory_(),  # another process may read it
+        lambda t: t.untyped_storage().resize_(0),  # too small now
+    ],
+)
+def test_memory_shared_or_shrunk_leaves_the_pool(change: Callable[[torch.Tensor], Any]) -> None:
+    pool = BufferPool()
+    x = torch.randn(SHAPE)
+    kept = pool.empty_like(x)  # a first entry, held
+    a = pool.empty_like(x)
+    change(a)
+    del a
+    b = pool.empty_like(x)
     assert b.shape == x.shape
-    assert b.is_contiguous()
+    assert not b.is_shared()
+    assert b.untyped_storage().nbytes() >= x.nbytes
+    assert len(pool) == 2  # kept and b
+    b.fill_(1.0)
+    assert kept.data_ptr() != b.data_ptr()
+
+
+def test_a_tensor_reshaped_in_place_does_not_change_the_next_output() -> None:
+    pool = BufferPool()
+    x = torch.randn(SHAPE)
+    for reshape in (
+        lambda t: t.unsqueeze_(0),
+        lambda t: t.transpose_(2, 3),
+        lambda t: t.resize_(2),
+    ):
+        a = pool.empty_like(x)
+        reshape(a)
+        del a
+        b = pool.empty_like(x)
+        assert b.shape == x.shape
+        assert b.is_contiguous()
+        del b
     assert len(pool) == 1
+
+
+def test_pooled_tensors_follow_the_current_inference_mode_and_stay_on_the_cpu() -> None:
+    pool = BufferPool()
+    x = torch.randn(SHAPE)
+    with torch.inference_mode():
+        a = pool.empty_like(x)
+        assert a.is_inference()
+        del a
+    b = pool.empty_like(x)
+    assert not b.is_inference()
+    b.add_(1.0)  # an inference tensor would refuse this outside inference mode
+    del b
+    with torch.device("meta"):
+        c = pool.empty_like(x)
+        d = pool.empty((3, 1024, 1024), torch.float32)
+    assert c.is_cpu
+    assert d.is_cpu
 
 
 def test_layouts_and_dtypes_get_their_own_buffers() -> None:
@@ -124,7 +183,7 @@ def test_capacity_bounds_the_pool() -> None:
     pool = BufferPool(capacity=3)
     x = torch.randn(SHAPE)
     held = [pool.empty_like(x) for _ in range(5)]
-    assert len(pool) == 3
+    assert len(pool) == 3  # the last three; the first two live on with their holder
     assert len({t.data_ptr() for t in held}) == 5
     with pytest.raises(imgdiff.InputValueError, match="capacity"):
         BufferPool(capacity=0)
@@ -134,6 +193,7 @@ def test_scopes_nest_per_thread_and_apply_above_the_threshold() -> None:
     x = torch.randn(SHAPE)
     assert active_pool() is None
     assert buffers.out_like(x, x) is None  # no scope: torch allocates
+    assert buffers.out_empty(SHAPE, torch.float32, x.device) is None
     with reuse_buffers() as outer:
         assert active_pool() is outer
         with reuse_buffers() as inner:
@@ -159,6 +219,19 @@ def test_scopes_nest_per_thread_and_apply_above_the_threshold() -> None:
     assert len(outer) == 0  # dropped at the end of the block
 
 
+def test_a_miscalibrated_reference_count_turns_pooling_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The count measured at import (e.g. under a tracer holding frames' locals) must match the
+    one a pool measures when it is made; otherwise the pool allocates every time."""
+    assert BufferPool()._refs == buffers._STORAGE_REFS
+    monkeypatch.setattr(buffers, "_STORAGE_REFS", buffers._STORAGE_REFS + 1)
+    pool = BufferPool()
+    x = torch.randn(SHAPE)
+    a = pool.empty_like(x)
+    del a
+    pool.empty_like(x)
+    assert len(pool) == 0
+
+
 def test_unsupported_interpreters_allocate(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(buffers, "_SUPPORTED", False)
     pool = BufferPool()
@@ -181,6 +254,9 @@ def test_noise_drawn_into_buffers_equals_fresh_draws(gen: str) -> None:
 
     fresh = draw_normal(SHAPE, gens(), torch.device("cpu"), torch.float32)
     with reuse_buffers() as pool:
+        g = gens()
+        draw_normal((2, 3), g, torch.device("cpu"), torch.float32)  # small: not pooled
+        assert len(pool) == 0
         g = gens()
         first = draw_normal(SHAPE, g, torch.device("cpu"), torch.float32)
         pooled = first.clone()
@@ -288,3 +364,43 @@ def test_known_region_paste_reuses_buffers(backend: str) -> None:
         fresh = sampler.sample(_model, noise, num_steps=8, callback=region, progress=False)
     assert torch.equal(pooled, fresh)
     assert torch.equal(pooled * (1 - mask), known * (1 - mask))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_loops_with_autograd_callbacks_and_memoising_models_equal_without_reuse(
+    backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A callback that turns autograd on for the state (guidance done by hand) and a model that
+    memoises per input tensor (weak keys) see new tensor objects each step, as without a pool."""
+    from torch.utils.weak import WeakIdKeyDictionary
+
+    def run() -> tuple[torch.Tensor, int]:
+        memo: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        hits = [0]
+
+        def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            if x in memo:
+                hits[0] += 1
+                return memo[x]
+            memo[x] = out = _model(x, t)
+            return out
+
+        def guide(info: imgdiff.samplers.StepInfo[Any]) -> torch.Tensor:
+            x = info.state
+            assert not x.requires_grad
+            with torch.enable_grad():
+                x.requires_grad_(True)
+                (x**2).sum().backward()
+            assert x.grad is not None
+            return (x - 0.01 * x.grad).detach()
+
+        sampler = imgdiff.DDIM(SCHEDULE, backend=backend)  # type: ignore[arg-type]
+        noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(4))
+        return sampler.sample(model, noise, num_steps=10, callback=guide, progress=False), hits[0]
+
+    pooled, pooled_hits = run()
+    monkeypatch.setattr(buffers, "MIN_BYTES", 2**62)
+    fresh, fresh_hits = run()
+    assert pooled_hits == fresh_hits == 0
+    assert not pooled.requires_grad
+    assert torch.equal(pooled, fresh)

@@ -1,20 +1,23 @@
 """Output buffers recycled across the steps of a sampling loop, so that a loop allocates once.
 
 A sampler step returns new tensors (the next state, intermediates); the previous step's
-tensors are then garbage. On a CPU every fresh output of 128 KiB and more is a new ``mmap`` in
-glibc's default configuration, so a loop over 12 MB latents page-faults thousands of times per
-step, and even a warm heap hands out cold cache lines. Inside :func:`reuse_buffers` (which
-every sampler loop enters), imgdiff's updates on CPU tensors take their outputs from a
-:class:`BufferPool` instead: a buffer the pool handed out earlier is handed out again once
-nothing outside the pool refers to it, so a loop cycles through a few buffers.
+tensors are then garbage. On a CPU a fresh output of a few megabytes is often, with glibc's
+default ``malloc``, a new ``mmap`` that page-faults in page by page, so a loop over 12 MB latents
+page-faults thousands of times per step. Inside :func:`reuse_buffers` (which every sampler loop
+enters), imgdiff's updates on CPU tensors of :data:`MIN_BYTES` and more take their outputs from
+a :class:`BufferPool` instead, so a loop cycles through a few buffers.
 
-"Nothing refers to it" is checked, not assumed: no Python reference to the tensor or its storage
-besides the pool's, no other tensor on its memory (views, ``detach()``, ``numpy()``, DLPack), no
-C++ holder of the tensor. A callback that keeps a step's state keeps it intact; the pool then
-allocates a new buffer. Results are the same with and without the pool (tested); only memory
-traffic changes. CUDA tensors always get fresh tensors (torch's caching allocator already
-recycles them, and a CUDA graph has its own pool). On a free-threaded Python build the pool is
-off (reference counts are not exact there).
+The pool keeps *memory* (storages), not tensor objects: every output is a new tensor object
+(no ``requires_grad``, ``.grad``, hooks, attributes or weak references carried over), on a
+storage that no tensor uses any more. That is checked, not assumed, each time: no tensor on the
+storage (views, ``detach()``, ``numpy()``, DLPack exports, autograd's saved tensors all count),
+no Python reference to the storage object besides the pool's, not moved to shared memory (by
+``share_memory_()`` or a ``torch.multiprocessing`` queue). A callback may keep any tensor it is
+given; the pool then allocates instead. Results are the same with and without the pool (tested);
+only memory traffic changes. CUDA tensors always get fresh tensors (torch's caching allocator
+already recycles them, and a CUDA graph has its own pool). On a free-threaded Python build, or
+where the reference-count calibration does not hold (a tracer that holds frames' locals), the
+pool allocates every time.
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ from __future__ import annotations
 import math
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -34,116 +38,116 @@ __all__ = [
     "MIN_BYTES",
     "BufferPool",
     "active_pool",
-    "empty",
     "empty_like",
+    "out_empty",
     "out_like",
     "reuse_buffers",
 ]
 
 _Key = tuple[torch.Size, torch.dtype, bool]  # shape, dtype, channels-last
-_Entry = tuple[Tensor, torch.UntypedStorage]
 
 MIN_BYTES = 1024 * 1024
-"""Smallest tensor (in bytes) that :func:`empty_like`, :func:`empty` and :func:`out_like` take
+"""Smallest tensor (in bytes) that :func:`empty_like`, :func:`out_like` and :func:`out_empty` take
 from a pool. Smaller blocks stay in glibc's heap between steps, so a fresh one costs less than
-a pool lookup (``benchmarks/buffers.py``: no gain at 512 KiB, up to 4x at 4 MiB)."""
+a pool lookup (``benchmarks/buffers.py``: no gain at 512 KiB)."""
 
-_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
-# Exact reference counts need the GIL build; the pool also needs torch's use counts.
-_SUPPORTED = (
-    _storage_use_count is not None
-    and hasattr(Tensor, "_use_count")
-    and getattr(sys, "_is_gil_enabled", lambda: True)()
-)
+_use_count = getattr(torch._C, "_storage_Use_Count", None)
+# Exact reference counts need the GIL build; the pool also needs torch's storage use counts.
+_SUPPORTED = _use_count is not None and getattr(sys, "_is_gil_enabled", lambda: True)()
+_storage_use_count = cast(Callable[[int], int], _use_count)  # called only when _SUPPORTED
 
 
-def _probe() -> tuple[int, int]:
-    """The reference counts of an unshared pool entry as :meth:`BufferPool._take` sees them.
+def _unused(s: torch.UntypedStorage) -> bool:
+    """Whether no tensor (nor anything else in C++) uses the storage besides its Python object."""
+    return _storage_use_count(s._cdata) == 1
+
+
+def _probe() -> int:
+    """The reference count of an unused pooled storage as :meth:`BufferPool._take` sees it.
 
     Written with :meth:`BufferPool._take`'s loop shape, so that the interpreter's own references
-    (the list, the loop variables, the call's argument) are counted the same way.
+    (the list, the loop variable, the call's argument) are counted the same way.
     """
-    t = torch.empty(1)
-    entries: list[_Entry] = [(t, t.untyped_storage())]
-    del t
-    for t, s in entries:
-        return sys.getrefcount(t), sys.getrefcount(s)
+    entries = [torch.empty(1, device="cpu").untyped_storage()]
+    for s in entries:
+        return sys.getrefcount(s)
     raise AssertionError("unreachable")
 
 
-_TENSOR_REFS, _STORAGE_REFS = _probe() if _SUPPORTED else (-1, -1)
+_STORAGE_REFS = _probe() if _SUPPORTED else -1
 
 
 class BufferPool:
-    """CPU tensors handed out again once nothing outside the pool refers to them.
+    """CPU memory handed out again, as new tensors, once no tensor uses it any more.
 
     Args:
         capacity: buffers kept per shape, layout and dtype (default 8: EDICT's loop cycles
-            through up to six). Beyond it the oldest is dropped from the pool (it lives on while
-            someone holds it).
+            through up to six). Beyond it the oldest is dropped from the pool (its memory lives
+            on while a tensor uses it).
 
     Use it through :func:`reuse_buffers`; :meth:`empty_like` and :meth:`empty` work like
-    ``torch.empty_like`` / ``torch.empty`` (uninitialised memory), for CPU tensors of any size.
+    ``torch.empty_like`` / ``torch.empty`` (uninitialised memory) for CPU tensors of any size.
     """
 
-    __slots__ = ("_buffers", "capacity")
+    __slots__ = ("_buffers", "_layouts", "_refs", "capacity")
 
     def __init__(self, capacity: int = 8) -> None:
         self.capacity = check_int("capacity", capacity, min=1)
-        self._buffers: dict[_Key, list[_Entry]] = {}
+        self._buffers: dict[_Key, list[torch.UntypedStorage]] = {}
+        self._layouts: dict[_Key, tuple[tuple[int, ...], int]] = {}  # strides, bytes
+        # recalibrated here: a mismatch with the import-time count (a tracer holding frames'
+        # locals at one of the two moments) turns the pool off rather than risk a wrong count
+        probe = _probe() if _SUPPORTED else -1
+        self._refs = probe if probe == _STORAGE_REFS else -1
 
     def __len__(self) -> int:
         """The number of buffers the pool holds (in use or free)."""
         return sum(len(v) for v in self._buffers.values())
 
     def empty_like(self, x: Tensor) -> Tensor:
-        """An uninitialised tensor like a CPU tensor ``x``: its shape and dtype, and its layout
-        when ``x`` is contiguous or channels-last, else contiguous (as ``torch.empty_like``)."""
-        if not x.is_cpu or not _SUPPORTED:
+        """An uninitialised CPU tensor of ``x``'s shape and dtype, channels-last when ``x`` is,
+        else contiguous (``torch.empty_like`` would also keep other dense strides)."""
+        if not x.is_cpu:
             return torch.empty_like(x)
-        if x.is_contiguous():
-            key = (x.shape, x.dtype, False)
-        elif x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last):
-            key = (x.shape, x.dtype, True)
-        else:
-            return self.empty(x.shape, x.dtype)
-        return self._take(key)
+        if x.ndim == 4 and not x.is_contiguous():
+            cl = x.is_contiguous(memory_format=torch.channels_last)
+            return self._take((x.shape, x.dtype, cl))
+        return self._take((x.shape, x.dtype, False))
 
     def empty(self, shape: Sequence[int], dtype: torch.dtype) -> Tensor:
         """An uninitialised contiguous CPU tensor of ``shape`` and ``dtype``."""
-        if not _SUPPORTED:
-            return torch.empty(tuple(shape), dtype=dtype)
         return self._take((torch.Size(shape), dtype, False))
 
     def clear(self) -> None:
-        """Drop every buffer from the pool (they live on while someone holds them)."""
+        """Drop every buffer from the pool (memory a tensor still uses lives on)."""
         self._buffers.clear()
 
     def _take(self, key: _Key) -> Tensor:
         shape, dtype, channels_last = key
         fmt = torch.channels_last if channels_last else torch.contiguous_format
+        if self._refs < 0:  # pooling is off
+            return torch.empty(shape, dtype=dtype, device="cpu", memory_format=fmt)
         entries = self._buffers.get(key)
         if entries is None:
             entries = self._buffers[key] = []
         else:
-            for t, s in entries:
-                # cheapest test first; then no C++ holder of the tensor, and no other tensor on
-                # the storage (the tensor and the pool's storage object are its only two users)
-                if (
-                    sys.getrefcount(t) == _TENSOR_REFS
-                    and sys.getrefcount(s) == _STORAGE_REFS
-                    and t._use_count() == 1
-                    and _storage_use_count(s._cdata) == 2  # type: ignore[misc]
-                ):
-                    if t.shape == shape and t.is_contiguous(memory_format=fmt):
-                        return t
-                    # reshaped in place by its last holder (resize_, unsqueeze_, t_, ...)
-                    entries.remove((t, s))
+            stride, nbytes = self._layouts[key]
+            dropped = None
+            for s in entries:
+                if sys.getrefcount(s) == self._refs and _unused(s):
+                    # not moved to shared memory (another process may read it), not shrunk
+                    if not s.is_shared() and s.nbytes() >= nbytes:
+                        t = torch.empty(0, dtype=dtype, device="cpu")
+                        return t.set_(s, 0, shape, stride)
+                    dropped = s
                     break
-        t = torch.empty(shape, dtype=dtype, memory_format=fmt)
+            if dropped is not None:
+                entries[:] = [e for e in entries if e is not dropped]
+        t = torch.empty(shape, dtype=dtype, device="cpu", memory_format=fmt)
+        self._layouts.setdefault(key, (t.stride(), t.nbytes))
         if len(entries) >= self.capacity:
             del entries[0]
-        entries.append((t, t.untyped_storage()))
+        entries.append(t.untyped_storage())
         return t
 
 
@@ -181,8 +185,8 @@ def reuse_buffers(capacity: int = 8) -> Iterator[BufferPool]:
 
 
 def empty_like(x: Tensor) -> Tensor:
-    """``torch.empty_like(x)``, from this thread's pool inside :func:`reuse_buffers` for CPU
-    tensors of :data:`MIN_BYTES` and more."""
+    """``torch.empty_like(x)``; from this thread's pool inside :func:`reuse_buffers` for CPU
+    tensors of :data:`MIN_BYTES` and more (see :meth:`BufferPool.empty_like` for the layout)."""
     pools = _ACTIVE.pools
     if pools and x.is_cpu and x.nbytes >= MIN_BYTES:
         return pools[-1].empty_like(x)
@@ -206,10 +210,11 @@ def out_like(x: Tensor, *others: Tensor) -> Tensor | None:
     return pools[-1].empty_like(x)
 
 
-def empty(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """An uninitialised contiguous tensor, from this thread's pool inside :func:`reuse_buffers`
-    for CPU tensors of :data:`MIN_BYTES` and more."""
+def out_empty(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor | None:
+    """An ``out=`` tensor of ``shape`` and ``dtype`` (contiguous) from this thread's pool inside
+    :func:`reuse_buffers` for the CPU and :data:`MIN_BYTES` and more; else ``None`` (torch
+    allocates)."""
     pools = _ACTIVE.pools
     if pools and device.type == "cpu" and math.prod(shape) * dtype.itemsize >= MIN_BYTES:
         return pools[-1].empty(shape, dtype)
-    return torch.empty(tuple(shape), dtype=dtype, device=device)
+    return None

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from imgdiff._checks import check_floating_dtype, describe
-from imgdiff.buffers import empty
+from imgdiff.buffers import out_empty
 from imgdiff.errors import InputTypeError, InputValueError
 
 __all__ = ["Generators", "check_generators", "draw_normal", "randn"]
@@ -76,13 +76,13 @@ def draw_normal(
 ) -> Tensor:
     """:func:`randn` without validation, for loops whose arguments were checked once (on a CPU,
     into a recycled buffer inside :func:`~imgdiff.buffers.reuse_buffers`)."""
+    out = out_empty(shape, dtype, device)  # None outside a loop's pool
     if generator is None:
-        if device.type == "cpu":
-            return torch.randn(tuple(shape), dtype=dtype, out=empty(shape, dtype, device))
+        if out is not None:
+            return torch.randn(tuple(shape), dtype=dtype, out=out)
         return torch.randn(tuple(shape), device=device, dtype=dtype)
     if isinstance(generator, torch.Generator):
-        if device.type == "cpu" and generator.device.type == "cpu":
-            out = empty(shape, dtype, device)
+        if out is not None and generator.device.type == "cpu":
             return torch.randn(tuple(shape), generator=generator, dtype=dtype, out=out)
         return torch.randn(
             tuple(shape), generator=generator, device=generator.device, dtype=dtype
@@ -91,6 +91,6 @@ def draw_normal(
     parts = [
         torch.randn(item, generator=g, device=g.device, dtype=dtype).to(device) for g in generator
     ]
-    if device.type == "cpu":
-        return torch.stack(parts, out=empty(shape, dtype, device))
+    if out is not None:
+        return torch.stack(parts, out=out)
     return torch.stack(parts)
