@@ -171,9 +171,11 @@ def main() -> None:
     body += [
         "",
         "The library pools tensors of `imgdiff.buffers.MIN_BYTES` (1 MiB) and more: smaller ones "
-        "(the (8, 4, 64, 64) rows) stay in glibc's heap between steps, and the pool gains nothing "
-        "there. The page faults left with the pool are its own buffers' first touch, once per "
-        "loop (a few buffers of the latent's size), spread over the 50 steps.",
+        "(the (8, 4, 64, 64) rows) mostly stay in glibc's heap between steps, where pooling them "
+        "costs a few percent. Whether a fresh loop page-faults depends on the process's "
+        "allocation history (glibc's adaptive mmap threshold), so rows move between runs; the "
+        "pooled column does not. The page faults left with the pool are its own buffers' first "
+        "touch, once per loop (a few buffers of the latent's size), spread over the 50 steps.",
     ]
     write_section(args.write, HEADING, body, legacy=None, before=["## EDICT: exact inversion"])
     print(f"wrote {HEADING!r} to {args.write}")

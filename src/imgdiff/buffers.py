@@ -49,7 +49,7 @@ _Key = tuple[torch.Size, torch.dtype, bool]  # shape, dtype, channels-last
 MIN_BYTES = 1024 * 1024
 """Smallest tensor (in bytes) that :func:`empty_like`, :func:`out_like` and :func:`out_empty` take
 from a pool. Smaller blocks stay in glibc's heap between steps, so a fresh one costs less than
-a pool lookup (``benchmarks/buffers.py``: no gain at 512 KiB)."""
+a pool lookup (``benchmarks/buffers.py``: pooling at 512 KiB is slower)."""
 
 _use_count = getattr(torch._C, "_storage_Use_Count", None)
 # Exact reference counts need the GIL build; the pool also needs torch's storage use counts.
