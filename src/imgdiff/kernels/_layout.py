@@ -60,6 +60,8 @@ def aligned(
 def aligned_to(t: Tensor, x: Tensor, fmt: torch.memory_format, *, cast: bool = False) -> Tensor:
     """``t`` with the strides of ``x`` (already dense in layout ``fmt``), and its dtype with
     ``cast``."""
+    if fmt == torch.contiguous_format and t.is_contiguous() and (not cast or t.dtype == x.dtype):
+        return t  # the common case, checked cheaply (inner loops)
     return dense_like(t.to(x.dtype) if cast else t, x, fmt)
 
 

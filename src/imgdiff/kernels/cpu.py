@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from imgdiff.buffers import empty_like
-from imgdiff.kernels._layout import aligned, aligned_to, layout, mask_operand
+from imgdiff.kernels._layout import aligned, aligned_to, mask_operand
 
 __all__ = [
     "DTYPES",
@@ -148,8 +148,8 @@ def _build(
     ``tag``), or ``None`` with the reason appended to ``errors``."""
     parts = [_SOURCE.read_bytes(), source.read_bytes(), compiler.encode(), " ".join(flags).encode()]
     key = hashlib.sha256(b"\0".join([*parts, platform.machine().encode(), tag.encode()]))
-    name = f"imgdiff_cpu_{'ext' if source != _SOURCE else 'kernels'}-{key.hexdigest()[:16]}"
-    target = _cache_dir() / (name + (_EXT_SUFFIX if source != _SOURCE else ".so"))
+    stem, suffix = ("kernels", ".so") if source == _SOURCE else ("ext", _EXT_SUFFIX)
+    target = _cache_dir() / f"imgdiff_cpu_{stem}-{key.hexdigest()[:16]}{suffix}"
     if not target.exists():
         error = _compile(compiler, flags, source, target)
         if error is not None:
@@ -273,22 +273,14 @@ if hasattr(os, "register_at_fork"):  # POSIX; the kernels are not built elsewher
     os.register_at_fork(after_in_child=_mark_forked)
 
 
-def _like(t: Tensor, x: Tensor, fmt: torch.memory_format | None = None) -> Tensor:
-    """``t`` in ``x``'s dtype and strides (``x`` dense, of layout ``fmt``; found if omitted)."""
-    if t.dtype == x.dtype and x.is_contiguous() and t.is_contiguous():  # the usual case, cheaply
-        return t
-    return aligned_to(t, x, layout(x) if fmt is None else fmt, cast=True)
-
-
 def lincomb3(
     x: Tensor, a: float, y: Tensor, b: float, noise: Tensor | None = None, c: float = 0.0
 ) -> Tensor:
     """``a x + b y + c noise`` in one pass: ``x``, ``y``, ``noise`` ``(B, ...)`` of one shape, float32
     or bfloat16 CPU tensors (``y``, ``noise`` converted to ``x``'s dtype); a new ``(B, ...)``."""
     lib = _library()
-    if not (x.is_contiguous() and y.is_contiguous() and y.dtype == x.dtype):
-        _, x, (y,) = aligned(x, y, cast=True)
-    z = None if noise is None else _like(noise, x)
+    fmt, x, (y,) = aligned(x, y, cast=True)
+    z = None if noise is None else aligned_to(noise, x, fmt, cast=True)
     out = empty_like(x)
     lib.functions[f"lincomb3_{_SUFFIX[x.dtype]}"](
         x.data_ptr(),
@@ -308,8 +300,7 @@ def edict_mix(x: Tensor, y: Tensor, p: float) -> tuple[Tensor, Tensor]:
     """EDICT's mixing pair in one pass: ``x' = p x + (1 - p) y``, ``y' = p y + (1 - p) x'``, for
     ``x``, ``y`` ``(B, ...)``; two new tensors of ``x``'s shape and dtype."""
     lib = _library()
-    if not (x.is_contiguous() and y.is_contiguous() and y.dtype == x.dtype):
-        _, x, (y,) = aligned(x, y, cast=True)
+    _, x, (y,) = aligned(x, y, cast=True)
     x_out, y_out = empty_like(x), empty_like(x)
     lib.functions[f"edict_mix_{_SUFFIX[x.dtype]}"](
         x.data_ptr(), y.data_ptr(), p, x_out.data_ptr(), y_out.data_ptr(), x.numel(), _threads(lib)
@@ -323,13 +314,7 @@ def edict_substep_mix(
     """EDICT's second sub-step (``x`` or ``y`` becomes ``a z + b eps``) and mixing pair in one
     pass, for ``x``, ``y``, ``eps`` ``(B, ...)``; two new tensors of ``x``'s shape and dtype."""
     lib = _library()
-    if not (
-        x.is_contiguous()
-        and y.is_contiguous()
-        and eps.is_contiguous()
-        and y.dtype == eps.dtype == x.dtype
-    ):
-        _, x, (y, eps) = aligned(x, y, eps, cast=True)
+    _, x, (y, eps) = aligned(x, y, eps, cast=True)
     x_out, y_out = empty_like(x), empty_like(x)
     lib.functions[f"edict_substep_mix_{_SUFFIX[x.dtype]}"](
         x.data_ptr(),
@@ -362,10 +347,8 @@ def inpaint_blend(
     float32 or ``x``'s dtype (others are converted to float32).
     """
     lib = _library()
-    fmt = torch.contiguous_format
-    if not (x.is_contiguous() and known.is_contiguous() and known.dtype == x.dtype):
-        fmt, x, (known,) = aligned(x, known, cast=True)
-    z = None if noise is None or noise_scale == 0.0 else _like(noise, x, fmt)
+    fmt, x, (known,) = aligned(x, known, cast=True)
+    z = None if noise is None or noise_scale == 0.0 else aligned_to(noise, x, fmt, cast=True)
     if mask.dtype not in (torch.float32, x.dtype):
         mask = mask.to(torch.float32)
     m, mode = mask_operand(mask, x, fmt)
