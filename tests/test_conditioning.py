@@ -124,6 +124,24 @@ def test_noised_paste_is_at_the_next_level() -> None:
         KnownRegion(known, torch.zeros(1, 1, 3, 3))
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_paste_is_differentiable_in_the_known_image(backend: str) -> None:
+    """A known image that needs a gradient (fitted through the paste) keeps it on every backend:
+    the fused kernels leave such a paste to torch."""
+    if backend == "cpu" and not imgdiff.kernels.cpu.available():
+        pytest.skip("no CPU kernels")
+    known = torch.rand(1, 3, 4, 4, requires_grad=True)
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[..., :2, :] = 1  # top half is the hole
+    region = KnownRegion(known, mask, backend=backend)  # type: ignore[arg-type]
+    with torch.enable_grad():
+        region.paste(torch.zeros(1, 3, 4, 4), -1).sum().backward()
+    assert known.grad is not None
+    want = torch.ones(1, 3, 4, 4)
+    want[..., :2, :] = 0  # the hole takes x, not known
+    assert torch.equal(known.grad, want)
+
+
 def test_noised_paste_through_a_sampler_run() -> None:
     """As a DDIM callback: after each step the known pixels follow q(x_s | x_0) at the step's next
     level s, and the returned sample's known region is exactly the clean image."""

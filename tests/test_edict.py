@@ -255,6 +255,59 @@ def test_batch_of_samples_round_trips_each() -> None:
     assert max(ex, ey) < 1e-9
 
 
+def _edict_backends() -> list[str]:
+    import importlib.util
+
+    from imgdiff import kernels
+
+    found = ["torch"]
+    if kernels.cpu.available():
+        found.append("cpu")
+    if importlib.util.find_spec("triton") is not None:
+        found.append("triton")  # on CPU tensors through Triton's interpreter (conftest)
+    return found
+
+
+@pytest.mark.parametrize("backend", _edict_backends())
+@pytest.mark.parametrize("inverse", [False, True])
+@pytest.mark.parametrize("x_first", [True, False])
+def test_steps_stay_differentiable_through_the_model(
+    backend: str, inverse: bool, x_first: bool
+) -> None:
+    """With autograd on and a model whose output needs it (a parameter to fit through the step),
+    every backend's step is differentiable and gives torch's gradient: the fused kernels must
+    not drop the graph because the state itself needs no gradient."""
+    from imgdiff.models import BoundModel
+    from imgdiff.samplers.step import StepContext
+
+    g = torch.Generator().manual_seed(3)
+    x, y = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(2))
+    grads, states = {}, {}
+    for b in ("torch", backend):
+        w = torch.nn.Parameter(torch.tensor(0.7))
+        model = BoundModel(
+            lambda z, t, w=w: torch.tanh(z) * w,
+            model_dtype=torch.float32,
+            state_dtype=torch.float32,
+        )
+        sampler = EDICT(NoiseSchedule.linear(), dtype=None, backend=b)  # type: ignore[arg-type]
+        plan = sampler.plan(10)
+        table = sampler.inverse_coefficients(plan) if inverse else sampler.coefficients(plan)
+        rows = [r for r in table.unbind() if bool(r.x_first) == x_first]
+        k = int(plan.timesteps[3])
+        ctx = StepContext(3, 10, k, k - 100, torch.full((2,), k), torch.full((2,), k - 100))
+        with torch.enable_grad():
+            step = sampler.inverse_step if inverse else sampler.step
+            out = step(model, (x, y), rows[0], ctx, None)
+            assert all(t.requires_grad for t in out.state), b
+            (out.state[0].sum() + 2 * out.state[1].sum()).backward()
+        grads[b], states[b] = w.grad, out.state
+    assert grads[backend] is not None
+    torch.testing.assert_close(grads[backend], grads["torch"], rtol=1e-5, atol=1e-5)
+    for got, want in zip(states[backend], states["torch"], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_input_pair_is_not_modified(x0: torch.Tensor) -> None:
     """invert and sample leave their inputs unchanged."""
     keep = x0.clone()

@@ -130,7 +130,7 @@ class KnownRegion:
             )
         known, hole, keep = self._on(x)
         scale, noise, noise_scale = self._level(timestep, x)
-        impl = fused_backend(self.backend, x)
+        impl = fused_backend(self.backend, x, known)
         if impl is not None:
             return kernels.fused_inpaint_blend(impl, x, known, keep, scale, noise, noise_scale)
         pasted = known if noise is None else known * scale + noise * noise_scale

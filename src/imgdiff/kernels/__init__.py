@@ -52,6 +52,7 @@ __all__ = [
     "fused_backend",
     "fused_edict_mix",
     "fused_edict_substep_mix",
+    "fused_for",
     "fused_inpaint_blend",
     "fused_lincomb3",
     "inpaint_blend",
@@ -97,7 +98,7 @@ def fused_backend(backend: Backend, x: Tensor, *others: Tensor | None) -> Fused 
     operands, or ``None`` for the torch path (fast; for inner loops)."""
     if backend == "torch" or x.numel() > _MAX_NUMEL:
         return None
-    if torch.is_grad_enabled() and _differentiable((x, *others)):
+    if _differentiable((x, *others)):
         return None
     key = (backend, x.is_cuda, x.is_cpu, x.dtype)  # cheaper than x.device
     if key in _RESOLVED:
@@ -123,6 +124,15 @@ def _auto(x: Tensor) -> Fused | None:
     if x.device.type == "cpu" and x.dtype in cpu.DTYPES and cpu.available():
         return "cpu"
     return None
+
+
+def fused_for(impl: Fused | None, *others: Tensor) -> Fused | None:
+    """``impl`` (from :func:`fused_backend`) for an update that also takes ``others``, or ``None``
+    (the torch path) where autograd must see it: operands that arrive after the backend was
+    chosen, such as a model's output within a step."""
+    if impl is None or not torch.is_grad_enabled():
+        return impl
+    return None if any(t.requires_grad for t in others) else impl
 
 
 def use_triton(backend: Backend, x: Tensor) -> bool:

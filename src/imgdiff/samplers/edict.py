@@ -25,7 +25,7 @@ from imgdiff._ops import Scalar, lincomb
 from imgdiff._warnings import warn_user
 from imgdiff.buffers import out_like
 from imgdiff.errors import InputTypeError, InputValueError, PrecisionWarning
-from imgdiff.kernels import Fused, fused_backend
+from imgdiff.kernels import Fused, fused_backend, fused_for
 from imgdiff.models import BoundModel, Model, check_model_output
 from imgdiff.randomness import Generators
 from imgdiff.samplers.base import Sampler
@@ -147,27 +147,28 @@ class EDICT(Sampler[EDICTState, EDICTCoefficients]):
         eps = _Eps(model, c, ctx.t)
         impl = fused_backend(self.backend, x, y)  # once per step: x, y share device and dtype
         a, b = c.a, c.b
+        x_first = bool(c.x_first)
+        first, other = (x, y) if x_first else (y, x)
+        # the sequence updated first (sub-step 1), then the other one (sub-step 2) and the mixing
+        first1 = self._lincomb(impl, first, a, eps(other), b)
+        out = eps(first1)
+        impl = fused_for(impl, out)  # autograd must see a model output that needs it
         if impl is not None and isinstance(a, float) and isinstance(b, float):
-            # two passes: the first sub-step, then the second fused with the mixing layer
-            if c.x_first:
-                x1 = kernels.fused_lincomb3(impl, x, a, eps(y), b)
-                mixed = kernels.fused_edict_substep_mix(impl, x1, y, eps(x1), a, b, p, False)
+            # sub-step 2 fused with the mixing layer: one pass
+            if x_first:
+                mixed = kernels.fused_edict_substep_mix(impl, first1, y, out, a, b, p, False)
             else:
-                y1 = kernels.fused_lincomb3(impl, y, a, eps(x), b)
-                mixed = kernels.fused_edict_substep_mix(impl, x, y1, eps(y1), a, b, p, True)
+                mixed = kernels.fused_edict_substep_mix(impl, x, first1, out, a, b, p, True)
         else:
-            if c.x_first:
-                x1 = lincomb(x, a, eps(y), b)
-                y1 = lincomb(y, a, eps(x1), b)
-            else:
-                y1 = lincomb(y, a, eps(x), b)
-                x1 = lincomb(x, a, eps(y1), b)
-            mixed = edict_mix(x1, y1, p)
+            other1 = lincomb(other, a, out, b)
+            mixed = edict_mix(first1, other1, p) if x_first else edict_mix(other1, first1, p)
         return StepOutput(mixed, lambda: eps.x0_hat(0))
 
     @staticmethod
     def _lincomb(impl: Fused | None, x: Tensor, a: Scalar, y: Tensor, b: Scalar) -> Tensor:
-        """A sub-step ``a x + b y``: one fused kernel ``impl`` (from :attr:`backend`) if any."""
+        """A sub-step ``a x + b y`` (``y`` a model output): one fused kernel ``impl`` (from
+        :attr:`backend`) unless autograd must see ``y`` or the coefficients are tensors."""
+        impl = fused_for(impl, y)
         if impl is not None and isinstance(a, float) and isinstance(b, float):
             return kernels.fused_lincomb3(impl, x, a, y, b)
         return lincomb(x, a, y, b)
