@@ -98,7 +98,9 @@ def fused_backend(backend: Backend, x: Tensor, *others: Tensor | None) -> Fused 
     operands, or ``None`` for the torch path (fast; for inner loops)."""
     if backend == "torch" or x.numel() > _MAX_NUMEL:
         return None
-    if _differentiable((x, *others)):
+    if torch.is_grad_enabled() and (  # no tuple or call on the common path (autograd off)
+        x.requires_grad or any(t is not None and t.requires_grad for t in others)
+    ):
         return None
     key = (backend, x.is_cuda, x.is_cpu, x.dtype)  # cheaper than x.device
     if key in _RESOLVED:

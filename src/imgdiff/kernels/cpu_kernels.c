@@ -118,7 +118,8 @@ IMGDIFF_EDICT_SUBSTEP_MIX(bf16)
 
 /* out = (1 - m) x + m (ks k + ns z): Palette's clean paste and RePaint's noised paste.
  * mode 0: the mask has x's shape and layout; 1: (B, 1, S) against contiguous (B, C, S);
- * 2: (B, 1, S) against channels-last (B, S, C) memory. n = outer * channels * plane. One
+ * 2: (B, 1, S) against channels-last (B, S, C) memory. n elements; channels = C (modes 1, 2) and
+ * plane = S (mode 1) say how the mask broadcasts, and are not read in mode 0. One
  * function per storage S, mask storage M (float32, or S) and with (z) or without (nz) noise, so
  * the inner loops carry no per-element branches. */
 #define IMGDIFF_BLEND_AT(S, M, HAS_Z, I, MI)                                                       \
@@ -132,16 +133,16 @@ IMGDIFF_EDICT_SUBSTEP_MIX(bf16)
 #define IMGDIFF_INPAINT_BLEND(S, M, HAS_Z, NAME)                                                   \
     IMGDIFF_CLONES void imgdiff_inpaint_blend_##S##_##M##_##NAME(                                  \
         const void *restrict x, const void *restrict k, float ks, const void *restrict z,          \
-        float ns, const void *restrict m, int mode, int64_t outer, int64_t channels,               \
-        int64_t plane, void *restrict out, int threads) {                                          \
-        const int64_t n = outer * channels * plane;                                                \
+        float ns, const void *restrict m, int mode, int64_t n, int64_t channels, int64_t plane,    \
+        void *restrict out, int threads) {                                                         \
         (void)z;                                                                                   \
         (void)ns;                                                                                  \
+        if (n <= 0) return; /* plane, channels may be 0 */                                         \
         if (mode == 0) {                                                                           \
             IMGDIFF_PARALLEL                                                                       \
             for (int64_t i = 0; i < n; i++) IMGDIFF_BLEND_AT(S, M, HAS_Z, i, i);                   \
         } else if (mode == 1) {                                                                    \
-            const int64_t rows = outer * channels;                                                 \
+            const int64_t rows = n / plane;                                                        \
             IMGDIFF_PARALLEL                                                                       \
             for (int64_t r = 0; r < rows; r++) {                                                   \
                 const int64_t base = r * plane, mbase = (r / channels) * plane;                    \
@@ -149,7 +150,7 @@ IMGDIFF_EDICT_SUBSTEP_MIX(bf16)
                     IMGDIFF_BLEND_AT(S, M, HAS_Z, base + j, mbase + j);                            \
             }                                                                                      \
         } else {                                                                                   \
-            const int64_t sites = outer * plane;                                                   \
+            const int64_t sites = n / channels;                                                    \
             IMGDIFF_PARALLEL                                                                       \
             for (int64_t s = 0; s < sites; s++) {                                                  \
                 const int64_t base = s * channels;                                                 \

@@ -88,12 +88,11 @@ IMGDIFF_PY_EDICT_SUBSTEP_MIX(bf16)
         const void *x = P(0), *k = P(1), *z = P(3), *m = P(5);                                     \
         const float ks = F(2), ns = F(4);                                                          \
         const int mode = I(6);                                                                     \
-        const int64_t outer = L(7), channels = L(8), plane = L(9);                                 \
+        const int64_t n = L(7), channels = L(8), plane = L(9);                                     \
         void *out = P(10);                                                                         \
         const int threads = I(11);                                                                 \
-        IMGDIFF_RUN(outer * channels * plane,                                                      \
-                    imgdiff_inpaint_blend_##NAME(x, k, ks, z, ns, m, mode, outer, channels, plane, \
-                                                 out, threads));                                   \
+        IMGDIFF_RUN(n, imgdiff_inpaint_blend_##NAME(x, k, ks, z, ns, m, mode, n, channels, plane,  \
+                                                    out, threads));                                \
     }
 IMGDIFF_PY_INPAINT_BLEND(f32_f32_z)
 IMGDIFF_PY_INPAINT_BLEND(f32_f32_nz)
