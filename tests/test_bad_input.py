@@ -2726,3 +2726,82 @@ MESSAGE_GOT_CASES = [
 def test_messages_say_what_came(fn, pattern):
     with pytest.raises(imgdiff.ImgdiffError, match=pattern):
         fn()
+
+
+# -- the public update()/step() forward user tensors to the fused kernels -----------------------
+
+
+def _update_backends() -> list[str]:
+    import importlib.util
+
+    found = ["torch"]
+    if imgdiff.kernels.cpu.available():
+        found.append("cpu")
+    if importlib.util.find_spec("triton") is not None:
+        found.append("triton")  # Triton's interpreter on CPU tensors (conftest)
+    return found
+
+
+@pytest.mark.parametrize("backend", _update_backends())
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda b: DDIM(NoiseSchedule.linear(), eta=0.5, backend=b),
+        lambda b: DDPM(NoiseSchedule.linear(), backend=b),
+        lambda b: DDPM(NoiseSchedule.linear(), variance="learned_range", backend=b),
+    ],
+)
+def test_update_rejects_outputs_and_noise_of_another_shape(backend, make):
+    """A model output or noise that is not x's shape raises naming it on every backend: never a
+    silent broadcast (torch) nor a read past the tensor (the kernels walk x's elements)."""
+    sampler = make(backend)
+    c = sampler.coefficients(sampler.plan(10)).unbind()[3]
+    x = torch.randn(4, 3, 8, 8)
+    factor = sampler.output_channels_factor
+    good_out = torch.randn(4, 3 * factor, 8, 8)
+    for out in (torch.randn(1, 3 * factor, 8, 8), torch.randn(4, 3 * factor, 1, 1)):
+        with pytest.raises(imgdiff.InputValueError, match=r"^out: expected"):
+            sampler.update(x, out, c, torch.randn(4, 3, 8, 8))
+    with pytest.raises(imgdiff.InputValueError, match=r"^noise: expected shape \(4, 3, 8, 8\)"):
+        sampler.update(x, good_out, c, torch.randn(1, 3, 8, 8))
+    assert sampler.update(x, good_out, c, torch.randn(4, 3, 8, 8)).state.shape == x.shape
+
+
+@pytest.mark.parametrize("backend", _update_backends())
+def test_update_result_dtype_is_torch_promotion_on_every_backend(backend):
+    """Mixed dtypes between x and the model output: every backend gives torch's promoted dtype
+    (the kernels run only where the dtypes agree)."""
+    for x_dtype, out_dtype in [
+        (torch.bfloat16, torch.float32),
+        (torch.float32, torch.float64),
+        (torch.float32, torch.bfloat16),
+    ]:
+        for sampler in (
+            DDIM(NoiseSchedule.linear(), backend=backend),
+            DDPM(NoiseSchedule.linear(), backend=backend),
+        ):
+            c = sampler.coefficients(sampler.plan(10)).unbind()[3]
+            x, out = torch.randn(2, 3, 8, 8).to(x_dtype), torch.randn(2, 3, 8, 8).to(out_dtype)
+            noise = torch.randn(2, 3, 8, 8).to(x_dtype)
+            got = sampler.update(x, out, c, noise).state
+            reference = type(sampler)(NoiseSchedule.linear(), backend="torch")
+            ref = reference.update(x, out, c, noise).state
+            assert got.dtype == ref.dtype == torch.promote_types(x_dtype, out_dtype)
+            torch.testing.assert_close(got, ref)
+
+
+@pytest.mark.parametrize("backend", _update_backends())
+def test_edict_step_rejects_a_pair_of_two_shapes(backend):
+    from imgdiff.models import BoundModel
+    from imgdiff.samplers.step import StepContext
+
+    sampler = imgdiff.EDICT(NoiseSchedule.linear(), dtype=None, backend=backend)
+    c = sampler.coefficients(sampler.plan(10)).unbind()[3]
+    ctx = StepContext(3, 10, 700, 600, torch.full((2,), 700), torch.full((2,), 600))
+    model = BoundModel(lambda z, t: 0.1 * z, model_dtype=torch.float32, state_dtype=torch.float32)
+    pair = (torch.randn(2, 3, 8, 8), torch.randn(1, 3, 8, 8))
+    for step in (sampler.step, sampler.inverse_step):
+        with pytest.raises(
+            imgdiff.InputValueError, match=r"^state: expected a pair \(x, y\) of one shape"
+        ):
+            step(model, pair, c, ctx, None)

@@ -142,6 +142,57 @@ def test_paste_is_differentiable_in_the_known_image(backend: str) -> None:
     assert torch.equal(known.grad, want)
 
 
+def _paste_backends() -> list[str]:
+    import importlib.util
+
+    found = ["torch"]
+    if imgdiff.kernels.cpu.available():
+        found.append("cpu")
+    if importlib.util.find_spec("triton") is not None:
+        found.append("triton")  # Triton's interpreter on CPU tensors (conftest)
+    return found
+
+
+@pytest.mark.parametrize("backend", _paste_backends())
+@pytest.mark.parametrize("mode", ["clean", "noised"])
+def test_the_holes_content_is_ignored_on_every_backend(backend: str, mode: str) -> None:
+    """NaN or inf in the hole of ``known`` never reaches the sample, and an inf that a step put
+    in the known region is replaced: the paste selects, it does not multiply by zero."""
+    s = NoiseSchedule.linear()
+    g = torch.Generator().manual_seed(0)
+    known = torch.rand(1, 3, 8, 8, generator=g) * 2 - 1
+    hole = torch.zeros(1, 1, 8, 8, dtype=torch.bool)
+    hole[..., 2:6, 2:6] = True
+    for fill in (float("nan"), float("inf")):
+        bad = known.clone()
+        bad[hole.expand_as(bad)] = fill
+        region = KnownRegion(
+            bad,
+            hole,
+            mode=mode,
+            schedule=s,
+            generator=torch.Generator().manual_seed(1),
+            backend=backend,  # type: ignore[arg-type]
+        )
+        x = region.start(torch.randn(1, 3, 8, 8, generator=g), None if mode == "clean" else 999)
+        out = DDIM(s, backend=backend).sample(  # type: ignore[arg-type]
+            lambda z, t: 0.1 * z, x, num_steps=5, callback=region, progress=False
+        )
+        assert torch.isfinite(out).all(), (fill, backend)
+    x = torch.randn(1, 3, 8, 8, generator=g)
+    x[0, 0, 0, 0] = float("inf")  # in the known region
+    pasted = KnownRegion(known, hole, backend=backend).paste(x, -1)  # type: ignore[arg-type]
+    assert pasted[0, 0, 0, 0] == known[0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("backend", _paste_backends())
+@pytest.mark.parametrize("shape", [(0, 3, 8, 8), (2, 0, 8, 8), (2, 3, 0, 8)])
+def test_paste_of_an_empty_batch(backend: str, shape: tuple[int, ...]) -> None:
+    known = torch.zeros(shape)
+    region = KnownRegion(known, torch.zeros(shape[0], 1, *shape[2:]), backend=backend)  # type: ignore[arg-type]
+    assert region.paste(torch.zeros(shape), -1).shape == shape
+
+
 def test_noised_paste_through_a_sampler_run() -> None:
     """As a DDIM callback: after each step the known pixels follow q(x_s | x_0) at the step's next
     level s, and the returned sample's known region is exactly the clean image."""

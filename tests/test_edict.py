@@ -308,6 +308,36 @@ def test_steps_stay_differentiable_through_the_model(
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", _edict_backends())
+def test_step_stays_differentiable_when_only_the_first_model_call_needs_it(backend: str) -> None:
+    """The first sub-step's result carries the graph into the second half even when the second
+    model output does not (a branch that detaches): the fused second half must not drop it."""
+    from imgdiff.models import BoundModel
+    from imgdiff.samplers.step import StepContext
+
+    x = torch.randn(1, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    grads = {}
+    for b in ("torch", backend):
+        w = torch.tensor(0.3, requires_grad=True)
+        calls = [0]
+
+        def model(
+            z: torch.Tensor, t: torch.Tensor, w: torch.Tensor = w, calls: list[int] = calls
+        ) -> torch.Tensor:
+            calls[0] += 1
+            return 0.1 * z + w if calls[0] % 2 == 1 else 0.1 * z.detach()
+
+        sampler = EDICT(NoiseSchedule.linear(), dtype=None, backend=b)  # type: ignore[arg-type]
+        c = sampler.coefficients(sampler.plan(10)).unbind()[2]
+        bound = BoundModel(model, model_dtype=torch.float32, state_dtype=torch.float32)
+        ctx = StepContext(2, 10, 500, 400, torch.full((1,), 500), torch.full((1,), 400))
+        with torch.enable_grad():
+            xs, _ = sampler.step(bound, (x, x.clone()), c, ctx, None).state
+            assert xs.requires_grad, b
+            grads[b] = torch.autograd.grad(xs.sum(), w)[0]
+    torch.testing.assert_close(grads[backend], grads["torch"])
+
+
 def test_input_pair_is_not_modified(x0: torch.Tensor) -> None:
     """invert and sample leave their inputs unchanged."""
     keep = x0.clone()

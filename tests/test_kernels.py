@@ -224,6 +224,73 @@ def test_fused_paths_leave_autograd_to_torch(backend: str) -> None:
     assert gy.requires_grad
 
 
+@pytest.mark.parametrize("backend", ["torch", *FUSED])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("single_channel_mask", [True, False])
+@pytest.mark.parametrize("noised", [False, True])
+def test_inpaint_blend_is_exact_at_the_mask_ends_whatever_the_other_side_holds(
+    backend: str, dtype: torch.dtype, single_channel_mask: bool, noised: bool
+) -> None:
+    """Where m = 0 the result is x and where m = 1 the pasted value, bitwise (a -0.0 stays -0.0),
+    even with NaN or inf on the side the mask leaves out (a hole's content is ignored)."""
+    device = _device(backend)
+    g = torch.Generator().manual_seed(5)
+    shape = (2, 3, 4, 6)
+    x, known, noise = (torch.randn(shape, generator=g).to(dtype) for _ in range(3))
+    mshape = (2, 1, 4, 6) if single_channel_mask else shape
+    mask = (torch.rand(mshape, generator=g) > 0.5).to(dtype)
+    full = mask.expand(shape)
+    known[full == 0] = float("nan")  # in the hole: ignored
+    x[(full == 1) & (torch.arange(6) % 2 == 0)] = float("inf")  # in the known region: replaced
+    x[(full == 1) & (torch.arange(6) % 2 == 1)] = float("nan")
+    known[(full == 1) & (torch.arange(4)[:, None] == 0)] = -0.0
+    ks, ns = (0.8, 0.6) if noised else (1.0, 0.0)
+    kw = {"known_scale": ks, "noise": noise if noised else None, "noise_scale": ns}
+    got = kernels.inpaint_blend(  # type: ignore[arg-type]
+        x.to(device), known.to(device), mask.to(device), backend=backend, **kw
+    ).cpu()
+    pasted = (known.float() * ks + noise.float() * ns).to(dtype) if noised else known
+    assert torch.equal(
+        got[full == 0].view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+        x[full == 0].view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+    )
+    kept = got[full == 1]
+    assert torch.isfinite(kept).all()
+    torch.testing.assert_close(
+        kept, pasted[full == 1], rtol=0, atol=_tol(dtype, kept) if noised else 0
+    )
+    if not noised:  # bitwise, signed zeros included
+        assert torch.equal(torch.signbit(kept), torch.signbit(pasted[full == 1]))
+
+
+def test_fused_backend_leaves_mismatched_operands_to_torch() -> None:
+    """Operands of another element count (torch broadcasts or raises; a kernel would read past
+    them) or dtype (torch promotes), and empty tensors, take the torch path."""
+    x = torch.zeros(2, 3, 4, 4)
+    assert kernels.fused_backend("cpu", x, torch.zeros(2, 3, 4, 4), None) == "cpu"
+    assert kernels.fused_backend("cpu", x, torch.zeros(1, 3, 4, 4)) is None
+    assert kernels.fused_backend("cpu", x, None, torch.zeros(2, 3, 1, 1)) is None
+    assert kernels.fused_backend("cpu", x, torch.zeros(2, 3, 4, 4, dtype=torch.float64)) is None
+    assert kernels.fused_backend("cpu", x, torch.zeros(2, 3, 4, 4, dtype=torch.bfloat16)) is None
+    assert kernels.fused_backend("cpu", torch.zeros(0, 3, 4, 4)) is None
+
+
+@pytest.mark.parametrize("backend", ["torch", *FUSED])
+def test_reference_blend_takes_mixed_dtypes_like_the_kernels(backend: str) -> None:
+    """known/noise in another dtype than x: computed in float32 at least, written in x's dtype."""
+    device = _device(backend)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 4, 4, generator=g).to(torch.bfloat16).to(device)
+    known = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64).to(device)
+    mask = (torch.rand(2, 1, 4, 4, generator=g) > 0.5).float().to(device)
+    got = kernels.inpaint_blend(x, known, mask, known_scale=0.9, backend=backend)  # type: ignore[arg-type]
+    want = torch.where(mask == 1, known.float() * 0.9, x.float()).to(torch.bfloat16)
+    assert got.dtype == torch.bfloat16
+    # the kernels convert known to x's dtype first: one more bfloat16 rounding
+    atol = 0 if backend == "torch" else _tol(torch.bfloat16, want.float())
+    torch.testing.assert_close(got, want, rtol=0, atol=atol)
+
+
 def test_fused_backend_answers_per_call_whatever_it_remembers() -> None:
     """The per-(backend, device, dtype) memo never hides autograd, size or dtype: each call
     still says torch (None) where the kernels must not run."""

@@ -14,7 +14,8 @@ write each output once; each equals its reference to float32 rounding (tested).
   DDPM with a fixed variance, the x0/eps/v conversions; noise injected or drawn in the kernel
   from a seed (Philox).
 * :func:`inpaint_blend`: ``(1 - m) x + m (known_scale known + noise_scale noise)``: Palette's
-  clean paste and RePaint's noised paste, with a ``(B, 1, ...)`` or full-size mask.
+  clean paste and RePaint's noised paste, with a ``(B, 1, ...)`` or full-size mask; exact (a
+  select) where ``m`` is 0 or 1.
 * :func:`edict_mix`: EDICT's mixing pair in one pass.
 * :func:`edict_substep_mix`: EDICT's second affine sub-step and the mixing pair in one pass.
 * :func:`threshold_apply`: ``clamp(x0, -s, s) / s`` with per-sample ``s`` (dynamic thresholding;
@@ -95,9 +96,19 @@ def _differentiable(tensors: tuple[Tensor | None, ...]) -> bool:
 
 def fused_backend(backend: Backend, x: Tensor, *others: Tensor | None) -> Fused | None:
     """The fused kernels a validated ``backend`` runs for a sample ``x`` and the update's other
-    operands, or ``None`` for the torch path (fast; for inner loops)."""
-    if backend == "torch" or x.numel() > _MAX_NUMEL:
+    operands (``None``: absent), or ``None`` for the torch path (fast; for inner loops).
+
+    The torch path is also chosen for empty tensors, for operands of another number of elements
+    (a kernel walks each operand over ``x``'s elements: torch broadcasts or raises instead) or
+    dtype (torch promotes), and where autograd must see the update.
+    """
+    n = x.numel()
+    if backend == "torch" or n == 0 or n > _MAX_NUMEL:
         return None
+    dtype = x.dtype
+    for t in others:
+        if t is not None and (t.numel() != n or t.dtype != dtype):
+            return None
     if torch.is_grad_enabled() and (  # no tuple or call on the common path (autograd off)
         x.requires_grad or any(t is not None and t.requires_grad for t in others)
     ):
@@ -325,6 +336,8 @@ def inpaint_blend(
 
     ``x``, ``known``, ``noise``: ``(B, C, ...)``; ``mask``: 1 on the known region, of ``x``'s
     shape or ``(B, 1, ...)`` (values are not checked here: a sampling loop must not read them).
+    Exactly ``x`` where ``m = 0`` and the pasted value where ``m = 1``, whatever the other side
+    holds (a NaN in the hole of ``known``, an inf in ``x``'s known region, stay out).
     """
     x = check_tensor("x", x, floating=True, min_ndim=2)
     known = _same("known", known, x)

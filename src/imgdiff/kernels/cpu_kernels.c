@@ -116,7 +116,8 @@ IMGDIFF_EDICT_MIX(bf16)
 IMGDIFF_EDICT_SUBSTEP_MIX(f32)
 IMGDIFF_EDICT_SUBSTEP_MIX(bf16)
 
-/* out = (1 - m) x + m (ks k + ns z): Palette's clean paste and RePaint's noised paste.
+/* out = (1 - m) x + m (ks k + ns z): Palette's clean paste and RePaint's noised paste; exactly x
+ * where m = 0 and the pasted value where m = 1, whatever the other side holds (NaN, inf).
  * mode 0: the mask has x's shape and layout; 1: (B, 1, S) against contiguous (B, C, S);
  * 2: (B, 1, S) against channels-last (B, S, C) memory. n elements; channels = C (modes 1, 2) and
  * plane = S (mode 1) say how the mask broadcasts, and are not read in mode 0. One
@@ -124,10 +125,11 @@ IMGDIFF_EDICT_SUBSTEP_MIX(bf16)
  * the inner loops carry no per-element branches. */
 #define IMGDIFF_BLEND_AT(S, M, HAS_Z, I, MI)                                                       \
     do {                                                                                           \
-        const float mv = ld_##M(m, (MI));                                                          \
+        const float mv = ld_##M(m, (MI)), xv = ld_##S(x, (I));                                     \
         float pv = ks * ld_##S(k, (I));                                                            \
         if (HAS_Z) pv += ns * ld_##S(z, (I));                                                      \
-        st_##S(out, (I), ld_##S(x, (I)) * (1.0f - mv) + pv * mv);                                  \
+        const float mixed = xv * (1.0f - mv) + pv * mv;                                            \
+        st_##S(out, (I), mv == 1.0f ? pv : (mv == 0.0f ? xv : mixed));                             \
     } while (0)
 
 #define IMGDIFF_INPAINT_BLEND(S, M, HAS_Z, NAME)                                                   \

@@ -10,6 +10,8 @@ how the parity tests run them without a GPU.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -88,7 +90,8 @@ def _inpaint_kernel(
         pasted += noise_scale * tl.load(n_ptr + offs, mask=inside).to(tl.float32)
     if RANDOM:
         pasted += noise_scale * tl.randn(seed, offs)
-    out = x * (1.0 - m) + pasted * m
+    # exactly x where m = 0 and the pasted value where m = 1 (the other side's NaN stays out)
+    out = tl.where(m == 1.0, pasted, tl.where(m == 0.0, x, x * (1.0 - m) + pasted * m))
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=inside)
 
 
@@ -213,11 +216,11 @@ def inpaint_blend(
     noise_scale: float = 0.0,
     seed: int | None = None,
 ) -> Tensor:
-    """Fused ``(1 - m) x + m (known_scale known + noise_scale noise)``."""
+    """Fused ``(1 - m) x + m (known_scale known + noise_scale noise)``; exact where ``m`` is 0 or 1."""
     fmt, x, (known,) = aligned(x, known)
     n = x if noise is None else aligned_to(noise, x, fmt)
     C = x.shape[1]
-    plane = x[0, 0].numel()
+    plane = math.prod(x.shape[2:])
     m, mode = mask_operand(mask, x, fmt)
     out = torch.empty_like(x)
     numel = x.numel()

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from imgdiff._ops import per_sample
+from imgdiff.kernels._layout import dense_like, layout
 
 __all__ = [
     "ddpm_learned_step",
@@ -45,22 +46,23 @@ def inpaint_blend(
     noise: Tensor | None = None,
     noise_scale: float = 0.0,
 ) -> Tensor:
-    """``(1 - m) x + m (known_scale known + noise_scale noise)``.
+    """``(1 - m) x + m (known_scale known + noise_scale noise)``, computed in float32 at least.
 
     Palette's clean paste (``known_scale = 1``, no noise) and RePaint's noised paste
     (``known_scale = sqrt(ab_s)``, ``noise_scale = sqrt(1 - ab_s)``); ``mask`` (1 = known) has
-    ``x``'s shape or ``(B, 1, ...)``.
+    ``x``'s shape or ``(B, 1, ...)``. Exactly ``x`` where ``m = 0`` and the pasted value where
+    ``m = 1``, whatever the other side holds (a NaN in the hole of ``known`` stays out).
     """
-    if x.dtype in (torch.float32, torch.float64):  # lean path: at most three passes
-        pasted = known if known_scale == 1.0 else known * known_scale
-        if noise is not None and noise_scale != 0.0:
-            pasted = torch.add(pasted, noise, alpha=noise_scale)
-        return torch.lerp(x, pasted.to(x.dtype), mask.to(x.dtype))
-    m = _wide(mask)
-    wide = _wide(known) * known_scale
+    w = _wide(x)
+    pasted = known.to(w.dtype)
+    if known_scale != 1.0:
+        pasted = pasted * known_scale
     if noise is not None and noise_scale != 0.0:
-        wide = wide + _wide(noise) * noise_scale
-    return torch.lerp(_wide(x), wide, m).to(x.dtype)
+        pasted = torch.add(pasted, noise.to(w.dtype), alpha=noise_scale)
+    m = mask.to(w.dtype)
+    blended = torch.where(m == 0, w, torch.lerp(w, pasted, m))
+    out = torch.where(m == 1, pasted, blended)
+    return dense_like(out, w, layout(w)).to(x.dtype)  # x's layout, as the kernels write it
 
 
 def edict_mix(x: Tensor, y: Tensor, p: float) -> tuple[Tensor, Tensor]:

@@ -13,13 +13,18 @@ from torch import Tensor
 from imgdiff import kernels
 from imgdiff._checks import check_choice
 from imgdiff._ops import Scalar, add_scaled_, fusable, lincomb
-from imgdiff.kernels import Fused, fused_backend
+from imgdiff.kernels import Fused, fused_backend, fused_for
 from imgdiff.posterior import (
     POSTERIOR_VARIANCE_FLOOR,
     learned_range_log_variance,
     posterior_coefficients,
 )
-from imgdiff.samplers.denoising import DenoiserCoefficients, DenoisingSampler, fused_coefficients
+from imgdiff.samplers.denoising import (
+    DenoiserCoefficients,
+    DenoisingSampler,
+    check_step_noise,
+    fused_coefficients,
+)
 from imgdiff.samplers.step import StepOutput
 from imgdiff.timesteps import SamplingPlan
 
@@ -141,9 +146,15 @@ class DDPM(DenoisingSampler[DDPMCoefficients]):
         self, x: Tensor, out: Tensor, coeffs: DDPMCoefficients, noise: Tensor | None
     ) -> StepOutput[Tensor]:
         c = coeffs
+        self._check_output(out, x, "out")  # (B, 2C, ...) with a learned variance
+        check_step_noise(noise, x)
         # the fused paths fuse the posterior mean with the noise (the posterior's formula, so not
         # for a subclass that overrides it); the torch path is the posterior and its sampling
-        impl = fused_backend(self.backend, x, out, noise)
+        if self.output_channels_factor == 1:
+            impl = fused_backend(self.backend, x, out, noise)
+        else:  # out has twice x's elements: its dtype and autograd are checked here
+            impl = fused_backend(self.backend, x, noise) if out.dtype == x.dtype else None
+            impl = fused_for(impl, out)
         if impl is not None and type(self).posterior is DDPM.posterior:
             fused = self._fused_update(x, out, c, noise, impl)
             if fused is not None:

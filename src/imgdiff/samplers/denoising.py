@@ -32,7 +32,7 @@ from imgdiff.samplers.step import StepCoefficients, StepContext, StepOutput
 from imgdiff.thresholding import Thresholding
 from imgdiff.timesteps import SamplingPlan
 
-__all__ = ["DenoiserCoefficients", "DenoisingSampler", "fused_coefficients"]
+__all__ = ["DenoiserCoefficients", "DenoisingSampler", "check_step_noise", "fused_coefficients"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -78,6 +78,15 @@ def fused_coefficients(
         "x_coef": x0_weight * pred["x0_from_x"] + eps_weight * pred["eps_from_x"] + x_weight,
         "out_coef": x0_weight * pred["x0_from_out"] + eps_weight * pred["eps_from_out"],
     }
+
+
+def check_step_noise(noise: Tensor | None, x: Tensor) -> None:
+    """Check that a step's noise (if any) has the sample's shape (the fused kernels read it over
+    ``x``'s elements; torch would broadcast)."""
+    if noise is not None and noise.shape != x.shape:
+        raise InputValueError(
+            f"noise: expected shape {tuple(x.shape)} (x's), got {tuple(noise.shape)}"
+        )
 
 
 DCoeffT = TypeVar("DCoeffT", bound=DenoiserCoefficients)
@@ -158,6 +167,12 @@ class DenoisingSampler(Sampler[Tensor, DCoeffT]):
         order ``(x - sigma eps) / alpha``), and ``eps_hat`` comes from the model output or, if
         given, from ``eps_from_x0(x0_hat)``. Use at most two of the three weights.
         """
+        if out.shape != x.shape:  # the fused kernels read out over x's elements
+            raise InputValueError(
+                f"out: expected the model output's mean part of shape {tuple(x.shape)} (x's), "
+                f"got {tuple(out.shape)}"
+            )
+        check_step_noise(noise, x)
         x0: Tensor | Callable[[], Tensor]
         if self.thresholding is None and fusable(x_coef, out_coef):
 

@@ -144,6 +144,7 @@ class EDICT(Sampler[EDICTState, EDICTCoefficients]):
         """Generation step (paper eq. 10-11): two affine sub-steps, then mixing."""
         c, p = coeffs, self.mix
         x, y = state
+        _check_pair(x, y)
         eps = _Eps(model, c, ctx.t)
         impl = fused_backend(self.backend, x, y)  # once per step: x, y share device and dtype
         a, b = c.a, c.b
@@ -152,7 +153,7 @@ class EDICT(Sampler[EDICTState, EDICTCoefficients]):
         # the sequence updated first (sub-step 1), then the other one (sub-step 2) and the mixing
         first1 = self._lincomb(impl, first, a, eps(other), b)
         out = eps(first1)
-        impl = fused_for(impl, out)  # autograd must see a model output that needs it
+        impl = fused_for(impl, first1, out)  # autograd must see what needs it
         if impl is not None and isinstance(a, float) and isinstance(b, float):
             # sub-step 2 fused with the mixing layer: one pass
             if x_first:
@@ -191,6 +192,7 @@ class EDICT(Sampler[EDICTState, EDICTCoefficients]):
         """Inverse step (paper eq. 12-14): unmix, then undo the sub-steps in reverse order."""
         c, p = coeffs, self.mix
         x2, y2 = state
+        _check_pair(x2, y2)
         eps = _Eps(model, c, ctx.t)
         x1, y1 = edict_unmix(x2, y2, p)
         inv_a = 1.0 / c.a
@@ -483,6 +485,14 @@ class _Eps:
     def x0_hat(self, call: int) -> Tensor:
         """``x0_hat`` from model call ``call`` of the step (its input must be at level t)."""
         return self.coeffs.raw_x0_hat(*self.calls[call])
+
+
+def _check_pair(x: Tensor, y: Tensor) -> None:
+    """A step's state: two tensors of one shape (the fused kernels walk both over x's elements)."""
+    if x.shape != y.shape:
+        raise InputValueError(
+            f"state: expected a pair (x, y) of one shape, got {tuple(x.shape)} and {tuple(y.shape)}"
+        )
 
 
 def _check_no_noise(generator: object, step_noise: object) -> None:
