@@ -107,15 +107,16 @@ def fused_backend(backend: Backend, x: Tensor, *others: Tensor | None) -> Fused 
         return None
     dtype = x.dtype
     for t in others:
-        if t is not None and (t.numel() != n or t.dtype != dtype):
+        if t is not None and (t.numel() != n or t.dtype is not dtype):  # dtypes are singletons
             return None
     if torch.is_grad_enabled() and (  # no tuple or call on the common path (autograd off)
         x.requires_grad or any(t is not None and t.requires_grad for t in others)
     ):
         return None
-    key = (backend, x.is_cuda, x.is_cpu, x.dtype)  # cheaper than x.device
-    if key in _RESOLVED:
-        return _RESOLVED[key]
+    key = (backend, x.is_cuda, x.is_cpu, dtype)  # cheaper than x.device
+    found = _RESOLVED.get(key, _UNRESOLVED)
+    if found is not _UNRESOLVED:
+        return found  # type: ignore[return-value]
     resolved = _auto(x) if backend == "auto" else resolve_backend(backend, x)
     fused: Fused | None = None if resolved is None or resolved == "torch" else resolved
     _RESOLVED[key] = fused
@@ -126,6 +127,7 @@ def fused_backend(backend: Backend, x: Tensor, *others: Tensor | None) -> Fused 
 # (CUDA, CPU or another device; not the device index) and on facts fixed for the process (triton
 # importable, the CPU kernels built); errors are not kept.
 _RESOLVED: dict[tuple[str, bool, bool, torch.dtype], Fused | None] = {}
+_UNRESOLVED = object()
 
 
 def _auto(x: Tensor) -> Fused | None:

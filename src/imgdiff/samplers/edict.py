@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import torch
 from torch import Tensor
@@ -144,7 +144,8 @@ class EDICT(Sampler[EDICTState, EDICTCoefficients]):
         """Generation step (paper eq. 10-11): two affine sub-steps, then mixing."""
         c, p = coeffs, self.mix
         x, y = state
-        _check_pair(x, y)
+        if x.shape != y.shape:
+            _pair_error(x, y)
         eps = _Eps(model, c, ctx.t)
         impl = fused_backend(self.backend, x, y)  # once per step: x, y share device and dtype
         a, b = c.a, c.b
@@ -192,7 +193,8 @@ class EDICT(Sampler[EDICTState, EDICTCoefficients]):
         """Inverse step (paper eq. 12-14): unmix, then undo the sub-steps in reverse order."""
         c, p = coeffs, self.mix
         x2, y2 = state
-        _check_pair(x2, y2)
+        if x2.shape != y2.shape:
+            _pair_error(x2, y2)
         eps = _Eps(model, c, ctx.t)
         x1, y1 = edict_unmix(x2, y2, p)
         inv_a = 1.0 / c.a
@@ -487,12 +489,12 @@ class _Eps:
         return self.coeffs.raw_x0_hat(*self.calls[call])
 
 
-def _check_pair(x: Tensor, y: Tensor) -> None:
-    """A step's state: two tensors of one shape (the fused kernels walk both over x's elements)."""
-    if x.shape != y.shape:
-        raise InputValueError(
-            f"state: expected a pair (x, y) of one shape, got {tuple(x.shape)} and {tuple(y.shape)}"
-        )
+def _pair_error(x: Tensor, y: Tensor) -> NoReturn:
+    """A step's state must be two tensors of one shape (the fused kernels walk both over x's
+    elements)."""
+    raise InputValueError(
+        f"state: expected a pair (x, y) of one shape, got {tuple(x.shape)} and {tuple(y.shape)}"
+    )
 
 
 def _check_no_noise(generator: object, step_noise: object) -> None:
