@@ -109,7 +109,10 @@ class KnownRegion:
         if placed is None:
             hole = self.mask.to(like.device)
             keep = (~hole).to(like.dtype).expand(like.shape[0], 1, *hole.shape[2:]).contiguous()
-            placed = (self.known.to(device=like.device, dtype=like.dtype), hole, keep)
+            # the hole's content is ignored: zeroed once, so a NaN or inf there cannot reach the
+            # fused kernels' arithmetic blend (0 * NaN), only torch.where's select
+            known = self.known.to(device=like.device, dtype=like.dtype).masked_fill(hole, 0.0)
+            placed = (known, hole, keep)
             self._placed[key] = placed
         return placed
 

@@ -14,8 +14,7 @@ write each output once; each equals its reference to float32 rounding (tested).
   DDPM with a fixed variance, the x0/eps/v conversions; noise injected or drawn in the kernel
   from a seed (Philox).
 * :func:`inpaint_blend`: ``(1 - m) x + m (known_scale known + noise_scale noise)``: Palette's
-  clean paste and RePaint's noised paste, with a ``(B, 1, ...)`` or full-size mask; exact (a
-  select) where ``m`` is 0 or 1.
+  clean paste and RePaint's noised paste, with a ``(B, 1, ...)`` or full-size mask.
 * :func:`edict_mix`: EDICT's mixing pair in one pass.
 * :func:`edict_substep_mix`: EDICT's second affine sub-step and the mixing pair in one pass.
 * :func:`threshold_apply`: ``clamp(x0, -s, s) / s`` with per-sample ``s`` (dynamic thresholding;
@@ -338,8 +337,8 @@ def inpaint_blend(
 
     ``x``, ``known``, ``noise``: ``(B, C, ...)``; ``mask``: 1 on the known region, of ``x``'s
     shape or ``(B, 1, ...)`` (values are not checked here: a sampling loop must not read them).
-    Exactly ``x`` where ``m = 0`` and the pasted value where ``m = 1``, whatever the other side
-    holds (a NaN in the hole of ``known``, an inf in ``x``'s known region, stay out).
+    Arithmetic on every backend: where ``m`` is 0 or 1 the result equals ``x`` or the pasted
+    value for finite inputs, and a NaN or inf on the side left out still propagates (``0 * inf``).
     """
     x = check_tensor("x", x, floating=True, min_ndim=2)
     known = _same("known", known, x)

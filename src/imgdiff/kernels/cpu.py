@@ -379,8 +379,7 @@ def inpaint_blend(
     noise: Tensor | None = None,
     noise_scale: float = 0.0,
 ) -> Tensor:
-    """``(1 - m) x + m (known_scale known + noise_scale noise)`` in one pass; exactly ``x`` where
-    ``m = 0`` and the pasted value where ``m = 1``.
+    """``(1 - m) x + m (known_scale known + noise_scale noise)`` in one pass.
 
     ``x``, ``known``, ``noise``: ``(B, C, ...)``; ``mask``: ``x``'s shape or ``(B, 1, ...)``,
     float32 or ``x``'s dtype (others are converted to float32).

@@ -116,8 +116,7 @@ IMGDIFF_EDICT_MIX(bf16)
 IMGDIFF_EDICT_SUBSTEP_MIX(f32)
 IMGDIFF_EDICT_SUBSTEP_MIX(bf16)
 
-/* out = (1 - m) x + m (ks k + ns z): Palette's clean paste and RePaint's noised paste; exactly x
- * where m = 0 and the pasted value where m = 1, whatever the other side holds (NaN, inf).
+/* out = (1 - m) x + m (ks k + ns z): Palette's clean paste and RePaint's noised paste.
  * mode 0: the mask has x's shape and layout; 1: (B, 1, S) against contiguous (B, C, S);
  * 2: (B, 1, S) against channels-last (B, S, C) memory. n elements; channels = C (modes 1, 2) and
  * plane = S (mode 1) say how the mask broadcasts, and are not read in mode 0. One
@@ -128,8 +127,7 @@ IMGDIFF_EDICT_SUBSTEP_MIX(bf16)
         const float mv = ld_##M(m, (MI)), xv = ld_##S(x, (I));                                     \
         float pv = ks * ld_##S(k, (I));                                                            \
         if (HAS_Z) pv += ns * ld_##S(z, (I));                                                      \
-        const float mixed = xv * (1.0f - mv) + pv * mv;                                            \
-        st_##S(out, (I), mv == 1.0f ? pv : (mv == 0.0f ? xv : mixed));                             \
+        st_##S(out, (I), xv * (1.0f - mv) + pv * mv);                                              \
     } while (0)
 
 #define IMGDIFF_INPAINT_BLEND(S, M, HAS_Z, NAME)                                                   \

@@ -10,7 +10,6 @@ import torch
 from torch import Tensor
 
 from imgdiff._ops import per_sample
-from imgdiff.kernels._layout import dense_like, layout
 
 __all__ = [
     "ddpm_learned_step",
@@ -50,19 +49,16 @@ def inpaint_blend(
 
     Palette's clean paste (``known_scale = 1``, no noise) and RePaint's noised paste
     (``known_scale = sqrt(ab_s)``, ``noise_scale = sqrt(1 - ab_s)``); ``mask`` (1 = known) has
-    ``x``'s shape or ``(B, 1, ...)``. Exactly ``x`` where ``m = 0`` and the pasted value where
-    ``m = 1``, whatever the other side holds (a NaN in the hole of ``known`` stays out).
+    ``x``'s shape or ``(B, 1, ...)``. Arithmetic, like the kernels: a NaN or inf on the side the
+    mask leaves out still reaches the result (``0 * inf``); ``KnownRegion`` zeroes its hole.
     """
-    w = _wide(x)
+    w = _wide(x)  # at most three passes: scale, add, lerp (x's layout: lerp's first operand)
     pasted = known.to(w.dtype)
     if known_scale != 1.0:
         pasted = pasted * known_scale
     if noise is not None and noise_scale != 0.0:
         pasted = torch.add(pasted, noise.to(w.dtype), alpha=noise_scale)
-    m = mask.to(w.dtype)
-    blended = torch.where(m == 0, w, torch.lerp(w, pasted, m))
-    out = torch.where(m == 1, pasted, blended)
-    return dense_like(out, w, layout(w)).to(x.dtype)  # x's layout, as the kernels write it
+    return torch.lerp(w, pasted, mask.to(w.dtype)).to(x.dtype)
 
 
 def edict_mix(x: Tensor, y: Tensor, p: float) -> tuple[Tensor, Tensor]:
