@@ -14,6 +14,21 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def backends_here() -> list[str]:
+    """``"torch"`` and the fused backends that run here: ``"cpu"`` where the C kernels build,
+    ``"triton"`` where triton is importable (on CPU tensors through its interpreter, set above)."""
+    import importlib.util
+
+    from imgdiff import kernels
+
+    found = ["torch"]
+    if kernels.cpu.available():
+        found.append("cpu")
+    if importlib.util.find_spec("triton") is not None:
+        found.append("triton")
+    return found
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """Under ``pytest -n N`` give each worker one intra-op thread.
 

@@ -52,6 +52,8 @@ from imgdiff.prediction import (
 )
 from imgdiff.timesteps import SamplingPlan
 
+from .conftest import backends_here
+
 IVE = imgdiff.InputValueError
 ITE = imgdiff.InputTypeError
 
@@ -2731,18 +2733,7 @@ def test_messages_say_what_came(fn, pattern):
 # -- the public update()/step() forward user tensors to the fused kernels -----------------------
 
 
-def _update_backends() -> list[str]:
-    import importlib.util
-
-    found = ["torch"]
-    if imgdiff.kernels.cpu.available():
-        found.append("cpu")
-    if importlib.util.find_spec("triton") is not None:
-        found.append("triton")  # Triton's interpreter on CPU tensors (conftest)
-    return found
-
-
-@pytest.mark.parametrize("backend", _update_backends())
+@pytest.mark.parametrize("backend", backends_here())
 @pytest.mark.parametrize(
     "make",
     [
@@ -2767,7 +2758,7 @@ def test_update_rejects_outputs_and_noise_of_another_shape(backend, make):
     assert sampler.update(x, good_out, c, torch.randn(4, 3, 8, 8)).state.shape == x.shape
 
 
-@pytest.mark.parametrize("backend", _update_backends())
+@pytest.mark.parametrize("backend", backends_here())
 def test_update_result_dtype_is_torch_promotion_on_every_backend(backend):
     """Mixed dtypes between x and the model output: every backend gives torch's promoted dtype
     (the kernels run only where the dtypes agree)."""
@@ -2790,7 +2781,7 @@ def test_update_result_dtype_is_torch_promotion_on_every_backend(backend):
             torch.testing.assert_close(got, ref)
 
 
-@pytest.mark.parametrize("backend", _update_backends())
+@pytest.mark.parametrize("backend", backends_here())
 def test_edict_step_rejects_a_pair_of_two_shapes(backend):
     from imgdiff.models import BoundModel
     from imgdiff.samplers.step import StepContext

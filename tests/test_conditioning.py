@@ -19,6 +19,8 @@ from imgdiff.conditioning import (
 )
 from imgdiff.nets import UNet, UNetConfig
 
+from .conftest import backends_here
+
 
 def test_pal2_concat_is_source_first() -> None:
     """The network sees (B, 6, H, W) = (source, noisy target) and returns (B, 3, H, W)."""
@@ -124,12 +126,10 @@ def test_noised_paste_is_at_the_next_level() -> None:
         KnownRegion(known, torch.zeros(1, 1, 3, 3))
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("backend", backends_here())
 def test_paste_is_differentiable_in_the_known_image(backend: str) -> None:
     """A known image that needs a gradient (fitted through the paste) keeps it on every backend:
     the fused kernels leave such a paste to torch."""
-    if backend == "cpu" and not imgdiff.kernels.cpu.available():
-        pytest.skip("no CPU kernels")
     known = torch.rand(1, 3, 4, 4, requires_grad=True)
     mask = torch.zeros(1, 1, 4, 4)
     mask[..., :2, :] = 1  # top half is the hole
@@ -142,18 +142,7 @@ def test_paste_is_differentiable_in_the_known_image(backend: str) -> None:
     assert torch.equal(known.grad, want)
 
 
-def _paste_backends() -> list[str]:
-    import importlib.util
-
-    found = ["torch"]
-    if imgdiff.kernels.cpu.available():
-        found.append("cpu")
-    if importlib.util.find_spec("triton") is not None:
-        found.append("triton")  # Triton's interpreter on CPU tensors (conftest)
-    return found
-
-
-@pytest.mark.parametrize("backend", _paste_backends())
+@pytest.mark.parametrize("backend", backends_here())
 @pytest.mark.parametrize("mode", ["clean", "noised"])
 def test_the_holes_content_is_ignored_on_every_backend(backend: str, mode: str) -> None:
     """NaN or inf in the hole of ``known`` (its content is ignored) never reaches the sample on
@@ -183,7 +172,7 @@ def test_the_holes_content_is_ignored_on_every_backend(backend: str, mode: str) 
         assert torch.equal(out[keep], known[keep])
 
 
-@pytest.mark.parametrize("backend", _paste_backends())
+@pytest.mark.parametrize("backend", backends_here())
 @pytest.mark.parametrize("shape", [(0, 3, 8, 8), (2, 0, 8, 8), (2, 3, 0, 8)])
 def test_paste_of_an_empty_batch(backend: str, shape: tuple[int, ...]) -> None:
     known = torch.zeros(shape)

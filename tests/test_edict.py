@@ -15,7 +15,7 @@ from imgdiff import DDIM, EDICT, ClassifierFreeGuidance, NoiseSchedule, Precisio
 from imgdiff.samplers.edict import edict_mix, edict_unmix
 from imgdiff.timesteps import SamplingPlan
 
-from .conftest import TanhModel, TimeOnlyModel
+from .conftest import TanhModel, TimeOnlyModel, backends_here
 
 SHAPE = (1, 4, 8, 8)  # spec 4.8: latent (1, 4, 8, 8), D = 256
 
@@ -255,20 +255,7 @@ def test_batch_of_samples_round_trips_each() -> None:
     assert max(ex, ey) < 1e-9
 
 
-def _edict_backends() -> list[str]:
-    import importlib.util
-
-    from imgdiff import kernels
-
-    found = ["torch"]
-    if kernels.cpu.available():
-        found.append("cpu")
-    if importlib.util.find_spec("triton") is not None:
-        found.append("triton")  # on CPU tensors through Triton's interpreter (conftest)
-    return found
-
-
-@pytest.mark.parametrize("backend", _edict_backends())
+@pytest.mark.parametrize("backend", backends_here())
 @pytest.mark.parametrize("inverse", [False, True])
 @pytest.mark.parametrize("x_first", [True, False])
 def test_steps_stay_differentiable_through_the_model(
@@ -308,7 +295,7 @@ def test_steps_stay_differentiable_through_the_model(
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", _edict_backends())
+@pytest.mark.parametrize("backend", backends_here())
 def test_step_stays_differentiable_when_only_the_first_model_call_needs_it(backend: str) -> None:
     """The first sub-step's result carries the graph into the second half even when the second
     model output does not (a branch that detaches): the fused second half must not drop it."""

@@ -88,11 +88,6 @@ def _has_triton() -> bool:
 _MAX_NUMEL = 2**31 - 1
 
 
-def _differentiable(tensors: tuple[Tensor | None, ...]) -> bool:
-    """Whether autograd must see the update (the kernels are not differentiable)."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def fused_backend(backend: Backend, x: Tensor, *others: Tensor | None) -> Fused | None:
     """The fused kernels a validated ``backend`` runs for a sample ``x`` and the update's other
     operands (``None``: absent), or ``None`` for the torch path (fast; for inner loops).
@@ -113,9 +108,10 @@ def fused_backend(backend: Backend, x: Tensor, *others: Tensor | None) -> Fused 
     ):
         return None
     key = (backend, x.is_cuda, x.is_cpu, dtype)  # cheaper than x.device
-    found = _RESOLVED.get(key, _UNRESOLVED)
-    if found is not _UNRESOLVED:
-        return found  # type: ignore[return-value]
+    try:
+        return _RESOLVED[key]
+    except KeyError:
+        pass
     resolved = _auto(x) if backend == "auto" else resolve_backend(backend, x)
     fused: Fused | None = None if resolved is None or resolved == "torch" else resolved
     _RESOLVED[key] = fused
@@ -126,7 +122,6 @@ def fused_backend(backend: Backend, x: Tensor, *others: Tensor | None) -> Fused 
 # (CUDA, CPU or another device; not the device index) and on facts fixed for the process (triton
 # importable, the CPU kernels built); errors are not kept.
 _RESOLVED: dict[tuple[str, bool, bool, torch.dtype], Fused | None] = {}
-_UNRESOLVED = object()
 
 
 def _auto(x: Tensor) -> Fused | None:
@@ -140,13 +135,14 @@ def _auto(x: Tensor) -> Fused | None:
     return None
 
 
-def fused_for(impl: Fused | None, *others: Tensor) -> Fused | None:
-    """``impl`` (from :func:`fused_backend`) for an update that also takes ``others``, or ``None``
-    (the torch path) where autograd must see it: operands that arrive after the backend was
-    chosen, such as a model's output within a step."""
+def fused_for(impl: Fused | None, *others: Tensor | None) -> Fused | None:
+    """``impl`` (from :func:`fused_backend`) for an update that also takes ``others`` (``None``:
+    absent), or ``None`` (the torch path) where autograd must see it (the kernels are not
+    differentiable): for operands that arrive after the backend was chosen, such as a model's
+    output within a step."""
     if impl is None or not torch.is_grad_enabled():
         return impl
-    return None if any(t.requires_grad for t in others) else impl
+    return None if any(t is not None and t.requires_grad for t in others) else impl
 
 
 def use_triton(backend: Backend, x: Tensor) -> bool:
@@ -262,9 +258,9 @@ def fused_inpaint_blend(
 def _impl(backend: Backend, x: Tensor, *others: Tensor | None) -> Literal["torch", "triton", "cpu"]:
     """``resolve_backend``; torch for empty tensors and where autograd must see the update."""
     impl = resolve_backend(backend, x)
-    if impl != "torch" and (x.numel() == 0 or _differentiable((x, *others))):
+    if impl == "torch" or x.numel() == 0:
         return "torch"
-    return impl
+    return fused_for(impl, x, *others) or "torch"
 
 
 def _same(name: str, value: object, x: Tensor) -> Tensor:

@@ -68,7 +68,9 @@ def aligned_to(t: Tensor, x: Tensor, fmt: torch.memory_format, *, cast: bool = F
 def mask_operand(mask: Tensor, x: Tensor, fmt: torch.memory_format) -> tuple[Tensor, int]:
     """An inpainting mask (``x``'s shape or ``(B, 1, ...)``) laid out for ``x`` (of layout
     ``fmt``), and its mask mode (``MASK_*``)."""
-    if mask.shape == x.shape:
+    if fmt == torch.contiguous_format and mask.is_contiguous():  # the common case, cheaply
+        return mask, MASK_FULL if mask.numel() == x.numel() else MASK_BROADCAST_CONTIGUOUS
+    if mask.numel() == x.numel():  # x's shape (cheaper to ask than comparing shapes)
         return dense_like(mask, x, fmt), MASK_FULL
     if fmt == torch.channels_last:
         return mask.contiguous(), MASK_BROADCAST_CHANNELS_LAST

@@ -22,7 +22,6 @@ import ctypes
 import functools
 import hashlib
 import importlib.util
-import math
 import os
 import platform
 import shutil
@@ -300,22 +299,15 @@ def lincomb3(
     """``a x + b y + c noise`` in one pass: ``x``, ``y``, ``noise`` ``(B, ...)`` of one shape, float32
     or bfloat16 CPU tensors (``y``, ``noise`` converted to ``x``'s dtype); a new ``(B, ...)``."""
     lib = _library()
-    dtype = x.dtype
-    if not (  # the common case, checked inline (a call costs a few hundred nanoseconds here)
-        x.is_contiguous()
-        and y.is_contiguous()
-        and y.dtype == dtype
-        and (noise is None or (noise.is_contiguous() and noise.dtype == dtype))
-    ):
-        fmt, x, (y,) = aligned(x, y, cast=True)
-        noise = None if noise is None else aligned_to(noise, x, fmt, cast=True)
+    fmt, x, (y,) = aligned(x, y, cast=True)
+    z = None if noise is None else aligned_to(noise, x, fmt, cast=True)
     out = empty_like(x)
-    lib.functions[_LINCOMB3[dtype]](
+    lib.functions[_LINCOMB3[x.dtype]](
         x.data_ptr(),
         a,
         y.data_ptr(),
         b,
-        None if noise is None else noise.data_ptr(),
+        None if z is None else z.data_ptr(),
         c,
         out.data_ptr(),
         x.numel(),
@@ -328,11 +320,9 @@ def edict_mix(x: Tensor, y: Tensor, p: float) -> tuple[Tensor, Tensor]:
     """EDICT's mixing pair in one pass: ``x' = p x + (1 - p) y``, ``y' = p y + (1 - p) x'``, for
     ``x``, ``y`` ``(B, ...)``; two new tensors of ``x``'s shape and dtype."""
     lib = _library()
-    dtype = x.dtype
-    if not (x.is_contiguous() and y.is_contiguous() and y.dtype == dtype):
-        _, x, (y,) = aligned(x, y, cast=True)
+    _, x, (y,) = aligned(x, y, cast=True)
     x_out, y_out = empty_like(x), empty_like(x)
-    lib.functions[_EDICT_MIX[dtype]](
+    lib.functions[_EDICT_MIX[x.dtype]](
         x.data_ptr(), y.data_ptr(), p, x_out.data_ptr(), y_out.data_ptr(), x.numel(), _threads(lib)
     )
     return x_out, y_out
@@ -344,17 +334,9 @@ def edict_substep_mix(
     """EDICT's second sub-step (``x`` or ``y`` becomes ``a z + b eps``) and mixing pair in one
     pass, for ``x``, ``y``, ``eps`` ``(B, ...)``; two new tensors of ``x``'s shape and dtype."""
     lib = _library()
-    dtype = x.dtype
-    if not (
-        x.is_contiguous()
-        and y.is_contiguous()
-        and eps.is_contiguous()
-        and y.dtype == dtype
-        and eps.dtype == dtype
-    ):
-        _, x, (y, eps) = aligned(x, y, eps, cast=True)
+    _, x, (y, eps) = aligned(x, y, eps, cast=True)
     x_out, y_out = empty_like(x), empty_like(x)
-    lib.functions[_SUBSTEP_MIX[dtype]](
+    lib.functions[_SUBSTEP_MIX[x.dtype]](
         x.data_ptr(),
         y.data_ptr(),
         eps.data_ptr(),
@@ -385,31 +367,17 @@ def inpaint_blend(
     float32 or ``x``'s dtype (others are converted to float32).
     """
     lib = _library()
-    z = None if noise is None or noise_scale == 0.0 else noise
-    dtype = x.dtype
-    n = x.numel()
-    if (  # the common case, checked inline: all contiguous, one dtype (mask: float32 or x's)
-        x.is_contiguous()
-        and known.is_contiguous()
-        and known.dtype == dtype
-        and (z is None or (z.is_contiguous() and z.dtype == dtype))
-        and mask.is_contiguous()
-        and (mask.dtype == torch.float32 or mask.dtype == dtype)
-    ):
-        m = mask
-        if m.numel() == n:  # x's shape (the caller's contract: that or (B, 1, ...))
-            mode, channels, plane = MASK_FULL, 1, 1
-        else:  # (B, 1, S) against (B, C, S) with C > 1: dim 1's stride is S
-            mode, channels, plane = MASK_BROADCAST_CONTIGUOUS, x.shape[1], x.stride(1)
-    else:
-        fmt, x, (known,) = aligned(x, known, cast=True)
-        z = None if z is None else aligned_to(z, x, fmt, cast=True)
-        if mask.dtype not in (torch.float32, x.dtype):
-            mask = mask.to(torch.float32)
-        m, mode = mask_operand(mask, x, fmt)
-        channels, plane = x.shape[1], math.prod(x.shape[2:])
+    fmt, x, (known,) = aligned(x, known, cast=True)
+    z = None if noise is None or noise_scale == 0.0 else aligned_to(noise, x, fmt, cast=True)
+    if mask.dtype not in (torch.float32, x.dtype):
+        mask = mask.to(torch.float32)
+    m, mode = mask_operand(mask, x, fmt)
+    # how the mask broadcasts: channels for modes 1 and 2, the plane for mode 1 (where x is
+    # contiguous with C > 1, so dim 1's stride is the plane)
+    channels = 1 if mode == MASK_FULL else x.shape[1]
+    plane = x.stride(1) if mode == MASK_BROADCAST_CONTIGUOUS else 1
     out = empty_like(x)
-    lib.functions[_BLEND[dtype, m.dtype == torch.float32, z is not None]](
+    lib.functions[_BLEND[x.dtype, m.dtype == torch.float32, z is not None]](
         x.data_ptr(),
         known.data_ptr(),
         known_scale,
@@ -417,7 +385,7 @@ def inpaint_blend(
         noise_scale,
         m.data_ptr(),
         mode,
-        n,
+        x.numel(),
         channels,
         plane,
         out.data_ptr(),

@@ -146,20 +146,19 @@ class DDPM(DenoisingSampler[DDPMCoefficients]):
         self, x: Tensor, out: Tensor, coeffs: DDPMCoefficients, noise: Tensor | None
     ) -> StepOutput[Tensor]:
         c = coeffs
+        self._check_output(out, x, "out")  # (B, 2C, ...) with a learned variance
+        check_step_noise(noise, x)
         # the fused paths fuse the posterior mean with the noise (the posterior's formula, so not
         # for a subclass that overrides it); the torch path is the posterior and its sampling
-        if self.output_channels_factor == 1:  # combine checks out's and noise's shapes
+        if self.output_channels_factor == 1:
             impl = fused_backend(self.backend, x, out, noise)
-        else:  # out (B, 2C, ...), twice x's elements: checked here, its dtype and autograd too
-            self._check_output(out, x, "out")
-            check_step_noise(noise, x)
+        else:  # out has twice x's elements: its dtype and autograd are checked here
             impl = fused_backend(self.backend, x, noise) if out.dtype == x.dtype else None
             impl = fused_for(impl, out)
         if impl is not None and type(self).posterior is DDPM.posterior:
             fused = self._fused_update(x, out, c, noise, impl)
             if fused is not None:
                 return fused
-        check_step_noise(noise, x)  # the posterior's mean goes through combine without it
         return self._sample_posterior(*self.posterior(x, out, c), c, noise)
 
     def _fused_update(

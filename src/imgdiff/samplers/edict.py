@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn, TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -144,8 +144,7 @@ class EDICT(Sampler[EDICTState, EDICTCoefficients]):
         """Generation step (paper eq. 10-11): two affine sub-steps, then mixing."""
         c, p = coeffs, self.mix
         x, y = state
-        if x.shape != y.shape:
-            _pair_error(x, y)
+        _check_pair(x, y)
         eps = _Eps(model, c, ctx.t)
         impl = fused_backend(self.backend, x, y)  # once per step: x, y share device and dtype
         a, b = c.a, c.b
@@ -193,8 +192,7 @@ class EDICT(Sampler[EDICTState, EDICTCoefficients]):
         """Inverse step (paper eq. 12-14): unmix, then undo the sub-steps in reverse order."""
         c, p = coeffs, self.mix
         x2, y2 = state
-        if x2.shape != y2.shape:
-            _pair_error(x2, y2)
+        _check_pair(x2, y2)
         eps = _Eps(model, c, ctx.t)
         x1, y1 = edict_unmix(x2, y2, p)
         inv_a = 1.0 / c.a
@@ -469,32 +467,29 @@ def edict_unmix(x: Tensor, y: Tensor, p: float) -> EDICTState:
 class _Eps:
     """``eps(z, t)`` through the bound model at one step; keeps the calls for ``x0_hat``."""
 
-    __slots__ = ("calls", "coeffs", "identity", "model", "t")
+    __slots__ = ("calls", "coeffs", "model", "t")
 
     def __init__(self, model: BoundModel, coeffs: EDICTCoefficients, t: Tensor) -> None:
         self.model, self.coeffs, self.t = model, coeffs, t
         self.calls: list[tuple[Tensor, Tensor]] = []
-        a, b = coeffs.eps_from_x, coeffs.eps_from_out
-        # epsilon prediction: eps_hat is the output itself (decided once per step, not per call)
-        self.identity = isinstance(a, float) and isinstance(b, float) and a == 0.0 and b == 1.0
 
     def __call__(self, z: Tensor) -> Tensor:
         out = self.model(z, self.t)
         check_model_output(out, z)
         self.calls.append((z, out))
-        return out if self.identity else self.coeffs.eps_hat(z, out)
+        return self.coeffs.eps_hat(z, out)
 
     def x0_hat(self, call: int) -> Tensor:
         """``x0_hat`` from model call ``call`` of the step (its input must be at level t)."""
         return self.coeffs.raw_x0_hat(*self.calls[call])
 
 
-def _pair_error(x: Tensor, y: Tensor) -> NoReturn:
-    """A step's state must be two tensors of one shape (the fused kernels walk both over x's
-    elements)."""
-    raise InputValueError(
-        f"state: expected a pair (x, y) of one shape, got {tuple(x.shape)} and {tuple(y.shape)}"
-    )
+def _check_pair(x: Tensor, y: Tensor) -> None:
+    """A step's state: two tensors of one shape (the fused kernels walk both over x's elements)."""
+    if x.shape != y.shape:
+        raise InputValueError(
+            f"state: expected a pair (x, y) of one shape, got {tuple(x.shape)} and {tuple(y.shape)}"
+        )
 
 
 def _check_no_noise(generator: object, step_noise: object) -> None:
