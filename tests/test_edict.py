@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -323,6 +324,67 @@ def test_step_stays_differentiable_when_only_the_first_model_call_needs_it(backe
             assert xs.requires_grad, b
             grads[b] = torch.autograd.grad(xs.sum(), w)[0]
     torch.testing.assert_close(grads[backend], grads["torch"])
+
+
+def _one_step(
+    backend: str, prediction: str, inverse: bool, x_first: bool, fn: object = None
+) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+    """One float32 step (or inverse step) of a v-, x0- or eps-model ``fn`` (default: the spec's
+    tanh model) on ``backend``, ready to run."""
+    from imgdiff.models import BoundModel
+    from imgdiff.samplers.step import StepContext
+
+    g = torch.Generator().manual_seed(5)
+    x, y = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(2))
+    model = BoundModel(
+        fn or TanhModel((4, 8, 8), scale=0.5),  # type: ignore[arg-type]
+        model_dtype=torch.float32,
+        state_dtype=torch.float32,
+    )
+    sampler = EDICT(NoiseSchedule.linear(), dtype=None, prediction=prediction, backend=backend)  # type: ignore[arg-type]
+    plan = sampler.plan(10)
+    table = sampler.inverse_coefficients(plan) if inverse else sampler.coefficients(plan)
+    c = [r for r in table.unbind() if bool(r.x_first) == x_first][1]
+    k = int(plan.timesteps[3])
+    ctx = StepContext(3, 10, k, k - 100, torch.full((2,), k), torch.full((2,), k - 100))
+    step = sampler.inverse_step if inverse else sampler.step
+    return lambda: step(model, (x, y), c, ctx, None).state
+
+
+@pytest.mark.parametrize("backend", [b for b in backends_here() if b != "torch"])
+@pytest.mark.parametrize("prediction", ["epsilon", "sample", "v"])
+@pytest.mark.parametrize("inverse", [False, True])
+@pytest.mark.parametrize("x_first", [True, False])
+def test_fused_steps_equal_torch_for_every_prediction_type(
+    backend: str, prediction: str, inverse: bool, x_first: bool
+) -> None:
+    """The fused kernels fold an x0- or v-model's eps estimate into their coefficients
+    (``a z + b eps_hat(w, out)`` as one combination of ``z``, ``out`` and ``w``) and run the
+    inverse's unmixing in one pass: the step equals the torch path's to float32 rounding."""
+    got = _one_step(backend, prediction, inverse, x_first)()
+    want = _one_step("torch", prediction, inverse, x_first)()
+    for g_, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g_, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not imgdiff.kernels.cpu.available(), reason="needs the CPU kernels")
+@pytest.mark.parametrize("prediction", ["epsilon", "v"])
+@pytest.mark.parametrize("inverse", [False, True])
+def test_fused_steps_run_no_torch_arithmetic(prediction: str, inverse: bool) -> None:
+    """On the CPU kernels a step of an epsilon- or v-model is the kernels alone: torch only
+    allocates (no eps_hat formed first, no unmixing in torch)."""
+
+    def model(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(z)  # no arithmetic op of its own
+
+    for backend, fused in (("torch", False), ("cpu", True)):
+        step = _one_step(backend, prediction, inverse, True, model)
+        step()  # warm-up (builds the kernels)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            step()
+        ops = {e.name for e in prof.events()}
+        arithmetic = ops & {"aten::add", "aten::add_", "aten::mul", "aten::mul_", "aten::lerp"}
+        assert not arithmetic if fused else arithmetic, (backend, sorted(ops))
 
 
 def test_input_pair_is_not_modified(x0: torch.Tensor) -> None:

@@ -145,15 +145,56 @@ def test_edict_mix_equals_reference(backend: str, case: tuple, p: float) -> None
 
 @pytest.mark.parametrize("backend", FUSED)
 @settings(max_examples=20, deadline=None)
-@given(_case(), st.floats(-2.0, 2.0), st.floats(-2.0, 2.0), st.floats(0.5, 0.99), st.booleans())
+@given(_case(), st.floats(0.5, 1.0))
+def test_edict_unmix_equals_reference(backend: str, case: tuple, p: float) -> None:
+    shape, dtype, channels_last, seed = case
+    x, y = _tensors(shape, dtype, channels_last, seed, 2, _device(backend))
+    gx, gy = kernels.edict_unmix(x, y, p, backend=backend)  # type: ignore[arg-type]
+    rx, ry = reference.edict_unmix(x, y, p)
+    _close(gx, rx)
+    _close(gy, ry)
+    assert gx.stride() == x.stride()
+
+
+@pytest.mark.parametrize("backend", ["torch", *FUSED])
+def test_edict_unmix_undoes_the_mix(backend: str) -> None:
+    """unmix(mix(x, y)) == (x, y): exactly up to rounding (float64 on the reference, float32 on
+    the kernels, whose float32 result is within a few roundings of the mixed values' size)."""
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    g = torch.Generator().manual_seed(0)
+    x, y = (torch.randn(2, 3, 9, 7, generator=g, dtype=dtype).to(_device(backend)) for _ in "xy")
+    for p in (0.93, 0.5, 1.0):
+        mixed = kernels.edict_mix(x, y, p, backend=backend)  # type: ignore[arg-type]
+        back = kernels.edict_unmix(*mixed, p, backend=backend)  # type: ignore[arg-type]
+        tol = 1e-13 if dtype == torch.float64 else 1e-5
+        for got, want in zip(back, (x, y), strict=True):
+            torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    with pytest.raises(IVE, match="p: expected"):
+        kernels.edict_unmix(x, y, 0.0)
+    with pytest.raises(IVE, match="y: expected shape"):
+        kernels.edict_unmix(x, y[:1], 0.9)
+    with pytest.raises(imgdiff.InputTypeError, match="y: expected x's dtype"):
+        kernels.edict_unmix(x, y.half(), 0.9)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@settings(max_examples=20, deadline=None)
+@given(
+    _case(),
+    st.floats(-2.0, 2.0),
+    st.floats(-2.0, 2.0),
+    st.floats(0.5, 0.99),
+    st.booleans(),
+    st.sampled_from([0.0, 0.3, -1.7]),
+)
 def test_edict_substep_mix_equals_reference(
-    backend: str, case: tuple, a: float, b: float, p: float, update_x: bool
+    backend: str, case: tuple, a: float, b: float, p: float, update_x: bool, c: float
 ) -> None:
     shape, dtype, channels_last, seed = case
     x, y, eps = _tensors(shape, dtype, channels_last, seed, 3, _device(backend))
     update = "x" if update_x else "y"
-    gx, gy = kernels.edict_substep_mix(x, y, eps, a, b, p, update=update, backend=backend)  # type: ignore[arg-type]
-    rx, ry = reference.edict_substep_mix(x, y, eps, a, b, p, update_x=update_x)
+    gx, gy = kernels.edict_substep_mix(x, y, eps, a, b, p, update=update, c=c, backend=backend)  # type: ignore[arg-type]
+    rx, ry = reference.edict_substep_mix(x, y, eps, a, b, p, update_x=update_x, c=c)
     _close(gx, rx)
     _close(gy, ry)
     assert gx.stride() == x.stride()
@@ -164,11 +205,11 @@ def test_edict_substep_mix_is_a_substep_then_the_mixing_pair() -> None:
     g = torch.Generator().manual_seed(0)
     x, y, eps = (torch.randn(2, 3, 5, 7, generator=g, dtype=torch.float64) for _ in range(3))
     for update in ("x", "y"):
-        got = kernels.edict_substep_mix(x, y, eps, 0.97, -0.2, 0.93, update=update)  # type: ignore[arg-type]
-        if update == "x":
-            want = reference.edict_mix(reference.lincomb3(x, 0.97, eps, -0.2), y, 0.93)
+        got = kernels.edict_substep_mix(x, y, eps, 0.97, -0.2, 0.93, update=update, c=0.4)  # type: ignore[arg-type]
+        if update == "x":  # the partner term c w: w is the sequence not updated
+            want = reference.edict_mix(reference.lincomb3(x, 0.97, eps, -0.2, y, 0.4), y, 0.93)
         else:
-            want = reference.edict_mix(x, reference.lincomb3(y, 0.97, eps, -0.2), 0.93)
+            want = reference.edict_mix(x, reference.lincomb3(y, 0.97, eps, -0.2, x, 0.4), 0.93)
         for g_, w in zip(got, want, strict=True):
             torch.testing.assert_close(g_, w, rtol=1e-13, atol=1e-13)
     with pytest.raises(IVE, match="update: expected one of"):
@@ -602,8 +643,9 @@ def _kernel_calls(x: Tensor, y: Tensor, z: Tensor, mask: Tensor) -> list[Tensor]
         cpu.lincomb3(x, 0.7, y, -0.3),
         cpu.lincomb3(x, 0.7, y, -0.3, z, 0.2),
         *cpu.edict_mix(x, y, 0.93),
+        *cpu.edict_unmix(x, y, 0.93),
         *cpu.edict_substep_mix(x, y, z, 1.1, -0.2, 0.93, True),
-        *cpu.edict_substep_mix(x, y, z, 1.1, -0.2, 0.93, False),
+        *cpu.edict_substep_mix(x, y, z, 1.1, -0.2, 0.93, False, 0.3),
         cpu.inpaint_blend(x, y, mask),
         cpu.inpaint_blend(
             x, y, mask.expand_as(x).contiguous(), known_scale=0.8, noise=z, noise_scale=0.6

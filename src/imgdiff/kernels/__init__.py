@@ -15,7 +15,7 @@ write each output once; each equals its reference to float32 rounding (tested).
   from a seed (Philox).
 * :func:`inpaint_blend`: ``(1 - m) x + m (known_scale known + noise_scale noise)``: Palette's
   clean paste and RePaint's noised paste, with a ``(B, 1, ...)`` or full-size mask.
-* :func:`edict_mix`: EDICT's mixing pair in one pass.
+* :func:`edict_mix`: EDICT's mixing pair in one pass; :func:`edict_unmix`: its exact inverse.
 * :func:`edict_substep_mix`: EDICT's second affine sub-step and the mixing pair in one pass.
 * :func:`threshold_apply`: ``clamp(x0, -s, s) / s`` with per-sample ``s`` (dynamic thresholding;
   the quantile itself is torch's reduction).
@@ -49,9 +49,11 @@ __all__ = [
     "ddpm_learned_step",
     "edict_mix",
     "edict_substep_mix",
+    "edict_unmix",
     "fused_backend",
     "fused_edict_mix",
     "fused_edict_substep_mix",
+    "fused_edict_unmix",
     "fused_for",
     "fused_inpaint_blend",
     "fused_lincomb3",
@@ -212,6 +214,15 @@ def fused_edict_mix(impl: Fused, x: Tensor, y: Tensor, p: float) -> tuple[Tensor
     return fused.edict_mix(x, y, p)
 
 
+def fused_edict_unmix(impl: Fused, x: Tensor, y: Tensor, p: float) -> tuple[Tensor, Tensor]:
+    """:func:`edict_unmix` on the fused kernels ``impl``, unchecked (see :func:`fused_lincomb3`)."""
+    if impl == "cpu":
+        return cpu.edict_unmix(x, y, p)
+    from imgdiff.kernels import fused
+
+    return fused.edict_unmix(x, y, p)
+
+
 def fused_edict_substep_mix(
     impl: Fused,
     x: Tensor,
@@ -221,14 +232,15 @@ def fused_edict_substep_mix(
     b: float,
     p: float,
     update_x: bool,
+    c: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """:func:`edict_substep_mix` on the fused kernels ``impl``, unchecked (``update_x``: whether
     the sub-step moves ``x``; see :func:`fused_lincomb3`)."""
     if impl == "cpu":
-        return cpu.edict_substep_mix(x, y, eps, a, b, p, update_x)
+        return cpu.edict_substep_mix(x, y, eps, a, b, p, update_x, c)
     from imgdiff.kernels import fused
 
-    return fused.edict_substep_mix(x, y, eps, a, b, p, update_x)
+    return fused.edict_substep_mix(x, y, eps, a, b, p, update_x, c)
 
 
 def fused_inpaint_blend(
@@ -368,15 +380,33 @@ def edict_mix(
 ) -> tuple[Tensor, Tensor]:
     """EDICT's mixing pair ``x' = p x + (1 - p) y``, ``y' = p y + (1 - p) x'`` (Wallace et al.
     2023, Eq. 13): two new ``(B, ...)`` tensors of ``x``'s shape and dtype."""
-    x = check_tensor("x", x, floating=True, min_ndim=1)
-    y = _same("y", y, x)
-    if y.dtype != x.dtype:
-        raise InputTypeError(f"y: expected x's dtype {x.dtype}, got {y.dtype}")
-    mix = check_float("p", p, min=0.0, max=1.0, min_open=True)
+    x, y, mix = _mix_operands(x, y, p)
     impl = _impl(backend, x, y)
     if impl != "torch":
         return fused_edict_mix(impl, x, y, mix)
     return reference.edict_mix(x, y, mix)
+
+
+def edict_unmix(
+    x: Tensor, y: Tensor, p: float, *, backend: Backend = "auto"
+) -> tuple[Tensor, Tensor]:
+    """The exact inverse of :func:`edict_mix` (EDICT inversion, algorithms spec 4.3): from the
+    mixed pair, ``y = (y' - (1 - p) x') / p``, then ``x = (x' - (1 - p) y) / p``. Returns
+    ``(x, y)``: two new ``(B, ...)`` tensors of ``x``'s shape and dtype."""
+    x, y, mix = _mix_operands(x, y, p)
+    impl = _impl(backend, x, y)
+    if impl != "torch":
+        return fused_edict_unmix(impl, x, y, mix)
+    return reference.edict_unmix(x, y, mix)
+
+
+def _mix_operands(x: Tensor, y: Tensor, p: float) -> tuple[Tensor, Tensor, float]:
+    """The checked operands of :func:`edict_mix` and :func:`edict_unmix`."""
+    x = check_tensor("x", x, floating=True, min_ndim=1)
+    y = _same("y", y, x)
+    if y.dtype != x.dtype:
+        raise InputTypeError(f"y: expected x's dtype {x.dtype}, got {y.dtype}")
+    return x, y, check_float("p", p, min=0.0, max=1.0, min_open=True)
 
 
 def edict_substep_mix(
@@ -388,16 +418,19 @@ def edict_substep_mix(
     p: float,
     *,
     update: Literal["x", "y"],
+    c: float = 0.0,
     backend: Backend = "auto",
 ) -> tuple[Tensor, Tensor]:
     """The second half of an EDICT generation step in one pass (Wallace et al. 2023, Eq. 10-13).
 
     The sequence named by ``update`` (``"x"`` or ``"y"``) takes its affine sub-step
-    ``z -> a z + b eps`` (``eps`` is the model's noise estimate at the *other* sequence), then the
-    mixing pair ``x' = p x + (1 - p) y``, ``y' = p y + (1 - p) x'``. ``x``, ``y``, ``eps``:
-    ``(B, ...)`` of one shape, device and dtype; returns two new tensors like ``x``. Equals
-    :func:`lincomb3` then :func:`edict_mix` except that the sub-step's result is not rounded to
-    the storage dtype before mixing.
+    ``z -> a z + b eps + c w``, ``w`` the *other* sequence (``eps`` is the model's output at
+    ``w``; ``c`` is 0 for an epsilon model, and a model whose noise estimate is
+    ``eps_from_x w + eps_from_out out`` passes ``b eps_from_out`` and ``b eps_from_x`` as ``b``
+    and ``c``), then the mixing pair ``x' = p x + (1 - p) y``, ``y' = p y + (1 - p) x'``. ``x``,
+    ``y``, ``eps``: ``(B, ...)`` of one shape, device and dtype; returns two new tensors like
+    ``x``. Equals :func:`lincomb3` then :func:`edict_mix` except that the sub-step's result is not
+    rounded to the storage dtype before mixing.
     """
     x = check_tensor("x", x, floating=True, min_ndim=1)
     y = _same("y", y, x)
@@ -405,13 +438,13 @@ def edict_substep_mix(
     for name, t in (("y", y), ("eps", e)):
         if t.dtype != x.dtype:
             raise InputTypeError(f"{name}: expected x's dtype {x.dtype}, got {t.dtype}")
-    fa, fb = check_float("a", a), check_float("b", b)
+    fa, fb, fc = check_float("a", a), check_float("b", b), check_float("c", c)
     mix = check_float("p", p, min=0.0, max=1.0, min_open=True)
     update_x = check_choice("update", update, ("x", "y")) == "x"
     impl = _impl(backend, x, y, e)
     if impl != "torch":
-        return fused_edict_substep_mix(impl, x, y, e, fa, fb, mix, update_x)
-    return reference.edict_substep_mix(x, y, e, fa, fb, mix, update_x=update_x)
+        return fused_edict_substep_mix(impl, x, y, e, fa, fb, mix, update_x, fc)
+    return reference.edict_substep_mix(x, y, e, fa, fb, mix, update_x=update_x, c=fc)
 
 
 def ddpm_learned_step(

@@ -53,6 +53,7 @@ __all__ = [
     "build_error",
     "edict_mix",
     "edict_substep_mix",
+    "edict_unmix",
     "inpaint_blend",
     "library_path",
     "lincomb3",
@@ -72,8 +73,8 @@ _EXT_SUFFIX = str(sysconfig.get_config_var("EXT_SUFFIX") or ".so")
 _P, _F, _I64, _INT = ctypes.c_void_p, ctypes.c_float, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {
     "lincomb3": [_P, _F, _P, _F, _P, _F, _P, _I64, _INT],
-    "edict_mix": [_P, _P, _F, _P, _P, _I64, _INT],
-    "edict_substep_mix": [_P, _P, _P, _F, _F, _F, _INT, _P, _P, _I64, _INT],
+    "edict_mix": [_P, _P, _F, _F, _P, _P, _I64, _INT],
+    "edict_substep_mix": [_P, _P, _P, _F, _F, _F, _F, _INT, _P, _P, _I64, _INT],
 }
 # one function per storage, mask storage (float32 or the storage's) and with or without noise
 _BLEND_ARGTYPES = [_P, _P, _F, _P, _F, _P, _INT, _I64, _I64, _I64, _P, _INT]
@@ -316,23 +317,51 @@ def lincomb3(
     return out
 
 
+def _mix_pair(u: Tensor, v: Tensor, alpha: float, beta: float) -> tuple[Tensor, Tensor]:
+    """``u' = alpha u + beta v``, then ``v' = alpha v + beta u'``, in one pass; two new tensors
+    of ``u``'s shape and dtype."""
+    lib = _library()
+    _, u, (v,) = aligned(u, v, cast=True)
+    u_out, v_out = empty_like(u), empty_like(u)
+    lib.functions[_EDICT_MIX[u.dtype]](
+        u.data_ptr(),
+        v.data_ptr(),
+        alpha,
+        beta,
+        u_out.data_ptr(),
+        v_out.data_ptr(),
+        u.numel(),
+        _threads(lib),
+    )
+    return u_out, v_out
+
+
 def edict_mix(x: Tensor, y: Tensor, p: float) -> tuple[Tensor, Tensor]:
     """EDICT's mixing pair in one pass: ``x' = p x + (1 - p) y``, ``y' = p y + (1 - p) x'``, for
     ``x``, ``y`` ``(B, ...)``; two new tensors of ``x``'s shape and dtype."""
-    lib = _library()
-    _, x, (y,) = aligned(x, y, cast=True)
-    x_out, y_out = empty_like(x), empty_like(x)
-    lib.functions[_EDICT_MIX[x.dtype]](
-        x.data_ptr(), y.data_ptr(), p, x_out.data_ptr(), y_out.data_ptr(), x.numel(), _threads(lib)
-    )
-    return x_out, y_out
+    return _mix_pair(x, y, p, 1.0 - p)
+
+
+def edict_unmix(x: Tensor, y: Tensor, p: float) -> tuple[Tensor, Tensor]:
+    """The inverse of :func:`edict_mix` in one pass: ``y = (y' - (1 - p) x') / p``, then
+    ``x = (x' - (1 - p) y) / p``; returns ``(x, y)``, two new tensors of ``x``'s shape and dtype."""
+    y_prev, x_prev = _mix_pair(y, x, 1.0 / p, -(1.0 - p) / p)
+    return x_prev, y_prev
 
 
 def edict_substep_mix(
-    x: Tensor, y: Tensor, eps: Tensor, a: float, b: float, p: float, update_x: bool
+    x: Tensor,
+    y: Tensor,
+    eps: Tensor,
+    a: float,
+    b: float,
+    p: float,
+    update_x: bool,
+    c: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
-    """EDICT's second sub-step (``x`` or ``y`` becomes ``a z + b eps``) and mixing pair in one
-    pass, for ``x``, ``y``, ``eps`` ``(B, ...)``; two new tensors of ``x``'s shape and dtype."""
+    """EDICT's second sub-step (``x`` or ``y`` becomes ``a z + b eps + c w``, ``w`` the other one)
+    and mixing pair in one pass, for ``x``, ``y``, ``eps`` ``(B, ...)``; two new tensors of
+    ``x``'s shape and dtype."""
     lib = _library()
     _, x, (y, eps) = aligned(x, y, eps, cast=True)
     x_out, y_out = empty_like(x), empty_like(x)
@@ -342,6 +371,7 @@ def edict_substep_mix(
         eps.data_ptr(),
         a,
         b,
+        c,
         p,
         update_x,
         x_out.data_ptr(),

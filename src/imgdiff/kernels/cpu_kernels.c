@@ -70,35 +70,39 @@ static inline void st_bf16(void *p, int64_t i, float v) {
 IMGDIFF_LINCOMB3(f32)
 IMGDIFF_LINCOMB3(bf16)
 
-/* EDICT's mixing pair (Wallace et al. 2023, eq. 13): x' = p x + (1-p) y, y' = p y + (1-p) x'. */
+/* EDICT's mixing pair in its general form: u' = alpha u + beta v, then v' = alpha v + beta u'.
+ * alpha = p, beta = 1 - p is the mixing layer (Wallace et al. 2023, eq. 13) on (x, y); called on
+ * (y, x) with alpha = 1/p, beta = -(1-p)/p it is its exact inverse, y first (algorithms spec
+ * 4.3). */
 #define IMGDIFF_EDICT_MIX(S)                                                                       \
-    IMGDIFF_CLONES void imgdiff_edict_mix_##S(const void *restrict x, const void *restrict y,      \
-                                              float p, void *restrict xo, void *restrict yo,       \
-                                              int64_t n, int threads) {                            \
-        const float q = 1.0f - p;                                                                  \
+    IMGDIFF_CLONES void imgdiff_edict_mix_##S(const void *restrict u, const void *restrict v,      \
+                                              float alpha, float beta, void *restrict uo,          \
+                                              void *restrict vo, int64_t n, int threads) {         \
         IMGDIFF_PARALLEL                                                                           \
         for (int64_t i = 0; i < n; i++) {                                                          \
-            const float xv = ld_##S(x, i), yv = ld_##S(y, i);                                      \
-            const float xn = p * xv + q * yv;                                                      \
-            st_##S(xo, i, xn);                                                                     \
-            st_##S(yo, i, p * yv + q * xn);                                                        \
+            const float uv = ld_##S(u, i), vv = ld_##S(v, i);                                      \
+            const float un = alpha * uv + beta * vv;                                               \
+            st_##S(uo, i, un);                                                                     \
+            st_##S(vo, i, alpha * vv + beta * un);                                                 \
         }                                                                                          \
     }
 IMGDIFF_EDICT_MIX(f32)
 IMGDIFF_EDICT_MIX(bf16)
 
 /* EDICT's second affine sub-step and the mixing pair (Wallace et al. 2023, eq. 10-13): the
- * sequence being updated (x when update_x, else y) becomes a z + b e, then the mixing pair.
- * The updated value stays in float32 for the mixing. */
+ * sequence being updated (x when update_x, else y) becomes a z + b e + c w, w the other one (c is
+ * 0 for epsilon models; others fold their eps estimate's input term into it), then the mixing
+ * pair. The updated value stays in float32 for the mixing. */
 #define IMGDIFF_EDICT_SUBSTEP_MIX(S)                                                               \
     IMGDIFF_CLONES void imgdiff_edict_substep_mix_##S(                                             \
         const void *restrict x, const void *restrict y, const void *restrict e, float a, float b,  \
-        float p, int update_x, void *restrict xo, void *restrict yo, int64_t n, int threads) {     \
+        float c, float p, int update_x, void *restrict xo, void *restrict yo, int64_t n,           \
+        int threads) {                                                                             \
         const float q = 1.0f - p;                                                                  \
         if (update_x) {                                                                            \
             IMGDIFF_PARALLEL                                                                       \
             for (int64_t i = 0; i < n; i++) {                                                      \
-                const float xv = a * ld_##S(x, i) + b * ld_##S(e, i), yv = ld_##S(y, i);           \
+                const float yv = ld_##S(y, i), xv = a * ld_##S(x, i) + b * ld_##S(e, i) + c * yv;  \
                 const float xn = p * xv + q * yv;                                                  \
                 st_##S(xo, i, xn);                                                                 \
                 st_##S(yo, i, p * yv + q * xn);                                                    \
@@ -106,7 +110,7 @@ IMGDIFF_EDICT_MIX(bf16)
         } else {                                                                                   \
             IMGDIFF_PARALLEL                                                                       \
             for (int64_t i = 0; i < n; i++) {                                                      \
-                const float xv = ld_##S(x, i), yv = a * ld_##S(y, i) + b * ld_##S(e, i);           \
+                const float xv = ld_##S(x, i), yv = a * ld_##S(y, i) + b * ld_##S(e, i) + c * xv;  \
                 const float xn = p * xv + q * yv;                                                  \
                 st_##S(xo, i, xn);                                                                 \
                 st_##S(yo, i, p * yv + q * xn);                                                    \

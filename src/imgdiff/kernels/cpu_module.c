@@ -55,13 +55,13 @@ IMGDIFF_PY_LINCOMB3(bf16)
 #define IMGDIFF_PY_EDICT_MIX(S)                                                                    \
     IMGDIFF_PY(edict_mix_##S) {                                                                    \
         (void)self;                                                                                \
-        if (!nargs_ok(nargs, 7, "edict_mix_" #S)) return NULL;                                     \
-        const void *x = P(0), *y = P(1);                                                           \
-        const float p = F(2);                                                                      \
-        void *xo = P(3), *yo = P(4);                                                               \
-        const int64_t n = L(5);                                                                    \
-        const int threads = I(6);                                                                  \
-        IMGDIFF_RUN(n, imgdiff_edict_mix_##S(x, y, p, xo, yo, n, threads));                        \
+        if (!nargs_ok(nargs, 8, "edict_mix_" #S)) return NULL;                                     \
+        const void *u = P(0), *v = P(1);                                                           \
+        const float alpha = F(2), beta = F(3);                                                     \
+        void *uo = P(4), *vo = P(5);                                                               \
+        const int64_t n = L(6);                                                                    \
+        const int threads = I(7);                                                                  \
+        IMGDIFF_RUN(n, imgdiff_edict_mix_##S(u, v, alpha, beta, uo, vo, n, threads));              \
     }
 IMGDIFF_PY_EDICT_MIX(f32)
 IMGDIFF_PY_EDICT_MIX(bf16)
@@ -69,14 +69,15 @@ IMGDIFF_PY_EDICT_MIX(bf16)
 #define IMGDIFF_PY_EDICT_SUBSTEP_MIX(S)                                                            \
     IMGDIFF_PY(edict_substep_mix_##S) {                                                            \
         (void)self;                                                                                \
-        if (!nargs_ok(nargs, 11, "edict_substep_mix_" #S)) return NULL;                            \
+        if (!nargs_ok(nargs, 12, "edict_substep_mix_" #S)) return NULL;                            \
         const void *x = P(0), *y = P(1), *e = P(2);                                                \
-        const float a = F(3), b = F(4), p = F(5);                                                  \
-        const int update_x = I(6);                                                                 \
-        void *xo = P(7), *yo = P(8);                                                               \
-        const int64_t n = L(9);                                                                    \
-        const int threads = I(10);                                                                 \
-        IMGDIFF_RUN(n, imgdiff_edict_substep_mix_##S(x, y, e, a, b, p, update_x, xo, yo, n, threads)); \
+        const float a = F(3), b = F(4), c = F(5), p = F(6);                                        \
+        const int update_x = I(7);                                                                 \
+        void *xo = P(8), *yo = P(9);                                                               \
+        const int64_t n = L(10);                                                                   \
+        const int threads = I(11);                                                                 \
+        IMGDIFF_RUN(n, imgdiff_edict_substep_mix_##S(x, y, e, a, b, c, p, update_x, xo, yo, n,     \
+                                                     threads));                                    \
     }
 IMGDIFF_PY_EDICT_SUBSTEP_MIX(f32)
 IMGDIFF_PY_EDICT_SUBSTEP_MIX(bf16)

@@ -23,6 +23,7 @@ __all__ = [
     "ddpm_learned_step",
     "edict_mix",
     "edict_substep_mix",
+    "edict_unmix",
     "inpaint_blend",
     "lincomb3",
     "threshold_apply",
@@ -95,20 +96,32 @@ def _inpaint_kernel(
 
 
 @triton.jit
-def _edict_mix_kernel(x_ptr, y_ptr, xo_ptr, yo_ptr, numel, p, BLOCK: tl.constexpr):
+def _edict_mix_kernel(u_ptr, v_ptr, uo_ptr, vo_ptr, numel, alpha, beta, BLOCK: tl.constexpr):
+    # u' = alpha u + beta v, v' = alpha v + beta u': the mixing pair (alpha = p) or its inverse
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < numel
-    x = tl.load(x_ptr + offs, mask=inside).to(tl.float32)
-    y = tl.load(y_ptr + offs, mask=inside).to(tl.float32)
-    x_new = p * x + (1.0 - p) * y
-    y_new = p * y + (1.0 - p) * x_new
-    tl.store(xo_ptr + offs, x_new.to(xo_ptr.dtype.element_ty), mask=inside)
-    tl.store(yo_ptr + offs, y_new.to(yo_ptr.dtype.element_ty), mask=inside)
+    u = tl.load(u_ptr + offs, mask=inside).to(tl.float32)
+    v = tl.load(v_ptr + offs, mask=inside).to(tl.float32)
+    u_new = alpha * u + beta * v
+    v_new = alpha * v + beta * u_new
+    tl.store(uo_ptr + offs, u_new.to(uo_ptr.dtype.element_ty), mask=inside)
+    tl.store(vo_ptr + offs, v_new.to(vo_ptr.dtype.element_ty), mask=inside)
 
 
 @triton.jit
 def _edict_substep_mix_kernel(
-    x_ptr, y_ptr, e_ptr, xo_ptr, yo_ptr, numel, a, b, p, UPDATE_X: tl.constexpr, BLOCK: tl.constexpr
+    x_ptr,
+    y_ptr,
+    e_ptr,
+    xo_ptr,
+    yo_ptr,
+    numel,
+    a,
+    b,
+    c,
+    p,
+    UPDATE_X: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < numel
@@ -116,9 +129,9 @@ def _edict_substep_mix_kernel(
     y = tl.load(y_ptr + offs, mask=inside).to(tl.float32)
     e = tl.load(e_ptr + offs, mask=inside).to(tl.float32)
     if UPDATE_X:
-        x = a * x + b * e
+        x = a * x + b * e + c * y
     else:
-        y = a * y + b * e
+        y = a * y + b * e + c * x
     x_new = p * x + (1.0 - p) * y
     y_new = p * y + (1.0 - p) * x_new
     tl.store(xo_ptr + offs, x_new.to(xo_ptr.dtype.element_ty), mask=inside)
@@ -243,17 +256,37 @@ def inpaint_blend(
     return out
 
 
+def _mix_pair(u: Tensor, v: Tensor, alpha: float, beta: float) -> tuple[Tensor, Tensor]:
+    """``u' = alpha u + beta v``, ``v' = alpha v + beta u'``: both outputs in one pass."""
+    _, u, (v,) = aligned(u, v, cast=True)
+    u_out, v_out = torch.empty_like(u), torch.empty_like(u)
+    numel = u.numel()
+    _edict_mix_kernel[_grid(numel)](
+        u, v, u_out, v_out, numel, float(alpha), float(beta), BLOCK=BLOCK
+    )
+    return u_out, v_out
+
+
 def edict_mix(x: Tensor, y: Tensor, p: float) -> tuple[Tensor, Tensor]:
     """Fused EDICT mixing pair: both outputs in one pass."""
-    _, x, (y,) = aligned(x, y)
-    x_out, y_out = torch.empty_like(x), torch.empty_like(y)
-    numel = x.numel()
-    _edict_mix_kernel[_grid(numel)](x, y, x_out, y_out, numel, float(p), BLOCK=BLOCK)
-    return x_out, y_out
+    return _mix_pair(x, y, p, 1.0 - p)
+
+
+def edict_unmix(x: Tensor, y: Tensor, p: float) -> tuple[Tensor, Tensor]:
+    """Fused inverse of the EDICT mixing pair, ``(x, y)`` before mixing: one pass."""
+    y_prev, x_prev = _mix_pair(y, x, 1.0 / p, -(1.0 - p) / p)
+    return x_prev, y_prev
 
 
 def edict_substep_mix(
-    x: Tensor, y: Tensor, eps: Tensor, a: float, b: float, p: float, update_x: bool
+    x: Tensor,
+    y: Tensor,
+    eps: Tensor,
+    a: float,
+    b: float,
+    p: float,
+    update_x: bool,
+    c: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """Fused EDICT second sub-step and mixing pair: both outputs in one pass."""
     _, x, (y, eps) = aligned(x, y, eps, cast=True)
@@ -268,6 +301,7 @@ def edict_substep_mix(
         numel,
         float(a),
         float(b),
+        float(c),
         float(p),
         UPDATE_X=bool(update_x),
         BLOCK=BLOCK,

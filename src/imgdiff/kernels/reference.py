@@ -15,6 +15,7 @@ __all__ = [
     "ddpm_learned_step",
     "edict_mix",
     "edict_substep_mix",
+    "edict_unmix",
     "inpaint_blend",
     "lincomb3",
     "threshold_apply",
@@ -70,18 +71,36 @@ def edict_mix(x: Tensor, y: Tensor, p: float) -> tuple[Tensor, Tensor]:
     return x_new.to(x.dtype), y_new.to(y.dtype)
 
 
+def edict_unmix(x: Tensor, y: Tensor, p: float) -> tuple[Tensor, Tensor]:
+    """The inverse of :func:`edict_mix` (algorithms spec 4.3): ``y = (y' - (1 - p) x') / p``, then
+    ``x = (x' - (1 - p) y) / p``; returns ``(x, y)``."""
+    xw, yw = _wide(x), _wide(y)
+    y_prev = (yw - (1 - p) * xw) / p
+    x_prev = (xw - (1 - p) * y_prev) / p
+    return x_prev.to(x.dtype), y_prev.to(y.dtype)
+
+
 def edict_substep_mix(
-    x: Tensor, y: Tensor, eps: Tensor, a: float, b: float, p: float, *, update_x: bool
+    x: Tensor,
+    y: Tensor,
+    eps: Tensor,
+    a: float,
+    b: float,
+    p: float,
+    *,
+    update_x: bool,
+    c: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """The second affine sub-step of an EDICT generation step, then the mixing pair (Wallace et
     al. 2023, Eq. 10-13): the sequence being updated (``x`` when ``update_x``, else ``y``) becomes
-    ``a z + b eps``, then ``x' = p x + (1 - p) y``, ``y' = p y + (1 - p) x'``; the updated value
-    is not rounded to the storage dtype before mixing."""
+    ``a z + b eps + c w`` (``w`` the other sequence), then ``x' = p x + (1 - p) y``,
+    ``y' = p y + (1 - p) x'``; the updated value is not rounded to the storage dtype before
+    mixing."""
     xw, yw, ew = _wide(x), _wide(y), _wide(eps)
     if update_x:
-        xw = a * xw + b * ew
+        xw = a * xw + b * ew + c * yw
     else:
-        yw = a * yw + b * ew
+        yw = a * yw + b * ew + c * xw
     x_new = p * xw + (1 - p) * yw
     y_new = p * yw + (1 - p) * x_new
     return x_new.to(x.dtype), y_new.to(y.dtype)

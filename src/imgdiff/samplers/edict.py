@@ -11,7 +11,6 @@ diffusers community pipeline is not; algorithms spec 4.3).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -21,7 +20,7 @@ from torch import Tensor
 
 from imgdiff import kernels
 from imgdiff._checks import check_float, check_same_shape, check_tensor, describe
-from imgdiff._ops import Scalar, lincomb
+from imgdiff._ops import Scalar, fusable, lincomb
 from imgdiff._warnings import warn_user
 from imgdiff.buffers import out_like
 from imgdiff.errors import InputTypeError, InputValueError, PrecisionWarning
@@ -142,37 +141,28 @@ class EDICT(Sampler[EDICTState, EDICTCoefficients]):
         noise: Tensor | None,
     ) -> StepOutput[EDICTState]:
         """Generation step (paper eq. 10-11): two affine sub-steps, then mixing."""
-        c, p = coeffs, self.mix
+        c, p, t = coeffs, self.mix, ctx.t
         x, y = state
         _check_pair(x, y)
-        eps = _Eps(model, c, ctx.t)
         impl = fused_backend(self.backend, x, y)  # once per step: x, y share device and dtype
         a, b = c.a, c.b
         x_first = bool(c.x_first)
         first, other = (x, y) if x_first else (y, x)
         # the sequence updated first (sub-step 1), then the other one (sub-step 2) and the mixing
-        first1 = self._lincomb(impl, first, a, eps(other), b)
-        out = eps(first1)
+        out1 = _model_output(model, other, t)
+        first1 = _substep(impl, c, first, a, b, other, out1)
+        out = _model_output(model, first1, t)
         impl = fused_for(impl, first1, out)  # autograd must see what needs it
-        if impl is not None and isinstance(a, float) and isinstance(b, float):
+        if impl is not None and (k := _folded(c, a, b)) is not None:
             # sub-step 2 fused with the mixing layer: one pass
-            if x_first:
-                mixed = kernels.fused_edict_substep_mix(impl, first1, y, out, a, b, p, False)
-            else:
-                mixed = kernels.fused_edict_substep_mix(impl, x, first1, out, a, b, p, True)
+            u, v = (first1, y) if x_first else (x, first1)
+            mixed = kernels.fused_edict_substep_mix(
+                impl, u, v, out, k[0], k[1], p, not x_first, k[2]
+            )
         else:
-            other1 = lincomb(other, a, out, b)
+            other1 = lincomb(other, a, c.eps_hat(first1, out), b)
             mixed = edict_mix(first1, other1, p) if x_first else edict_mix(other1, first1, p)
-        return StepOutput(mixed, lambda: eps.x0_hat(0))
-
-    @staticmethod
-    def _lincomb(impl: Fused | None, x: Tensor, a: Scalar, y: Tensor, b: Scalar) -> Tensor:
-        """A sub-step ``a x + b y`` (``y`` a model output): one fused kernel ``impl`` (from
-        :attr:`backend`) unless autograd must see ``y`` or the coefficients are tensors."""
-        impl = fused_for(impl, y)
-        if impl is not None and isinstance(a, float) and isinstance(b, float):
-            return kernels.fused_lincomb3(impl, x, a, y, b)
-        return lincomb(x, a, y, b)
+        return StepOutput(mixed, lambda: c.raw_x0_hat(other, out1))
 
     # ------------------------------------------------------------------ the exact inverse
 
@@ -190,21 +180,24 @@ class EDICT(Sampler[EDICTState, EDICTCoefficients]):
         noise: Tensor | None,
     ) -> StepOutput[EDICTState]:
         """Inverse step (paper eq. 12-14): unmix, then undo the sub-steps in reverse order."""
-        c, p = coeffs, self.mix
+        c, p, t = coeffs, self.mix, ctx.t
         x2, y2 = state
         _check_pair(x2, y2)
-        eps = _Eps(model, c, ctx.t)
-        x1, y1 = edict_unmix(x2, y2, p)
+        impl = fused_backend(self.backend, x2, y2)
+        x1, y1 = (
+            edict_unmix(x2, y2, p) if impl is None else kernels.fused_edict_unmix(impl, x2, y2, p)
+        )
+        # generation moved `first` then `other`: undo `other` first, z = (z' - b eps(w)) / a
+        first1, other1 = (x1, y1) if c.x_first else (y1, x1)
         inv_a = 1.0 / c.a
-        lin = functools.partial(self._lincomb, fused_backend(self.backend, x2, y2))
-        if c.x_first:  # generation did x then y: undo y first
-            y = lin(y1, inv_a, eps(x1), -c.b * inv_a)
-            x = lin(x1, inv_a, eps(y), -c.b * inv_a)
-        else:
-            x = lin(x1, inv_a, eps(y1), -c.b * inv_a)
-            y = lin(y1, inv_a, eps(x), -c.b * inv_a)
+        minus_b = -c.b * inv_a
+        out1 = _model_output(model, first1, t)
+        other0 = _substep(impl, c, other1, inv_a, minus_b, first1, out1)
+        out = _model_output(model, other0, t)
+        first0 = _substep(impl, c, first1, inv_a, minus_b, other0, out)
+        state1 = (first0, other0) if c.x_first else (other0, first0)
         # the second call's input is at level t, where the coefficients convert
-        return StepOutput((x, y), lambda: eps.x0_hat(1))
+        return StepOutput(state1, lambda: c.raw_x0_hat(other0, out))
 
     # ------------------------------------------------------------------ public entry points
 
@@ -464,24 +457,48 @@ def edict_unmix(x: Tensor, y: Tensor, p: float) -> EDICTState:
     return lincomb(x, 1.0 / p, y_prev, -(1.0 - p) / p), y_prev
 
 
-class _Eps:
-    """``eps(z, t)`` through the bound model at one step; keeps the calls for ``x0_hat``."""
+def _model_output(model: BoundModel, z: Tensor, t: Tensor) -> Tensor:
+    """The model's output at ``(z, t)``, checked against ``z``'s shape."""
+    out = model(z, t)
+    check_model_output(out, z)
+    return out
 
-    __slots__ = ("calls", "coeffs", "model", "t")
 
-    def __init__(self, model: BoundModel, coeffs: EDICTCoefficients, t: Tensor) -> None:
-        self.model, self.coeffs, self.t = model, coeffs, t
-        self.calls: list[tuple[Tensor, Tensor]] = []
+def _folded(c: EDICTCoefficients, a: Scalar, b: Scalar) -> tuple[float, float, float] | None:
+    """``(a, b eps_from_out, b eps_from_x)``: a sub-step ``a z + b eps_hat(w, out)`` as one
+    combination of ``z``, ``out`` and ``w`` with float coefficients, for a fused pass; ``None``
+    where a coefficient is a tensor, or where the folded pair would cancel (beyond
+    :data:`~imgdiff._ops.FUSE_LIMIT`; an epsilon model never: its ``eps_from_x`` is 0)."""
+    ex, eo = c.eps_from_x, c.eps_from_out
+    if not (
+        isinstance(a, float)
+        and isinstance(b, float)
+        and isinstance(ex, float)
+        and isinstance(eo, float)
+    ):
+        return None
+    kb, kc = b * eo, b * ex
+    if kc != 0.0 and not fusable(kb, kc):
+        return None
+    return a, kb, kc
 
-    def __call__(self, z: Tensor) -> Tensor:
-        out = self.model(z, self.t)
-        check_model_output(out, z)
-        self.calls.append((z, out))
-        return self.coeffs.eps_hat(z, out)
 
-    def x0_hat(self, call: int) -> Tensor:
-        """``x0_hat`` from model call ``call`` of the step (its input must be at level t)."""
-        return self.coeffs.raw_x0_hat(*self.calls[call])
+def _substep(
+    impl: Fused | None,
+    c: EDICTCoefficients,
+    z: Tensor,
+    a: Scalar,
+    b: Scalar,
+    w: Tensor,
+    out: Tensor,
+) -> Tensor:
+    """An affine sub-step ``a z + b eps_hat(w, out)`` (paper eq. 10; its inverse with ``1/a`` and
+    ``-b/a``), ``out`` the model's output at the other sequence ``w``: one fused pass where
+    ``impl`` (from :attr:`EDICT.backend`) allows and autograd need not see it."""
+    impl = fused_for(impl, z, w, out)
+    if impl is not None and (k := _folded(c, a, b)) is not None:
+        return kernels.fused_lincomb3(impl, z, k[0], out, k[1], w if k[2] != 0.0 else None, k[2])
+    return lincomb(z, a, c.eps_hat(w, out), b)
 
 
 def _check_pair(x: Tensor, y: Tensor) -> None:
