@@ -40,21 +40,22 @@ def dense_like(t: Tensor, like: Tensor, fmt: torch.memory_format) -> Tensor:
 
 def aligned(
     x: Tensor, *others: Tensor, cast: bool = False
-) -> tuple[torch.memory_format, Tensor, list[Tensor]]:
+) -> tuple[torch.memory_format, Tensor, tuple[Tensor, ...]]:
     """``x`` in its dense layout and ``others`` with ``x``'s strides (and dtype, with ``cast``),
     so a kernel can walk all of them with one linear index; copies only what is not laid out.
 
     Returns the layout, ``x`` and the others. An optional operand joins with :func:`aligned_to`.
     """
     if x.is_contiguous():  # the common case, checked cheaply (no generator: inner loops)
+        dtype = x.dtype
         for t in others:
-            if not t.is_contiguous() or (cast and t.dtype != x.dtype):
+            if not t.is_contiguous() or (cast and t.dtype is not dtype):  # dtypes are singletons
                 break
         else:
-            return torch.contiguous_format, x, list(others)
+            return torch.contiguous_format, x, others
     fmt = layout(x)
     x = x.contiguous(memory_format=fmt)
-    return fmt, x, [aligned_to(t, x, fmt, cast=cast) for t in others]
+    return fmt, x, tuple(aligned_to(t, x, fmt, cast=cast) for t in others)
 
 
 def aligned_to(t: Tensor, x: Tensor, fmt: torch.memory_format, *, cast: bool = False) -> Tensor:

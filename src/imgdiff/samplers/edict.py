@@ -148,12 +148,13 @@ class EDICT(Sampler[EDICTState, EDICTCoefficients]):
         a, b = c.a, c.b
         x_first = bool(c.x_first)
         first, other = (x, y) if x_first else (y, x)
+        k = None if impl is None else _folded(c, a, b)
         # the sequence updated first (sub-step 1), then the other one (sub-step 2) and the mixing
         out1 = _model_output(model, other, t)
-        first1 = _substep(impl, c, first, a, b, other, out1)
+        first1 = _substep(impl, k, c, first, a, b, other, out1)
         out = _model_output(model, first1, t)
         impl = fused_for(impl, first1, out)  # autograd must see what needs it
-        if impl is not None and (k := _folded(c, a, b)) is not None:
+        if impl is not None and k is not None:
             # sub-step 2 fused with the mixing layer: one pass
             u, v = (first1, y) if x_first else (x, first1)
             mixed = kernels.fused_edict_substep_mix(
@@ -191,10 +192,11 @@ class EDICT(Sampler[EDICTState, EDICTCoefficients]):
         first1, other1 = (x1, y1) if c.x_first else (y1, x1)
         inv_a = 1.0 / c.a
         minus_b = -c.b * inv_a
+        k = None if impl is None else _folded(c, inv_a, minus_b)
         out1 = _model_output(model, first1, t)
-        other0 = _substep(impl, c, other1, inv_a, minus_b, first1, out1)
+        other0 = _substep(impl, k, c, other1, inv_a, minus_b, first1, out1)
         out = _model_output(model, other0, t)
-        first0 = _substep(impl, c, first1, inv_a, minus_b, other0, out)
+        first0 = _substep(impl, k, c, first1, inv_a, minus_b, other0, out)
         state1 = (first0, other0) if c.x_first else (other0, first0)
         # the second call's input is at level t, where the coefficients convert
         return StepOutput(state1, lambda: c.raw_x0_hat(other0, out))
@@ -485,6 +487,7 @@ def _folded(c: EDICTCoefficients, a: Scalar, b: Scalar) -> tuple[float, float, f
 
 def _substep(
     impl: Fused | None,
+    k: tuple[float, float, float] | None,
     c: EDICTCoefficients,
     z: Tensor,
     a: Scalar,
@@ -493,10 +496,10 @@ def _substep(
     out: Tensor,
 ) -> Tensor:
     """An affine sub-step ``a z + b eps_hat(w, out)`` (paper eq. 10; its inverse with ``1/a`` and
-    ``-b/a``), ``out`` the model's output at the other sequence ``w``: one fused pass where
-    ``impl`` (from :attr:`EDICT.backend`) allows and autograd need not see it."""
-    impl = fused_for(impl, z, w, out)
-    if impl is not None and (k := _folded(c, a, b)) is not None:
+    ``-b/a``), ``out`` the model's output at the other sequence ``w``: one fused pass with the
+    folded coefficients ``k`` (:func:`_folded` of ``a``, ``b``) where ``impl`` (from
+    :attr:`EDICT.backend`) allows and autograd need not see it."""
+    if k is not None and (impl := fused_for(impl, z, w, out)) is not None:
         return kernels.fused_lincomb3(impl, z, k[0], out, k[1], w if k[2] != 0.0 else None, k[2])
     return lincomb(z, a, c.eps_hat(w, out), b)
 
