@@ -682,6 +682,48 @@ def test_the_extension_and_ctypes_bindings_compute_the_same(
     )
 
 
+def test_bfloat16_stores_agree_with_and_without_the_conversion_instruction(tmp_path: Path) -> None:
+    """The kernels store bfloat16 blocks with AVX512-BF16's conversion where the processor has
+    it, else with the portable rounding code: both round to nearest even, so for normal values
+    the results are bitwise the same (compared here with the instruction turned off in a child
+    process; on a processor without it both runs take the portable path). Values below
+    bfloat16's normal range are the documented difference: the instruction reads them as zero."""
+    _compiler()
+    code = f"""
+import torch
+from imgdiff.kernels import cpu
+assert not cpu.bf16_isa()
+g = torch.Generator().manual_seed(0)
+x, y, z = (torch.randn(2, 3, 37, 41, generator=g).bfloat16() for _ in range(3))
+out = [cpu.lincomb3(x, 0.7, y, -0.3), cpu.lincomb3(x, 0.7, y, -0.3, z, 0.2),
+       *cpu.edict_mix(x, y, 0.93), *cpu.edict_unmix(x, y, 0.93),
+       *cpu.edict_substep_mix(x, y, z, 1.1, -0.2, 0.93, True, 0.3)]
+torch.save(out, {str(tmp_path / "portable.pt")!r})
+"""
+    done = _python(code, IMGDIFF_CPU_BF16_ISA="0")
+    assert done.returncode == 0, done.stderr
+    portable = torch.load(tmp_path / "portable.pt")
+    g = torch.Generator().manual_seed(0)
+    x, y, z = (torch.randn(2, 3, 37, 41, generator=g).bfloat16() for _ in range(3))
+    cpu = kernels.cpu
+    here = [
+        cpu.lincomb3(x, 0.7, y, -0.3),
+        cpu.lincomb3(x, 0.7, y, -0.3, z, 0.2),
+        *cpu.edict_mix(x, y, 0.93),
+        *cpu.edict_unmix(x, y, 0.93),
+        *cpu.edict_substep_mix(x, y, z, 1.1, -0.2, 0.93, True, 0.3),
+    ]
+    for got, want in zip(here, portable, strict=True):
+        assert torch.equal(got, want)
+    # below the normal range (2^-126): kept by the portable code, zero with the instruction
+    tiny = torch.tensor([1e-39, -3e-40, 1.0, 0.5] * 8).bfloat16()  # whole vectors of 16
+    kept = cpu.lincomb3(tiny, 1.0, tiny, 0.0)
+    want_tiny = tiny.clone()
+    if cpu.bf16_isa():
+        want_tiny[tiny.abs() < 1e-38] = 0.0
+    assert torch.equal(kept, want_tiny)
+
+
 def test_the_extension_module_checks_its_arguments() -> None:
     cc = _compiler()
     errors: list[str] = []

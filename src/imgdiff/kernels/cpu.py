@@ -13,7 +13,9 @@ a CPython extension module (``cpu_module.c``: a call costs ~0.05 us), else as a 
 library called through ctypes (~1.3 us a call); :func:`binding` says which. Without a working
 compiler :func:`available` is ``False``, ``backend="auto"`` uses the torch path and
 :func:`build_error` says why. ``IMGDIFF_CPU_KERNELS=0`` turns the kernels off,
-``IMGDIFF_CPU_KERNELS=ctypes`` skips the extension module.
+``IMGDIFF_CPU_KERNELS=ctypes`` skips the extension module. bfloat16 outputs are stored with the
+processor's AVX512-BF16 conversion where it has one (:func:`bf16_isa`;
+``IMGDIFF_CPU_BF16_ISA=0`` turns that off).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ __all__ = [
     "DTYPES",
     "Binding",
     "available",
+    "bf16_isa",
     "binding",
     "build_error",
     "edict_mix",
@@ -104,6 +107,7 @@ class _Library:
     functions: dict[str, Any]  # name -> callable taking the kernel's arguments in order
     openmp: bool
     binding: Binding
+    bf16_isa: bool
 
 
 def _cache_dir() -> Path:
@@ -186,7 +190,8 @@ def _load_extension(compiler: str, errors: list[str]) -> _Library | None:
             errors.append(f"loading {target}: {exc}")
             continue
         functions = {name: getattr(module, name) for name in _FUNCTION_NAMES}
-        return _Library(target, functions, bool(module.has_openmp()), "extension")
+        openmp, bf16 = bool(module.has_openmp()), bool(module.bf16_isa())
+        return _Library(target, functions, openmp, "extension", bf16)
     return None
 
 
@@ -207,7 +212,8 @@ def _load_ctypes(compiler: str, errors: list[str]) -> _Library | None:
             fn.argtypes = argtypes
             fn.restype = None
             functions[name] = fn
-        return _Library(target, functions, bool(lib.imgdiff_has_openmp()), "ctypes")
+        openmp, bf16 = bool(lib.imgdiff_has_openmp()), bool(lib.imgdiff_bf16_isa())
+        return _Library(target, functions, openmp, "ctypes", bf16)
     return None
 
 
@@ -243,6 +249,15 @@ def binding() -> Binding | None:
     """How the loaded kernels are called (``None`` when they are not available)."""
     lib = _load()[0]
     return None if lib is None else lib.binding
+
+
+def bf16_isa() -> bool:
+    """Whether the loaded kernels store bfloat16 with the processor's AVX512-BF16 conversion
+    (x86-64 with GCC 11 or later, on processors that have it; ``IMGDIFF_CPU_BF16_ISA=0`` turns it
+    off), rather than with the portable rounding code. Both round to nearest even; the instruction
+    reads values below bfloat16's normal range as zero."""
+    lib = _load()[0]
+    return lib is not None and lib.bf16_isa
 
 
 def library_path() -> Path | None:

@@ -109,6 +109,13 @@ IMGDIFF_PY(has_openmp) {
     return PyBool_FromLong(imgdiff_has_openmp());
 }
 
+IMGDIFF_PY(bf16_isa) {
+    (void)self;
+    (void)args;
+    if (!nargs_ok(nargs, 0, "bf16_isa")) return NULL;
+    return PyBool_FromLong(imgdiff_bf16_isa());
+}
+
 #define IMGDIFF_ENTRY(NAME) {#NAME, (PyCFunction)(void (*)(void))py_##NAME, METH_FASTCALL, NULL}
 
 static PyMethodDef imgdiff_methods[] = {
@@ -125,6 +132,7 @@ static PyMethodDef imgdiff_methods[] = {
     IMGDIFF_ENTRY(inpaint_blend_bf16_bf16_z),
     IMGDIFF_ENTRY(inpaint_blend_bf16_bf16_nz),
     IMGDIFF_ENTRY(has_openmp),
+    IMGDIFF_ENTRY(bf16_isa),
     {NULL, NULL, 0, NULL},
 };
 
