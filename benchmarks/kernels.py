@@ -628,7 +628,11 @@ def device_description(device: torch.device) -> str:
             f"GPU: {props.name} ({props.total_memory / 2**30:.0f} GiB, sm_{props.major}{props.minor}), "
             f"{versions}, triton {triton.__version__}"
         )
-    return f"CPU: {cpu_name()}, {torch.get_num_threads()} torch threads, {versions}"
+    isa = "AVX512-BF16" if kernels.cpu.bf16_isa() else "portable"
+    return (
+        f"CPU: {cpu_name()}, {torch.get_num_threads()} torch threads, {versions}, "
+        f"C kernels' bfloat16 stores: {isa}"
+    )
 
 
 def section_heading(cuda: bool) -> str:
