@@ -132,25 +132,16 @@ def test_inpaint_blend_equals_reference(
 
 
 @pytest.mark.parametrize("backend", FUSED)
-@settings(max_examples=20, deadline=None)
-@given(_case(), st.floats(0.5, 0.99))
-def test_edict_mix_equals_reference(backend: str, case: tuple, p: float) -> None:
-    shape, dtype, channels_last, seed = case
-    x, y = _tensors(shape, dtype, channels_last, seed, 2, _device(backend))
-    gx, gy = kernels.edict_mix(x, y, p, backend=backend)  # type: ignore[arg-type]
-    rx, ry = reference.edict_mix(x, y, p)
-    _close(gx, rx)
-    _close(gy, ry)
-
-
-@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("name", ["edict_mix", "edict_unmix"])
 @settings(max_examples=20, deadline=None)
 @given(_case(), st.floats(0.5, 1.0))
-def test_edict_unmix_equals_reference(backend: str, case: tuple, p: float) -> None:
+def test_edict_mix_and_unmix_equal_reference(
+    backend: str, name: str, case: tuple, p: float
+) -> None:
     shape, dtype, channels_last, seed = case
     x, y = _tensors(shape, dtype, channels_last, seed, 2, _device(backend))
-    gx, gy = kernels.edict_unmix(x, y, p, backend=backend)  # type: ignore[arg-type]
-    rx, ry = reference.edict_unmix(x, y, p)
+    gx, gy = getattr(kernels, name)(x, y, p, backend=backend)
+    rx, ry = getattr(reference, name)(x, y, p)
     _close(gx, rx)
     _close(gy, ry)
     assert gx.stride() == x.stride()
