@@ -633,8 +633,8 @@ def _kernel_calls(x: Tensor, y: Tensor, z: Tensor, mask: Tensor) -> list[Tensor]
     return [
         cpu.lincomb3(x, 0.7, y, -0.3),
         cpu.lincomb3(x, 0.7, y, -0.3, z, 0.2),
-        *cpu.edict_mix(x, y, 0.93),
-        *cpu.edict_unmix(x, y, 0.93),
+        *cpu.mix_pair(x, y, 0.93, 0.07),
+        *cpu.mix_pair(y, x, 1 / 0.93, -0.07 / 0.93),  # the inverse's weights
         *cpu.edict_substep_mix(x, y, z, 1.1, -0.2, 0.93, True),
         *cpu.edict_substep_mix(x, y, z, 1.1, -0.2, 0.93, False, 0.3),
         cpu.inpaint_blend(x, y, mask),
@@ -673,6 +673,13 @@ def test_the_extension_and_ctypes_bindings_compute_the_same(
     )
 
 
+def _bfloat16_operands() -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Seeded bfloat16 ``x, y, z`` and a ``(B, 1, ...)`` mask for :func:`_kernel_calls`."""
+    g = torch.Generator().manual_seed(0)
+    x, y, z = (torch.randn(2, 3, 37, 41, generator=g).bfloat16() for _ in range(3))
+    return x, y, z, (torch.rand(2, 1, 37, 41, generator=g) > 0.5).bfloat16()
+
+
 def test_bfloat16_stores_agree_with_and_without_the_conversion_instruction(tmp_path: Path) -> None:
     """The kernels store bfloat16 blocks with AVX512-BF16's conversion where the processor has
     it, else with the portable rounding code: both round to nearest even, so for normal values
@@ -681,31 +688,21 @@ def test_bfloat16_stores_agree_with_and_without_the_conversion_instruction(tmp_p
     bfloat16's normal range are the documented difference: the instruction reads them as zero."""
     _compiler()
     code = f"""
-import torch
+import sys, torch
+sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
 from imgdiff.kernels import cpu
+from tests.test_kernels import _bfloat16_operands, _kernel_calls
 assert not cpu.bf16_isa()
-g = torch.Generator().manual_seed(0)
-x, y, z = (torch.randn(2, 3, 37, 41, generator=g).bfloat16() for _ in range(3))
-out = [cpu.lincomb3(x, 0.7, y, -0.3), cpu.lincomb3(x, 0.7, y, -0.3, z, 0.2),
-       *cpu.edict_mix(x, y, 0.93), *cpu.edict_unmix(x, y, 0.93),
-       *cpu.edict_substep_mix(x, y, z, 1.1, -0.2, 0.93, True, 0.3)]
-torch.save(out, {str(tmp_path / "portable.pt")!r})
+torch.save(_kernel_calls(*_bfloat16_operands()), {str(tmp_path / "portable.pt")!r})
 """
     done = _python(code, IMGDIFF_CPU_BF16_ISA="0")
     assert done.returncode == 0, done.stderr
     portable = torch.load(tmp_path / "portable.pt")
-    g = torch.Generator().manual_seed(0)
-    x, y, z = (torch.randn(2, 3, 37, 41, generator=g).bfloat16() for _ in range(3))
-    cpu = kernels.cpu
-    here = [
-        cpu.lincomb3(x, 0.7, y, -0.3),
-        cpu.lincomb3(x, 0.7, y, -0.3, z, 0.2),
-        *cpu.edict_mix(x, y, 0.93),
-        *cpu.edict_unmix(x, y, 0.93),
-        *cpu.edict_substep_mix(x, y, z, 1.1, -0.2, 0.93, True, 0.3),
-    ]
+    here = _kernel_calls(*_bfloat16_operands())
+    assert len(here) == len(portable) == 12
     for got, want in zip(here, portable, strict=True):
         assert torch.equal(got, want)
+    cpu = kernels.cpu
     # below the normal range (2^-126): kept by the portable code, zero with the instruction
     tiny = torch.tensor([1e-39, -3e-40, 1.0, 0.5] * 8).bfloat16()  # whole vectors of 16
     kept = cpu.lincomb3(tiny, 1.0, tiny, 0.0)

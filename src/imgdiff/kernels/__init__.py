@@ -207,20 +207,25 @@ def fused_lincomb3(
 
 def fused_edict_mix(impl: Fused, x: Tensor, y: Tensor, p: float) -> tuple[Tensor, Tensor]:
     """:func:`edict_mix` on the fused kernels ``impl``, unchecked (see :func:`fused_lincomb3`)."""
-    if impl == "cpu":
-        return cpu.edict_mix(x, y, p)
-    from imgdiff.kernels import fused
-
-    return fused.edict_mix(x, y, p)
+    return _mix_pair(impl, x, y, p, 1.0 - p)
 
 
 def fused_edict_unmix(impl: Fused, x: Tensor, y: Tensor, p: float) -> tuple[Tensor, Tensor]:
     """:func:`edict_unmix` on the fused kernels ``impl``, unchecked (see :func:`fused_lincomb3`)."""
+    # the mixing pair's form run on (y, x): y first, then x from the unmixed y
+    y_prev, x_prev = _mix_pair(impl, y, x, 1.0 / p, -(1.0 - p) / p)
+    return x_prev, y_prev
+
+
+def _mix_pair(
+    impl: Fused, u: Tensor, v: Tensor, alpha: float, beta: float
+) -> tuple[Tensor, Tensor]:
+    """``u' = alpha u + beta v``, ``v' = alpha v + beta u'`` on the fused kernels ``impl``."""
     if impl == "cpu":
-        return cpu.edict_unmix(x, y, p)
+        return cpu.mix_pair(u, v, alpha, beta)
     from imgdiff.kernels import fused
 
-    return fused.edict_unmix(x, y, p)
+    return fused.mix_pair(u, v, alpha, beta)
 
 
 def fused_edict_substep_mix(

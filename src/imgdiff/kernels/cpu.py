@@ -54,12 +54,11 @@ __all__ = [
     "bf16_isa",
     "binding",
     "build_error",
-    "edict_mix",
     "edict_substep_mix",
-    "edict_unmix",
     "inpaint_blend",
     "library_path",
     "lincomb3",
+    "mix_pair",
 ]
 
 DTYPES = (torch.float32, torch.bfloat16)
@@ -332,9 +331,10 @@ def lincomb3(
     return out
 
 
-def _mix_pair(u: Tensor, v: Tensor, alpha: float, beta: float) -> tuple[Tensor, Tensor]:
-    """``u' = alpha u + beta v``, then ``v' = alpha v + beta u'``, in one pass; two new tensors
-    of ``u``'s shape and dtype."""
+def mix_pair(u: Tensor, v: Tensor, alpha: float, beta: float) -> tuple[Tensor, Tensor]:
+    """EDICT's mixing pair in its general form, ``u' = alpha u + beta v`` then
+    ``v' = alpha v + beta u'``, in one pass, for ``u``, ``v`` ``(B, ...)``; two new tensors of
+    ``u``'s shape and dtype (see :func:`imgdiff.kernels.fused_edict_mix` for the weights)."""
     lib = _library()
     _, u, (v,) = aligned(u, v, cast=True)
     u_out, v_out = empty_like(u), empty_like(u)
@@ -349,19 +349,6 @@ def _mix_pair(u: Tensor, v: Tensor, alpha: float, beta: float) -> tuple[Tensor, 
         _threads(lib),
     )
     return u_out, v_out
-
-
-def edict_mix(x: Tensor, y: Tensor, p: float) -> tuple[Tensor, Tensor]:
-    """EDICT's mixing pair in one pass: ``x' = p x + (1 - p) y``, ``y' = p y + (1 - p) x'``, for
-    ``x``, ``y`` ``(B, ...)``; two new tensors of ``x``'s shape and dtype."""
-    return _mix_pair(x, y, p, 1.0 - p)
-
-
-def edict_unmix(x: Tensor, y: Tensor, p: float) -> tuple[Tensor, Tensor]:
-    """The inverse of :func:`edict_mix` in one pass: ``y = (y' - (1 - p) x') / p``, then
-    ``x = (x' - (1 - p) y) / p``; returns ``(x, y)``, two new tensors of ``x``'s shape and dtype."""
-    y_prev, x_prev = _mix_pair(y, x, 1.0 / p, -(1.0 - p) / p)
-    return x_prev, y_prev
 
 
 def edict_substep_mix(

@@ -115,6 +115,12 @@ static inline void flush_bf16(void *o, int64_t s, const float *restrict t, int64
     for (int64_t j = 0; j < m; j++) st_bf16(o, s + j, t[j]);
 }
 
+/* the mixing pair's general form at one element: u' = alpha u + beta v, v' = alpha v + beta u' */
+static inline void mix_at(float u, float v, float alpha, float beta, float *uo, float *vo) {
+    *uo = alpha * u + beta * v;
+    *vo = alpha * v + beta * *uo;
+}
+
 /* for each block of the n elements, starting at s (threads share the blocks) */
 #define IMGDIFF_FOR_BLOCKS(s) IMGDIFF_PARALLEL for (int64_t s = 0; s < n; s += IMGDIFF_BLOCK)
 static inline int64_t block_len(int64_t n, int64_t s) {
@@ -154,12 +160,8 @@ IMGDIFF_LINCOMB3(bf16)
             const int64_t m = block_len(n, s);                                                     \
             float ubuf[IMGDIFF_BLOCK], vbuf[IMGDIFF_BLOCK];                                        \
             float *restrict ut = stage_##S(uo, s, ubuf), *restrict vt = stage_##S(vo, s, vbuf);    \
-            for (int64_t j = 0; j < m; j++) {                                                      \
-                const float uv = ld_##S(u, s + j), vv = ld_##S(v, s + j);                          \
-                const float un = alpha * uv + beta * vv;                                           \
-                ut[j] = un;                                                                        \
-                vt[j] = alpha * vv + beta * un;                                                    \
-            }                                                                                      \
+            for (int64_t j = 0; j < m; j++)                                                        \
+                mix_at(ld_##S(u, s + j), ld_##S(v, s + j), alpha, beta, ut + j, vt + j);           \
             flush_##S(uo, s, ut, m);                                                               \
             flush_##S(vo, s, vt, m);                                                               \
         }                                                                                          \
@@ -185,17 +187,13 @@ IMGDIFF_EDICT_MIX(bf16)
                 for (int64_t j = 0; j < m; j++) {                                                  \
                     const float yv = ld_##S(y, s + j);                                             \
                     const float xv = a * ld_##S(x, s + j) + b * ld_##S(e, s + j) + c * yv;         \
-                    const float xn = p * xv + q * yv;                                              \
-                    xt[j] = xn;                                                                    \
-                    yt[j] = p * yv + q * xn;                                                       \
+                    mix_at(xv, yv, p, q, xt + j, yt + j);                                          \
                 }                                                                                  \
             } else {                                                                               \
                 for (int64_t j = 0; j < m; j++) {                                                  \
                     const float xv = ld_##S(x, s + j);                                             \
                     const float yv = a * ld_##S(y, s + j) + b * ld_##S(e, s + j) + c * xv;         \
-                    const float xn = p * xv + q * yv;                                              \
-                    xt[j] = xn;                                                                    \
-                    yt[j] = p * yv + q * xn;                                                       \
+                    mix_at(xv, yv, p, q, xt + j, yt + j);                                          \
                 }                                                                                  \
             }                                                                                      \
             flush_##S(xo, s, xt, m);                                                               \

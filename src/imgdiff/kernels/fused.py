@@ -21,11 +21,10 @@ from imgdiff.kernels._layout import aligned, aligned_to, mask_operand
 
 __all__ = [
     "ddpm_learned_step",
-    "edict_mix",
     "edict_substep_mix",
-    "edict_unmix",
     "inpaint_blend",
     "lincomb3",
+    "mix_pair",
     "threshold_apply",
 ]
 
@@ -96,14 +95,19 @@ def _inpaint_kernel(
 
 
 @triton.jit
-def _edict_mix_kernel(u_ptr, v_ptr, uo_ptr, vo_ptr, numel, alpha, beta, BLOCK: tl.constexpr):
+def _mix(u, v, alpha, beta):
     # u' = alpha u + beta v, v' = alpha v + beta u': the mixing pair (alpha = p) or its inverse
+    u_new = alpha * u + beta * v
+    return u_new, alpha * v + beta * u_new
+
+
+@triton.jit
+def _edict_mix_kernel(u_ptr, v_ptr, uo_ptr, vo_ptr, numel, alpha, beta, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < numel
     u = tl.load(u_ptr + offs, mask=inside).to(tl.float32)
     v = tl.load(v_ptr + offs, mask=inside).to(tl.float32)
-    u_new = alpha * u + beta * v
-    v_new = alpha * v + beta * u_new
+    u_new, v_new = _mix(u, v, alpha, beta)
     tl.store(uo_ptr + offs, u_new.to(uo_ptr.dtype.element_ty), mask=inside)
     tl.store(vo_ptr + offs, v_new.to(vo_ptr.dtype.element_ty), mask=inside)
 
@@ -132,8 +136,7 @@ def _edict_substep_mix_kernel(
         x = a * x + b * e + c * y
     else:
         y = a * y + b * e + c * x
-    x_new = p * x + (1.0 - p) * y
-    y_new = p * y + (1.0 - p) * x_new
+    x_new, y_new = _mix(x, y, p, 1.0 - p)
     tl.store(xo_ptr + offs, x_new.to(xo_ptr.dtype.element_ty), mask=inside)
     tl.store(yo_ptr + offs, y_new.to(yo_ptr.dtype.element_ty), mask=inside)
 
@@ -256,8 +259,9 @@ def inpaint_blend(
     return out
 
 
-def _mix_pair(u: Tensor, v: Tensor, alpha: float, beta: float) -> tuple[Tensor, Tensor]:
-    """``u' = alpha u + beta v``, ``v' = alpha v + beta u'``: both outputs in one pass."""
+def mix_pair(u: Tensor, v: Tensor, alpha: float, beta: float) -> tuple[Tensor, Tensor]:
+    """Fused EDICT mixing pair in its general form, ``u' = alpha u + beta v``,
+    ``v' = alpha v + beta u'`` for ``u``, ``v`` ``(B, ...)``: both outputs in one pass."""
     _, u, (v,) = aligned(u, v, cast=True)
     u_out, v_out = torch.empty_like(u), torch.empty_like(u)
     numel = u.numel()
@@ -265,17 +269,6 @@ def _mix_pair(u: Tensor, v: Tensor, alpha: float, beta: float) -> tuple[Tensor, 
         u, v, u_out, v_out, numel, float(alpha), float(beta), BLOCK=BLOCK
     )
     return u_out, v_out
-
-
-def edict_mix(x: Tensor, y: Tensor, p: float) -> tuple[Tensor, Tensor]:
-    """Fused EDICT mixing pair: both outputs in one pass."""
-    return _mix_pair(x, y, p, 1.0 - p)
-
-
-def edict_unmix(x: Tensor, y: Tensor, p: float) -> tuple[Tensor, Tensor]:
-    """Fused inverse of the EDICT mixing pair, ``(x, y)`` before mixing: one pass."""
-    y_prev, x_prev = _mix_pair(y, x, 1.0 / p, -(1.0 - p) / p)
-    return x_prev, y_prev
 
 
 def edict_substep_mix(
