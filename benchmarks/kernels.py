@@ -27,7 +27,9 @@ timings use ``time.perf_counter``.
      ``StableDiffusionInpaintPipeline`` does each step: ``scheduler.add_noise(init, noise,
      torch.tensor([t_next]))`` then ``(1 - mask) * init_proper + mask * latents``. diffusers'
      mask is 1 on the region to repaint, imgdiff's is 1 on the known region: ``known_mask = 1 -
-     mask``; both are ``(B, 1, H, W)`` in the latents' dtype.
+     mask``; both are ``(B, 1, H, W)`` in the latents' dtype. The fused call writes into the
+     noise's memory (``into_noise=True``, as ``KnownRegion.paste`` does with its fresh draw);
+     the noise is drawn outside the timing on both sides.
 
    Goal (issue 6, CPU): every step <= 0.15x diffusers at (1,4,64,64) and (8,4,64,64); the check
    uses the path ``backend="auto"`` picks (torch on a CPU, fused on CUDA).
@@ -355,14 +357,17 @@ def step_functions(
         x, init, known_mask, known_scale=ks, noise=z, noise_scale=ns
     )
     for b in backends[1:]:
-        fns[f"inpaint blend|{b}"] = lambda b=b: kernels.fused_inpaint_blend(
+        # paste's noise is a fresh draw of its own, which the fused blend overwrites
+        # (into_noise): here a copy of z, so the other calls' noise stays as drawn
+        fns[f"inpaint blend|{b}"] = lambda b=b, own=z.clone(): kernels.fused_inpaint_blend(
             b,  # type: ignore[arg-type]
             x,
             init,
             known_mask,
             ks,
-            z,
+            own,
             ns,
+            into_noise=True,
         )
     return fns
 

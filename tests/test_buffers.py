@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -48,6 +49,7 @@ HOLDERS: dict[str, Callable[[torch.Tensor], Any]] = {
     "storage": lambda t: t.untyped_storage(),
     "tensor on the storage": lambda t: torch.empty(0).set_(t.untyped_storage()),
     "dlpack": lambda t: torch.utils.dlpack.to_dlpack(t),
+    "saved for backward": lambda t: t * torch.ones(1, requires_grad=True),
     "closure": lambda t: lambda: t,
     "step output": lambda t: imgdiff.samplers.StepOutput(t, lambda: t),
 }
@@ -75,6 +77,38 @@ def test_a_held_buffer_is_never_handed_out(holder: str) -> None:
     t = again.empty_like(x)
     del t
     assert len(again) == 1
+
+
+@pytest.mark.parametrize("holder", list(HOLDERS))
+def test_exclusive_sees_every_other_holder_of_the_memory(holder: str) -> None:
+    """A tensor lent out as ``detach()`` may be overwritten afterwards only if the borrower kept
+    nothing: every holder of the lent tensor is seen, in and out of a pool."""
+    for pool in (None, BufferPool()):
+        with reuse_buffers() if pool is None else _entered(pool):
+            x = torch.randn(SHAPE) if pool is None else pool.empty_like(torch.empty(SHAPE))
+            assert buffers.exclusive(x)
+            held = HOLDERS[holder](x.detach())
+            assert not buffers.exclusive(x)
+            del held
+            assert buffers.exclusive(x)
+
+
+@contextmanager
+def _entered(pool: BufferPool) -> Iterator[None]:
+    """``pool`` as the thread's active pool (what :func:`reuse_buffers` does with a new one)."""
+    buffers._ACTIVE.pools.append(pool)
+    try:
+        yield
+    finally:
+        buffers._ACTIVE.pools.remove(pool)
+
+
+def test_exclusive_refuses_a_storage_held_by_no_active_pool() -> None:
+    pool = BufferPool()
+    x = pool.empty_like(torch.empty(SHAPE))
+    assert not buffers.exclusive(x)  # the pool's reference, and the pool is not active
+    with _entered(pool):
+        assert buffers.exclusive(x)
 
 
 def test_each_output_is_a_new_tensor_object() -> None:

@@ -387,6 +387,61 @@ def test_fused_steps_run_no_torch_arithmetic(prediction: str, inverse: bool) -> 
         assert not arithmetic if fused else arithmetic, (backend, sorted(ops))
 
 
+@pytest.mark.parametrize("backend", [b for b in backends_here() if b != "torch"])
+@pytest.mark.parametrize("inverse", [False, True])
+@pytest.mark.parametrize("x_first", [True, False])
+def test_fused_step_writes_into_the_model_input_no_one_kept(
+    backend: str, inverse: bool, x_first: bool
+) -> None:
+    """The sequence the model saw (sub-step 1's new tensor; the unmixed one when inverting) is
+    the step's own: where the model kept nothing of it, its memory takes its next value. (Under
+    Triton's interpreter the launch leaves reference cycles to the tensor until the next garbage
+    collection, so the step allocates instead: only the values are checked there.)"""
+    seen: list[int] = []
+
+    def model(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        seen.append(z.data_ptr())  # an address, not the tensor
+        return torch.tanh(z)
+
+    state = _one_step(backend, "epsilon", inverse, x_first, model)()
+    want = _one_step("torch", "epsilon", inverse, x_first, model)()
+    lent = seen[0] if inverse else seen[1]  # the step's own tensor given to the model
+    assert (lent in {s.data_ptr() for s in state}) or backend == "triton"
+    for g_, w in zip(state, want, strict=True):
+        torch.testing.assert_close(g_, w, rtol=1e-5, atol=1e-5)
+
+
+_KEEPERS: dict[str, Callable[[torch.Tensor], object]] = {
+    "tensor": lambda z: z,
+    "view": lambda z: z[:1],
+    "storage": lambda z: z.untyped_storage(),
+    "output": lambda z: z,  # and returned as the model's output
+}
+
+
+@pytest.mark.parametrize("backend", [b for b in backends_here() if b != "torch"])
+@pytest.mark.parametrize("inverse", [False, True])
+@pytest.mark.parametrize("keep", list(_KEEPERS))
+def test_fused_step_leaves_what_the_model_kept(backend: str, inverse: bool, keep: str) -> None:
+    """A model that keeps its input (or a view of it, its storage, or returns it) finds it
+    unchanged after the step, and the step's result is the torch path's."""
+    kept: list[tuple[object, torch.Tensor, torch.Tensor]] = []
+
+    def model(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        kept.append((_KEEPERS[keep](z), z.clone(), torch.empty_like(z)))
+        return z if keep == "output" else torch.tanh(z)
+
+    state = _one_step(backend, "epsilon", inverse, True, model)()
+    for held, value, like in kept:
+        if isinstance(held, torch.UntypedStorage):
+            held = like.set_(held, 0, value.shape, value.stride())
+        assert isinstance(held, torch.Tensor)
+        assert torch.equal(held, value[: held.shape[0]])
+    want = _one_step("torch", "epsilon", inverse, True, model)()
+    for g_, w in zip(state, want, strict=True):
+        torch.testing.assert_close(g_, w, rtol=1e-5, atol=1e-5)
+
+
 def test_input_pair_is_not_modified(x0: torch.Tensor) -> None:
     """invert and sample leave their inputs unchanged."""
     keep = x0.clone()

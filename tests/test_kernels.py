@@ -211,6 +211,51 @@ def test_edict_substep_mix_is_a_substep_then_the_mixing_pair() -> None:
         kernels.edict_substep_mix(x, y, eps.float(), 1.0, 0.0, 0.9, update="x")
 
 
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_in_place_outputs_equal_new_ones(
+    backend: str, dtype: torch.dtype, channels_last: bool
+) -> None:
+    """The loops' in-place variants (``in_place``, ``into_noise``) write the same values into the
+    operand's memory: each element is read before it is written."""
+    impl: kernels.Fused = backend  # type: ignore[assignment]
+    x, y, w = _tensors((2, 3, 11, 13), dtype, channels_last, 7, 3, _device(backend))
+    mask = (torch.rand(2, 1, 11, 13, generator=torch.Generator().manual_seed(1)) > 0.5).to(x)
+
+    def same(got: Tensor, want: Tensor, into: Tensor) -> None:
+        assert torch.equal(got, want)
+        assert got.data_ptr() == into.data_ptr()
+        assert got.stride() == into.stride()
+
+    for noise in (None, w):
+        want = kernels.fused_lincomb3(impl, x, 0.9, y, -0.3, noise, 0.2)
+        z = x.clone()
+        same(kernels.fused_lincomb3(impl, z, 0.9, y, -0.3, noise, 0.2, in_place=True), want, z)
+    for update_x in (True, False):
+        want_x, want_y = kernels.fused_edict_substep_mix(
+            impl, x, y, w, 0.97, -0.2, 0.93, update_x, 0.4
+        )
+        u, v = x.clone(), y.clone()
+        got_x, got_y = kernels.fused_edict_substep_mix(
+            impl, u, v, w, 0.97, -0.2, 0.93, update_x, 0.4, in_place=True
+        )
+        assert torch.equal(got_x, want_x)
+        assert torch.equal(got_y, want_y)
+        # the sequence the sub-step does not move holds its mixed value; the moved one is intact
+        kept, moved, moved_copy = (v, u, x) if update_x else (u, v, y)
+        assert (got_y if update_x else got_x).data_ptr() == kept.data_ptr()
+        assert torch.equal(moved, moved_copy)
+    want = kernels.fused_inpaint_blend(impl, x, y, mask, 0.8, w, 0.6)
+    z = w.clone()
+    same(kernels.fused_inpaint_blend(impl, x, y, mask, 0.8, z, 0.6, into_noise=True), want, z)
+    # no noise to write into: a new tensor
+    want = kernels.fused_inpaint_blend(impl, x, y, mask, 1.0, None, 0.0)
+    got = kernels.fused_inpaint_blend(impl, x, y, mask, 1.0, None, 0.0, into_noise=True)
+    assert torch.equal(got, want)
+    assert got.data_ptr() not in {t.data_ptr() for t in (x, y, w)}
+
+
 @needs_triton
 def test_in_kernel_noise_is_seeded_standard_normal() -> None:
     x = torch.zeros(4, 4, 64, 64, device=DEVICE)

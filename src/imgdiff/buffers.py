@@ -39,6 +39,7 @@ __all__ = [
     "BufferPool",
     "active_pool",
     "empty_like",
+    "exclusive",
     "out_empty",
     "out_like",
     "reuse_buffers",
@@ -75,6 +76,17 @@ def _probe() -> int:
 
 
 _STORAGE_REFS = _probe() if _SUPPORTED else -1
+
+
+def _exclusive_counts() -> tuple[int, int]:
+    """The storage's reference and use counts as :func:`exclusive` sees them for a tensor that
+    is the only user of its memory (written with its shape: a local ``s``)."""
+    t = torch.empty(1, device="cpu")
+    s = t.untyped_storage()
+    return sys.getrefcount(s), _storage_use_count(s._cdata)
+
+
+_EXCLUSIVE = _exclusive_counts() if _SUPPORTED else (-1, -1)
 
 
 class BufferPool:
@@ -121,6 +133,10 @@ class BufferPool:
     def clear(self) -> None:
         """Drop every buffer from the pool (memory a tensor still uses lives on)."""
         self._buffers.clear()
+
+    def holds(self, storage: torch.UntypedStorage) -> bool:
+        """Whether ``storage`` (the object itself) is one of the pool's buffers."""
+        return any(s is storage for entries in self._buffers.values() for s in entries)
 
     def _take(self, key: _Key) -> Tensor:
         shape, dtype, channels_last = key
@@ -182,6 +198,27 @@ def reuse_buffers(capacity: int = 8) -> Iterator[BufferPool]:
     finally:
         pools.remove(pool)
         pool.clear()
+
+
+def exclusive(t: Tensor) -> bool:
+    """Whether ``t`` is the only tensor on its memory, so that an update may overwrite it once
+    its holder drops every other reference to ``t`` itself.
+
+    No view of ``t``, ``detach()`` of it, tensor autograd saved for backward, ``numpy()``, DLPack
+    export (each of these is another tensor on the memory) nor Python reference to its storage
+    object besides a :class:`BufferPool`'s may exist. Python references to the tensor object
+    ``t`` itself are not seen: a caller that lends ``t`` out (to a model, say) lends
+    ``t.detach()`` instead and asks after dropping it; whatever the borrower kept then counts.
+    ``False`` where the counts are not exact (a free-threaded Python build).
+    """
+    if not _SUPPORTED:
+        return False
+    s = t.untyped_storage()
+    refs, users = _EXCLUSIVE
+    held = sys.getrefcount(s) - refs
+    if _storage_use_count(s._cdata) != users or held < 0:
+        return False
+    return held == 0 or (held == 1 and any(p.holds(s) for p in _ACTIVE.pools))
 
 
 def empty_like(x: Tensor) -> Tensor:

@@ -134,8 +134,10 @@ class KnownRegion:
         known, hole, keep = self._on(x)
         scale, noise, noise_scale = self._level(timestep, x)
         impl = fused_backend(self.backend, x, known)
-        if impl is not None:
-            return kernels.fused_inpaint_blend(impl, x, known, keep, scale, noise, noise_scale)
+        if impl is not None:  # the noise is a fresh draw of ours: the blend overwrites it
+            return kernels.fused_inpaint_blend(
+                impl, x, known, keep, scale, noise, noise_scale, into_noise=True
+            )
         pasted = known if noise is None else known * scale + noise * noise_scale
         return torch.where(hole, x, pasted, out=out_like(x, pasted))
 

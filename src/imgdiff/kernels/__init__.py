@@ -195,14 +195,18 @@ def fused_lincomb3(
     noise: Tensor | None = None,
     c: float = 0.0,
     seed: int | None = None,
+    *,
+    in_place: bool = False,
 ) -> Tensor:
     """:func:`lincomb3` on the fused kernels ``impl`` (from :func:`fused_backend`), unchecked: for
-    sampling loops whose operands are already validated."""
+    sampling loops whose operands are already validated. ``in_place``: write into ``x`` (a
+    tensor the loop owns and no one else uses; see :func:`imgdiff.buffers.exclusive`)."""
     if impl == "cpu":
-        return cpu.lincomb3(x, a, y, b, noise if seed is None else _torch_noise(x, seed), c)
+        z = noise if seed is None else _torch_noise(x, seed)
+        return cpu.lincomb3(x, a, y, b, z, c, in_place=in_place)
     from imgdiff.kernels import fused
 
-    return fused.lincomb3(x, a, y, b, noise, c, seed)
+    return fused.lincomb3(x, a, y, b, noise, c, seed, in_place=in_place)
 
 
 def fused_edict_mix(impl: Fused, x: Tensor, y: Tensor, p: float) -> tuple[Tensor, Tensor]:
@@ -238,14 +242,17 @@ def fused_edict_substep_mix(
     p: float,
     update_x: bool,
     c: float = 0.0,
+    *,
+    in_place: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """:func:`edict_substep_mix` on the fused kernels ``impl``, unchecked (``update_x``: whether
-    the sub-step moves ``x``; see :func:`fused_lincomb3`)."""
+    the sub-step moves ``x``; see :func:`fused_lincomb3`). ``in_place``: the mixed value of the
+    sequence the sub-step does not move is written into that input (as ``in_place`` there)."""
     if impl == "cpu":
-        return cpu.edict_substep_mix(x, y, eps, a, b, p, update_x, c)
+        return cpu.edict_substep_mix(x, y, eps, a, b, p, update_x, c, in_place=in_place)
     from imgdiff.kernels import fused
 
-    return fused.edict_substep_mix(x, y, eps, a, b, p, update_x, c)
+    return fused.edict_substep_mix(x, y, eps, a, b, p, update_x, c, in_place=in_place)
 
 
 def fused_inpaint_blend(
@@ -257,18 +264,34 @@ def fused_inpaint_blend(
     noise: Tensor | None,
     noise_scale: float,
     seed: int | None = None,
+    *,
+    into_noise: bool = False,
 ) -> Tensor:
     """:func:`inpaint_blend` on the fused kernels ``impl``, unchecked (see :func:`fused_lincomb3`);
-    ``mask`` floating, of ``x``'s shape or ``(B, 1, ...)``."""
+    ``mask`` floating, of ``x``'s shape or ``(B, 1, ...)``. ``into_noise``: write the result into
+    ``noise`` (a fresh draw the caller owns) where its layout and dtype allow."""
     if impl == "cpu":
         z = noise if seed is None else _torch_noise(x, seed)
         return cpu.inpaint_blend(
-            x, known, mask, known_scale=known_scale, noise=z, noise_scale=noise_scale
+            x,
+            known,
+            mask,
+            known_scale=known_scale,
+            noise=z,
+            noise_scale=noise_scale,
+            into_noise=into_noise,
         )
     from imgdiff.kernels import fused
 
     return fused.inpaint_blend(
-        x, known, mask, known_scale=known_scale, noise=noise, noise_scale=noise_scale, seed=seed
+        x,
+        known,
+        mask,
+        known_scale=known_scale,
+        noise=noise,
+        noise_scale=noise_scale,
+        seed=seed,
+        into_noise=into_noise,
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -14,6 +16,7 @@ __all__ = [
     "dense_like",
     "layout",
     "mask_operand",
+    "substep_mix_outputs",
 ]
 
 MASK_FULL = 0
@@ -76,3 +79,14 @@ def mask_operand(mask: Tensor, x: Tensor, fmt: torch.memory_format) -> tuple[Ten
     if fmt == torch.channels_last:
         return mask.contiguous(), MASK_BROADCAST_CHANNELS_LAST
     return mask.contiguous(), MASK_BROADCAST_CONTIGUOUS
+
+
+def substep_mix_outputs(
+    x: Tensor, y: Tensor, update_x: bool, in_place: bool, empty: Callable[[Tensor], Tensor]
+) -> tuple[Tensor, Tensor]:
+    """The outputs of EDICT's fused sub-step and mixing pair for aligned ``x``, ``y``: two from
+    ``empty``, or with ``in_place`` the input the sub-step does not move (its values are read
+    before they are written, element by element) and one from ``empty``."""
+    if not in_place:
+        return empty(x), empty(x)
+    return (empty(x), y) if update_x else (x, empty(x))

@@ -45,6 +45,7 @@ from imgdiff.kernels._layout import (
     aligned,
     aligned_to,
     mask_operand,
+    substep_mix_outputs,
 )
 
 __all__ = [
@@ -309,14 +310,22 @@ _BLEND = {
 
 
 def lincomb3(
-    x: Tensor, a: float, y: Tensor, b: float, noise: Tensor | None = None, c: float = 0.0
+    x: Tensor,
+    a: float,
+    y: Tensor,
+    b: float,
+    noise: Tensor | None = None,
+    c: float = 0.0,
+    *,
+    in_place: bool = False,
 ) -> Tensor:
     """``a x + b y + c noise`` in one pass: ``x``, ``y``, ``noise`` ``(B, ...)`` of one shape, float32
-    or bfloat16 CPU tensors (``y``, ``noise`` converted to ``x``'s dtype); a new ``(B, ...)``."""
+    or bfloat16 CPU tensors (``y``, ``noise`` converted to ``x``'s dtype); a new ``(B, ...)``, or
+    ``x`` itself overwritten with ``in_place`` (where ``x`` is dense)."""
     lib = _library()
     fmt, x, (y,) = aligned(x, y, cast=True)
     z = None if noise is None else aligned_to(noise, x, fmt, cast=True)
-    out = empty_like(x)
+    out = x if in_place else empty_like(x)
     lib.functions[_LINCOMB3[x.dtype]](
         x.data_ptr(),
         a,
@@ -360,13 +369,17 @@ def edict_substep_mix(
     p: float,
     update_x: bool,
     c: float = 0.0,
+    *,
+    in_place: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """EDICT's second sub-step (``x`` or ``y`` becomes ``a z + b eps + c w``, ``w`` the other one)
     and mixing pair in one pass, for ``x``, ``y``, ``eps`` ``(B, ...)``; two new tensors of
-    ``x``'s shape and dtype."""
+    ``x``'s shape and dtype, or with ``in_place`` the sequence the sub-step does not move (``y``
+    with ``update_x``, else ``x``) overwritten with its mixed value (where it is laid out as
+    ``x``) and one new tensor."""
     lib = _library()
     _, x, (y, eps) = aligned(x, y, eps, cast=True)
-    x_out, y_out = empty_like(x), empty_like(x)
+    x_out, y_out = substep_mix_outputs(x, y, update_x, in_place, empty_like)
     lib.functions[_SUBSTEP_MIX[x.dtype]](
         x.data_ptr(),
         y.data_ptr(),
@@ -392,11 +405,14 @@ def inpaint_blend(
     known_scale: float = 1.0,
     noise: Tensor | None = None,
     noise_scale: float = 0.0,
+    into_noise: bool = False,
 ) -> Tensor:
     """``(1 - m) x + m (known_scale known + noise_scale noise)`` in one pass.
 
     ``x``, ``known``, ``noise``: ``(B, C, ...)``; ``mask``: ``x``'s shape or ``(B, 1, ...)``,
-    float32 or ``x``'s dtype (others are converted to float32).
+    float32 or ``x``'s dtype (others are converted to float32). A new tensor, or with
+    ``into_noise`` ``noise`` itself overwritten (where it is laid out as ``x``, in its dtype, and
+    ``noise_scale`` is not 0).
     """
     lib = _library()
     fmt, x, (known,) = aligned(x, known, cast=True)
@@ -408,7 +424,7 @@ def inpaint_blend(
     # contiguous with C > 1, so dim 1's stride is the plane)
     channels = 1 if mode == MASK_FULL else x.shape[1]
     plane = x.stride(1) if mode == MASK_BROADCAST_CONTIGUOUS else 1
-    out = empty_like(x)
+    out = z if into_noise and z is not None else empty_like(x)
     lib.functions[_BLEND[x.dtype, m.dtype == torch.float32, z is not None]](
         x.data_ptr(),
         known.data_ptr(),

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from imgdiff.kernels._layout import aligned, aligned_to, mask_operand
+from imgdiff.kernels._layout import aligned, aligned_to, mask_operand, substep_mix_outputs
 
 __all__ = [
     "ddpm_learned_step",
@@ -198,11 +198,14 @@ def lincomb3(
     noise: Tensor | None = None,
     c: float = 0.0,
     seed: int | None = None,
+    *,
+    in_place: bool = False,
 ) -> Tensor:
-    """Fused ``a x + b y + c noise``; with ``seed`` the noise is drawn in the kernel (Philox)."""
+    """Fused ``a x + b y + c noise``; with ``seed`` the noise is drawn in the kernel (Philox);
+    with ``in_place`` into ``x`` itself (where ``x`` is dense)."""
     fmt, x, (y,) = aligned(x, y)
     n = x if noise is None else aligned_to(noise, x, fmt)
-    out = torch.empty_like(x)
+    out = x if in_place else torch.empty_like(x)
     numel = x.numel()
     _lincomb3_kernel[_grid(numel)](
         x,
@@ -230,14 +233,17 @@ def inpaint_blend(
     noise: Tensor | None = None,
     noise_scale: float = 0.0,
     seed: int | None = None,
+    into_noise: bool = False,
 ) -> Tensor:
-    """Fused ``(1 - m) x + m (known_scale known + noise_scale noise)``."""
+    """Fused ``(1 - m) x + m (known_scale known + noise_scale noise)``; with ``into_noise`` into
+    ``noise``'s memory where it is laid out as ``x``, in ``x``'s dtype."""
     fmt, x, (known,) = aligned(x, known)
     n = x if noise is None else aligned_to(noise, x, fmt)
     C = x.shape[1]
     plane = math.prod(x.shape[2:])
     m, mode = mask_operand(mask, x, fmt)
-    out = torch.empty_like(x)
+    reuse = into_noise and noise is not None and n.dtype == x.dtype
+    out = n if reuse else torch.empty_like(x)
     numel = x.numel()
     _inpaint_kernel[_grid(numel)](
         x,
@@ -280,10 +286,13 @@ def edict_substep_mix(
     p: float,
     update_x: bool,
     c: float = 0.0,
+    *,
+    in_place: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """Fused EDICT second sub-step and mixing pair: both outputs in one pass."""
+    """Fused EDICT second sub-step and mixing pair: both outputs in one pass (with ``in_place``
+    the sequence not moved by the sub-step is overwritten; see :func:`imgdiff.kernels.cpu`'s)."""
     _, x, (y, eps) = aligned(x, y, eps, cast=True)
-    x_out, y_out = torch.empty_like(x), torch.empty_like(x)
+    x_out, y_out = substep_mix_outputs(x, y, update_x, in_place, torch.empty_like)
     numel = x.numel()
     _edict_substep_mix_kernel[_grid(numel)](
         x,

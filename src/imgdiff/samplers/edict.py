@@ -22,7 +22,7 @@ from imgdiff import kernels
 from imgdiff._checks import check_float, check_same_shape, check_tensor, describe
 from imgdiff._ops import Scalar, fusable, lincomb
 from imgdiff._warnings import warn_user
-from imgdiff.buffers import out_like
+from imgdiff.buffers import exclusive, out_like
 from imgdiff.errors import InputTypeError, InputValueError, PrecisionWarning
 from imgdiff.kernels import Fused, fused_backend, fused_for
 from imgdiff.models import BoundModel, Model, check_model_output
@@ -152,13 +152,14 @@ class EDICT(Sampler[EDICTState, EDICTCoefficients]):
         # the sequence updated first (sub-step 1), then the other one (sub-step 2) and the mixing
         out1 = _model_output(model, other, t)
         first1 = _substep(impl, k, c, first, a, b, other, out1)
-        out = _model_output(model, first1, t)
+        out = _model_output(model, _lent(first1, k), t)
         impl = fused_for(impl, first1, out)  # autograd must see what needs it
         if impl is not None and k is not None:
-            # sub-step 2 fused with the mixing layer: one pass
+            # sub-step 2 fused with the mixing layer: one pass, into first1's memory where the
+            # model kept nothing of it
             u, v = (first1, y) if x_first else (x, first1)
             mixed = kernels.fused_edict_substep_mix(
-                impl, u, v, out, k[0], k[1], p, not x_first, k[2]
+                impl, u, v, out, k[0], k[1], p, not x_first, k[2], in_place=exclusive(first1)
             )
         else:
             other1 = lincomb(other, a, c.eps_hat(first1, out), b)
@@ -193,10 +194,12 @@ class EDICT(Sampler[EDICTState, EDICTCoefficients]):
         inv_a = 1.0 / c.a
         minus_b = -c.b * inv_a
         k = None if impl is None else _folded(c, inv_a, minus_b)
-        out1 = _model_output(model, first1, t)
-        other0 = _substep(impl, k, c, other1, inv_a, minus_b, first1, out1)
+        out1 = _model_output(model, _lent(first1, k), t)
+        # other1 is the unmixing's new tensor, seen by no one: overwritten by the fused pass
+        other0 = _substep(impl, k, c, other1, inv_a, minus_b, first1, out1, in_place=True)
         out = _model_output(model, other0, t)
-        first0 = _substep(impl, k, c, first1, inv_a, minus_b, other0, out)
+        in_place = k is not None and exclusive(first1)
+        first0 = _substep(impl, k, c, first1, inv_a, minus_b, other0, out, in_place=in_place)
         state1 = (first0, other0) if c.x_first else (other0, first0)
         # the second call's input is at level t, where the coefficients convert
         return StepOutput(state1, lambda: c.raw_x0_hat(other0, out))
@@ -494,14 +497,25 @@ def _substep(
     b: Scalar,
     w: Tensor,
     out: Tensor,
+    *,
+    in_place: bool = False,
 ) -> Tensor:
     """An affine sub-step ``a z + b eps_hat(w, out)`` (paper eq. 10; its inverse with ``1/a`` and
     ``-b/a``), ``out`` the model's output at the other sequence ``w``: one fused pass with the
     folded coefficients ``k`` (:func:`_folded` of ``a``, ``b``) where ``impl`` (from
-    :attr:`EDICT.backend`) allows and autograd need not see it."""
+    :attr:`EDICT.backend`) allows and autograd need not see it, written into ``z`` with
+    ``in_place`` (a tensor of the step's own that no one else uses)."""
     if k is not None and (impl := fused_for(impl, z, w, out)) is not None:
-        return kernels.fused_lincomb3(impl, z, k[0], out, k[1], w if k[2] != 0.0 else None, k[2])
+        noise = w if k[2] != 0.0 else None
+        return kernels.fused_lincomb3(impl, z, k[0], out, k[1], noise, k[2], in_place=in_place)
     return lincomb(z, a, c.eps_hat(w, out), b)
+
+
+def _lent(z: Tensor, k: tuple[float, float, float] | None) -> Tensor:
+    """``z`` as given to the model: a ``detach()`` of it (another tensor on its memory, so that
+    :func:`~imgdiff.buffers.exclusive` sees what the model keeps) where the step may overwrite
+    ``z`` afterwards (fused, ``k`` not ``None``, and no autograd graph through ``z``)."""
+    return z if k is None or z.requires_grad else z.detach()
 
 
 def _check_pair(x: Tensor, y: Tensor) -> None:
