@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import platform
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -634,6 +636,44 @@ print(kernels.cpu.library_path())
     done = _python(code, CC=str(wrapper), IMGDIFF_CACHE_DIR=str(tmp_path / "cache"))
     assert done.returncode == 0, done.stdout + done.stderr
     assert str(tmp_path / "cache") in done.stdout
+
+
+@pytest.mark.skipif(
+    not (sys.platform == "linux" and platform.machine() == "x86_64"), reason="GCC on x86-64 Linux"
+)
+def test_cpu_kernels_compile_cleanly_with_openmp_and_clones(tmp_path: Path) -> None:
+    """With a GCC that has OpenMP the first build of the chain (OpenMP, per-CPU clones) must
+    succeed: a pragma or attribute it rejects would otherwise fall back silently to a slower
+    build. Warnings count as errors here."""
+    cc = _compiler()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    if "Free Software Foundation" not in version or "clang" in version:
+        pytest.skip("needs GCC")
+    probe = tmp_path / "probe.c"
+    probe.write_text("int main(void) { return 0; }\n")
+    if subprocess.run([cc, "-fopenmp", str(probe), "-o", str(tmp_path / "probe")]).returncode:
+        pytest.skip("the compiler has no OpenMP")
+    include = sysconfig.get_paths()["include"]
+    source = Path(kernels.cpu.__file__).parent
+    for name, extra in (("cpu_kernels.c", []), ("cpu_module.c", [f"-I{include}", f"-I{source}"])):
+        done = subprocess.run(
+            [
+                cc,
+                *kernels.cpu._BASE_FLAGS,
+                "-fopenmp",
+                "-Wall",
+                "-Wextra",
+                "-Werror",
+                *extra,
+                str(source / name),
+                "-o",
+                str(tmp_path / f"{name}.so"),
+            ],
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 0, done.stderr
+    assert kernels.cpu._library().openmp
 
 
 def test_cpu_kernels_run_in_a_forked_child() -> None:

@@ -121,6 +121,16 @@ static inline void mix_at(float u, float v, float alpha, float beta, float *uo, 
     *vo = alpha * v + beta * *uo;
 }
 
+/* An output may be one of the inputs (the loops' in-place calls: lincomb3's x, the substep's
+ * sequence not moved, the blend's noise), so those pointers carry no `restrict`. Each element is
+ * read before it is written and no other element is touched: no dependence between iterations,
+ * which this pragma tells the vectoriser instead of a run-time overlap check. */
+#if defined(__GNUC__) && !defined(__clang__)
+#define IMGDIFF_ELEMENTWISE _Pragma("GCC ivdep")
+#else
+#define IMGDIFF_ELEMENTWISE
+#endif
+
 /* for each block of the n elements, starting at s (threads share the blocks) */
 #define IMGDIFF_FOR_BLOCKS(s) IMGDIFF_PARALLEL for (int64_t s = 0; s < n; s += IMGDIFF_BLOCK)
 static inline int64_t block_len(int64_t n, int64_t s) {
@@ -129,17 +139,19 @@ static inline int64_t block_len(int64_t n, int64_t s) {
 
 /* out = a x + b y (+ c z when z is not NULL): DDIM, fixed-variance DDPM, conversions. */
 #define IMGDIFF_LINCOMB3(S)                                                                        \
-    IMGDIFF_CLONES void imgdiff_lincomb3_##S(const void *restrict x, float a, const void *restrict y, \
-                                             float b, const void *restrict z, float c,             \
-                                             void *restrict out, int64_t n, int threads) {         \
+    IMGDIFF_CLONES void imgdiff_lincomb3_##S(const void *x, float a, const void *restrict y,       \
+                                             float b, const void *restrict z, float c, void *out,  \
+                                             int64_t n, int threads) {                             \
         IMGDIFF_FOR_BLOCKS(s) {                                                                    \
             const int64_t m = block_len(n, s);                                                     \
             float buf[IMGDIFF_BLOCK];                                                              \
-            float *restrict t = stage_##S(out, s, buf);                                            \
+            float *t = stage_##S(out, s, buf);                                                     \
             if (z) {                                                                               \
+                IMGDIFF_ELEMENTWISE                                                                \
                 for (int64_t j = 0; j < m; j++)                                                    \
                     t[j] = a * ld_##S(x, s + j) + b * ld_##S(y, s + j) + c * ld_##S(z, s + j);     \
             } else {                                                                               \
+                IMGDIFF_ELEMENTWISE                                                                \
                 for (int64_t j = 0; j < m; j++) t[j] = a * ld_##S(x, s + j) + b * ld_##S(y, s + j); \
             }                                                                                      \
             flush_##S(out, s, t, m);                                                               \
@@ -175,21 +187,22 @@ IMGDIFF_EDICT_MIX(bf16)
  * pair. The updated value stays in float32 for the mixing. */
 #define IMGDIFF_EDICT_SUBSTEP_MIX(S)                                                               \
     IMGDIFF_CLONES void imgdiff_edict_substep_mix_##S(                                             \
-        const void *restrict x, const void *restrict y, const void *restrict e, float a, float b,  \
-        float c, float p, int update_x, void *restrict xo, void *restrict yo, int64_t n,           \
-        int threads) {                                                                             \
+        const void *x, const void *y, const void *restrict e, float a, float b, float c, float p,  \
+        int update_x, void *xo, void *yo, int64_t n, int threads) {                                \
         const float q = 1.0f - p;                                                                  \
         IMGDIFF_FOR_BLOCKS(s) {                                                                    \
             const int64_t m = block_len(n, s);                                                     \
             float xbuf[IMGDIFF_BLOCK], ybuf[IMGDIFF_BLOCK];                                        \
-            float *restrict xt = stage_##S(xo, s, xbuf), *restrict yt = stage_##S(yo, s, ybuf);    \
+            float *xt = stage_##S(xo, s, xbuf), *yt = stage_##S(yo, s, ybuf);                      \
             if (update_x) {                                                                        \
+                IMGDIFF_ELEMENTWISE                                                                \
                 for (int64_t j = 0; j < m; j++) {                                                  \
                     const float yv = ld_##S(y, s + j);                                             \
                     const float xv = a * ld_##S(x, s + j) + b * ld_##S(e, s + j) + c * yv;         \
                     mix_at(xv, yv, p, q, xt + j, yt + j);                                          \
                 }                                                                                  \
             } else {                                                                               \
+                IMGDIFF_ELEMENTWISE                                                                \
                 for (int64_t j = 0; j < m; j++) {                                                  \
                     const float xv = ld_##S(x, s + j);                                             \
                     const float yv = a * ld_##S(y, s + j) + b * ld_##S(e, s + j) + c * xv;         \
@@ -219,20 +232,24 @@ IMGDIFF_EDICT_SUBSTEP_MIX(bf16)
 
 #define IMGDIFF_INPAINT_BLEND(S, M, HAS_Z, NAME)                                                   \
     IMGDIFF_CLONES void imgdiff_inpaint_blend_##S##_##M##_##NAME(                                  \
-        const void *restrict x, const void *restrict k, float ks, const void *restrict z,          \
-        float ns, const void *restrict m, int mode, int64_t n, int64_t channels, int64_t plane,    \
-        void *restrict out, int threads) {                                                         \
+        const void *restrict x, const void *restrict k, float ks, const void *z, float ns,         \
+        const void *restrict m, int mode, int64_t n, int64_t channels, int64_t plane, void *out,   \
+        int threads) {                                                                             \
         (void)z;                                                                                   \
         (void)ns;                                                                                  \
         if (n <= 0) return; /* plane, channels may be 0 */                                         \
         if (mode == 0) {                                                                           \
-            IMGDIFF_PARALLEL                                                                       \
-            for (int64_t i = 0; i < n; i++) IMGDIFF_BLEND_AT(S, M, HAS_Z, i, i);                   \
+            IMGDIFF_FOR_BLOCKS(s) {                                                                \
+                const int64_t end = s + block_len(n, s);                                           \
+                IMGDIFF_ELEMENTWISE                                                                \
+                for (int64_t i = s; i < end; i++) IMGDIFF_BLEND_AT(S, M, HAS_Z, i, i);             \
+            }                                                                                      \
         } else if (mode == 1) {                                                                    \
             const int64_t rows = n / plane;                                                        \
             IMGDIFF_PARALLEL                                                                       \
             for (int64_t r = 0; r < rows; r++) {                                                   \
                 const int64_t base = r * plane, mbase = (r / channels) * plane;                    \
+                IMGDIFF_ELEMENTWISE                                                                \
                 for (int64_t j = 0; j < plane; j++)                                                \
                     IMGDIFF_BLEND_AT(S, M, HAS_Z, base + j, mbase + j);                            \
             }                                                                                      \
@@ -241,6 +258,7 @@ IMGDIFF_EDICT_SUBSTEP_MIX(bf16)
             IMGDIFF_PARALLEL                                                                       \
             for (int64_t s = 0; s < sites; s++) {                                                  \
                 const int64_t base = s * channels;                                                 \
+                IMGDIFF_ELEMENTWISE                                                                \
                 for (int64_t j = 0; j < channels; j++)                                             \
                     IMGDIFF_BLEND_AT(S, M, HAS_Z, base + j, s);                                    \
             }                                                                                      \
