@@ -134,6 +134,32 @@ def test_inpaint_blend_equals_reference(
 
 
 @pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("shape", "channels_last"),
+    [
+        ((2, 3, 37, 29), False),  # planes of 1073: runs of 512, 512, 49 per row
+        ((2, 7, 19, 11), True),  # 418 sites of 7 channels: runs of 73 sites, a short last one
+        ((1, 600, 3, 2), True),  # sites of 600 channels: longer than a run
+    ],
+)
+def test_inpaint_blend_runs_cover_long_rows_and_sites(
+    backend: str, dtype: torch.dtype, shape: tuple[int, ...], channels_last: bool
+) -> None:
+    """The blend's broadcast modes split rows and sites into runs of at most a block (512):
+    every element, including each run's last, equals the reference."""
+    x, known, noise = _tensors(shape, dtype, channels_last, 3, 3, _device(backend))
+    g = torch.Generator().manual_seed(4)
+    for mshape in ((shape[0], 1, *shape[2:]), shape):
+        for mask in (torch.rand(mshape, generator=g).to(dtype), torch.rand(mshape, generator=g)):
+            mask = mask.to(x.device)
+            for z in (noise, None):
+                kw = {"known_scale": 0.8, "noise": z, "noise_scale": 0.6 if z is not None else 0.0}
+                got = kernels.inpaint_blend(x, known, mask, backend=backend, **kw)  # type: ignore[arg-type]
+                _close(got, reference.inpaint_blend(x, known, mask.to(dtype), **kw))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("name", ["edict_mix", "edict_unmix"])
 @settings(max_examples=20, deadline=None)
 @given(_case(), st.floats(0.5, 1.0))

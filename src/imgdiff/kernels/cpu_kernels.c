@@ -221,13 +221,18 @@ IMGDIFF_EDICT_SUBSTEP_MIX(bf16)
  * 2: (B, 1, S) against channels-last (B, S, C) memory. n elements; channels = C (modes 1, 2) and
  * plane = S (mode 1) say how the mask broadcasts, and are not read in mode 0. One
  * function per storage S, mask storage M (float32, or S) and with (z) or without (nz) noise, so
- * the inner loops carry no per-element branches. */
-#define IMGDIFF_BLEND_AT(S, M, HAS_Z, I, MI)                                                       \
+ * the inner loops carry no per-element branches. Each mode walks runs of at most a block of
+ * consecutive elements, staged and stored as the kernels above. */
+/* LEN elements from I0 into T; the mask read at MI0 + j (MSTEP 1) or at MI0 (MSTEP 0) */
+#define IMGDIFF_BLEND_RUN(S, M, HAS_Z, MSTEP, T, I0, LEN, MI0)                                     \
     do {                                                                                           \
-        const float mv = ld_##M(m, (MI)), xv = ld_##S(x, (I));                                     \
-        float pv = ks * ld_##S(k, (I));                                                            \
-        if (HAS_Z) pv += ns * ld_##S(z, (I));                                                      \
-        st_##S(out, (I), xv * (1.0f - mv) + pv * mv);                                              \
+        IMGDIFF_ELEMENTWISE                                                                        \
+        for (int64_t j = 0; j < (LEN); j++) {                                                      \
+            const float mv = ld_##M(m, (MI0) + (MSTEP) * j), xv = ld_##S(x, (I0) + j);             \
+            float pv = ks * ld_##S(k, (I0) + j);                                                   \
+            if (HAS_Z) pv += ns * ld_##S(z, (I0) + j);                                             \
+            (T)[j] = xv * (1.0f - mv) + pv * mv;                                                   \
+        }                                                                                          \
     } while (0)
 
 #define IMGDIFF_INPAINT_BLEND(S, M, HAS_Z, NAME)                                                   \
@@ -240,27 +245,46 @@ IMGDIFF_EDICT_SUBSTEP_MIX(bf16)
         if (n <= 0) return; /* plane, channels may be 0 */                                         \
         if (mode == 0) {                                                                           \
             IMGDIFF_FOR_BLOCKS(s) {                                                                \
-                const int64_t end = s + block_len(n, s);                                           \
-                IMGDIFF_ELEMENTWISE                                                                \
-                for (int64_t i = s; i < end; i++) IMGDIFF_BLEND_AT(S, M, HAS_Z, i, i);             \
+                const int64_t len = block_len(n, s);                                               \
+                float buf[IMGDIFF_BLOCK];                                                          \
+                float *t = stage_##S(out, s, buf);                                                 \
+                IMGDIFF_BLEND_RUN(S, M, HAS_Z, 1, t, s, len, s);                                   \
+                flush_##S(out, s, t, len);                                                         \
             }                                                                                      \
-        } else if (mode == 1) {                                                                    \
-            const int64_t rows = n / plane;                                                        \
+        } else if (mode == 1) { /* rows of a plane, in runs; C rows share a mask plane */          \
+            const int64_t runs = (plane + IMGDIFF_BLOCK - 1) / IMGDIFF_BLOCK, rows = n / plane;    \
             IMGDIFF_PARALLEL                                                                       \
-            for (int64_t r = 0; r < rows; r++) {                                                   \
-                const int64_t base = r * plane, mbase = (r / channels) * plane;                    \
-                IMGDIFF_ELEMENTWISE                                                                \
-                for (int64_t j = 0; j < plane; j++)                                                \
-                    IMGDIFF_BLEND_AT(S, M, HAS_Z, base + j, mbase + j);                            \
+            for (int64_t q = 0; q < rows * runs; q++) {                                            \
+                const int64_t r = q / runs, c0 = (q % runs) * IMGDIFF_BLOCK;                       \
+                const int64_t i0 = r * plane + c0, len = block_len(plane, c0);                     \
+                float buf[IMGDIFF_BLOCK];                                                          \
+                float *t = stage_##S(out, i0, buf);                                                \
+                IMGDIFF_BLEND_RUN(S, M, HAS_Z, 1, t, i0, len, (r / channels) * plane + c0);        \
+                flush_##S(out, i0, t, len);                                                        \
             }                                                                                      \
-        } else {                                                                                   \
+        } else if (channels <= IMGDIFF_BLOCK) { /* runs of whole sites: C values, one mask */      \
+            const int64_t sites = n / channels, per = IMGDIFF_BLOCK / channels;                    \
+            IMGDIFF_PARALLEL                                                                       \
+            for (int64_t s0 = 0; s0 < sites; s0 += per) {                                          \
+                const int64_t s1 = s0 + per < sites ? s0 + per : sites, i0 = s0 * channels;        \
+                float buf[IMGDIFF_BLOCK];                                                          \
+                float *t = stage_##S(out, i0, buf);                                                \
+                for (int64_t si = s0; si < s1; si++)                                               \
+                    IMGDIFF_BLEND_RUN(S, M, HAS_Z, 0, t + (si - s0) * channels, si * channels,     \
+                                      channels, si);                                               \
+                flush_##S(out, i0, t, (s1 - s0) * channels);                                       \
+            }                                                                                      \
+        } else { /* sites longer than a block, in runs */                                          \
             const int64_t sites = n / channels;                                                    \
+            const int64_t runs = (channels + IMGDIFF_BLOCK - 1) / IMGDIFF_BLOCK;                   \
             IMGDIFF_PARALLEL                                                                       \
-            for (int64_t s = 0; s < sites; s++) {                                                  \
-                const int64_t base = s * channels;                                                 \
-                IMGDIFF_ELEMENTWISE                                                                \
-                for (int64_t j = 0; j < channels; j++)                                             \
-                    IMGDIFF_BLEND_AT(S, M, HAS_Z, base + j, s);                                    \
+            for (int64_t q = 0; q < sites * runs; q++) {                                           \
+                const int64_t si = q / runs, c0 = (q % runs) * IMGDIFF_BLOCK;                      \
+                const int64_t i0 = si * channels + c0, len = block_len(channels, c0);              \
+                float buf[IMGDIFF_BLOCK];                                                          \
+                float *t = stage_##S(out, i0, buf);                                                \
+                IMGDIFF_BLEND_RUN(S, M, HAS_Z, 0, t, i0, len, si);                                 \
+                flush_##S(out, i0, t, len);                                                        \
             }                                                                                      \
         }                                                                                          \
     }
