@@ -359,7 +359,8 @@ def step_functions(
     for b in backends[1:]:
         # paste's noise is a fresh draw of its own, which the fused blend overwrites
         # (into_noise): here a copy of z, so the other calls' noise stays as drawn
-        fns[f"inpaint blend|{b}"] = lambda b=b, own=z.clone(): kernels.fused_inpaint_blend(
+        own = z.clone()
+        fns[f"inpaint blend|{b}"] = lambda b=b, own=own: kernels.fused_inpaint_blend(
             b,  # type: ignore[arg-type]
             x,
             init,
