@@ -3,6 +3,7 @@ nothing outside the pool refers to it, and loops give the same results with and 
 
 from __future__ import annotations
 
+import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterator
@@ -109,6 +110,29 @@ def test_exclusive_refuses_a_storage_held_by_no_active_pool() -> None:
     assert not buffers.exclusive(x)  # the pool's reference, and the pool is not active
     with _entered(pool):
         assert buffers.exclusive(x)
+
+
+def test_exclusive_refuses_shared_memory_and_holds_under_a_tracer() -> None:
+    """Memory another process may read is never exclusive; a tracer that holds the frames'
+    locals (a debugger) changes no answer."""
+    t = torch.randn(SHAPE)
+    t.detach().share_memory_()  # as a torch.multiprocessing queue does to what it sends
+    assert not buffers.exclusive(t)
+    x, y = torch.randn(8), torch.randn(8)
+    kept = y.untyped_storage()
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        frame.f_locals  # noqa: B018 (takes references to the frame's locals)
+        return tracer
+
+    sys.settrace(tracer)
+    try:
+        answers = (buffers.exclusive(x), buffers.exclusive(y))
+    finally:
+        sys.settrace(None)
+    assert answers == (True, False)
+    del kept
+    assert buffers.exclusive(y)
 
 
 def test_each_output_is_a_new_tensor_object() -> None:

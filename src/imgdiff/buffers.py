@@ -78,15 +78,9 @@ def _probe() -> int:
 _STORAGE_REFS = _probe() if _SUPPORTED else -1
 
 
-def _exclusive_counts() -> tuple[int, int]:
-    """The storage's reference and use counts as :func:`exclusive` sees them for a tensor that
-    is the only user of its memory (written with its shape: a local ``s``)."""
-    t = torch.empty(1, device="cpu")
-    s = t.untyped_storage()
-    return sys.getrefcount(s), _storage_use_count(s._cdata)
-
-
-_EXCLUSIVE = _exclusive_counts() if _SUPPORTED else (-1, -1)
+_WITNESS = torch.empty(1, device="cpu")
+"""A tensor alone on its memory, which :func:`exclusive` counts beside the one it is asked about
+(in the same frame, so a tracer holding that frame's locals adds the same to both)."""
 
 
 class BufferPool:
@@ -209,14 +203,15 @@ def exclusive(t: Tensor) -> bool:
     object besides a :class:`BufferPool`'s may exist. Python references to the tensor object
     ``t`` itself are not seen: a caller that lends ``t`` out (to a model, say) lends
     ``t.detach()`` instead and asks after dropping it; whatever the borrower kept then counts.
-    ``False`` where the counts are not exact (a free-threaded Python build).
+    Memory moved to shared memory (``share_memory_()``, a ``torch.multiprocessing`` queue) is
+    never exclusive: another process may read it. A weak reference to the storage object is not
+    seen. ``False`` where the counts are not exact (a free-threaded Python build).
     """
     if not _SUPPORTED:
         return False
-    s = t.untyped_storage()
-    refs, users = _EXCLUSIVE
-    held = sys.getrefcount(s) - refs
-    if _storage_use_count(s._cdata) != users or held < 0:
+    s, w = t.untyped_storage(), _WITNESS.untyped_storage()
+    held = sys.getrefcount(s) - sys.getrefcount(w)
+    if held < 0 or _storage_use_count(s._cdata) != _storage_use_count(w._cdata) or s.is_shared():
         return False
     return held == 0 or (held == 1 and any(p.holds(s) for p in _ACTIVE.pools))
 

@@ -196,7 +196,8 @@ class EDICT(Sampler[EDICTState, EDICTCoefficients]):
         k = None if impl is None else _folded(c, inv_a, minus_b)
         out1 = _model_output(model, _lent(first1, k), t)
         # other1 is the unmixing's new tensor, seen by no one: overwritten by the fused pass
-        other0 = _substep(impl, k, c, other1, inv_a, minus_b, first1, out1, in_place=True)
+        in_place = k is not None and exclusive(other1)
+        other0 = _substep(impl, k, c, other1, inv_a, minus_b, first1, out1, in_place=in_place)
         out = _model_output(model, other0, t)
         in_place = k is not None and exclusive(first1)
         first0 = _substep(impl, k, c, first1, inv_a, minus_b, other0, out, in_place=in_place)
