@@ -195,12 +195,10 @@ class EDICT(Sampler[EDICTState, EDICTCoefficients]):
         minus_b = -c.b * inv_a
         k = None if impl is None else _folded(c, inv_a, minus_b)
         out1 = _model_output(model, _lent(first1, k), t)
-        # other1 is the unmixing's new tensor, seen by no one: overwritten by the fused pass
-        in_place = k is not None and exclusive(other1)
-        other0 = _substep(impl, k, c, other1, inv_a, minus_b, first1, out1, in_place=in_place)
+        # both sub-steps write into the unmixed tensors, where no one else holds them
+        other0 = _substep(impl, k, c, other1, inv_a, minus_b, first1, out1, own=True)
         out = _model_output(model, other0, t)
-        in_place = k is not None and exclusive(first1)
-        first0 = _substep(impl, k, c, first1, inv_a, minus_b, other0, out, in_place=in_place)
+        first0 = _substep(impl, k, c, first1, inv_a, minus_b, other0, out, own=True)
         state1 = (first0, other0) if c.x_first else (other0, first0)
         # the second call's input is at level t, where the coefficients convert
         return StepOutput(state1, lambda: c.raw_x0_hat(other0, out))
@@ -499,15 +497,17 @@ def _substep(
     w: Tensor,
     out: Tensor,
     *,
-    in_place: bool = False,
+    own: bool = False,
 ) -> Tensor:
     """An affine sub-step ``a z + b eps_hat(w, out)`` (paper eq. 10; its inverse with ``1/a`` and
     ``-b/a``), ``out`` the model's output at the other sequence ``w``: one fused pass with the
     folded coefficients ``k`` (:func:`_folded` of ``a``, ``b``) where ``impl`` (from
-    :attr:`EDICT.backend`) allows and autograd need not see it, written into ``z`` with
-    ``in_place`` (a tensor of the step's own that no one else uses)."""
+    :attr:`EDICT.backend`) allows and autograd need not see it. With ``own`` (``z`` is the step's
+    own tensor, lent to the model only through :func:`_lent`) the pass writes into ``z`` where
+    :func:`~imgdiff.buffers.exclusive` finds no one else holding it."""
     if k is not None and (impl := fused_for(impl, z, w, out)) is not None:
         noise = w if k[2] != 0.0 else None
+        in_place = own and exclusive(z)
         return kernels.fused_lincomb3(impl, z, k[0], out, k[1], noise, k[2], in_place=in_place)
     return lincomb(z, a, c.eps_hat(w, out), b)
 
