@@ -1,8 +1,8 @@
 """Fused CPU kernels: ``cpu_kernels.c`` compiled on first use and called from Python.
 
 One pass over memory per update (each input read once, each output written once), float32
-arithmetic for float32 and bfloat16 storage, OpenMP threads (as many as
-``torch.get_num_threads()``) for tensors of 65536 elements and more. The torch path needs two
+arithmetic for float32 and bfloat16 storage, OpenMP threads (up to
+``torch.get_num_threads()``, 8192 elements or more each). The torch path needs two
 to six passes and as many dispatches for the same updates (``benchmarks/kernels.py``).
 
 The kernels are built with the C compiler named by ``$CC`` (default ``cc``) into a cache folder
