@@ -141,6 +141,8 @@ def test_inpaint_blend_equals_reference(
         ((2, 3, 37, 29), False),  # planes of 1073: runs of 512, 512, 49 per row
         ((2, 7, 19, 11), True),  # 418 sites of 7 channels: runs of 73 sites, a short last one
         ((1, 600, 3, 2), True),  # sites of 600 channels: longer than a run
+        ((5, 700), False),  # planes of one element, walked as sites: 700 channels, two runs
+        ((3, 6, 1, 1), False),  # the same with trailing 1s: sites of 6 channels
     ],
 )
 def test_inpaint_blend_runs_cover_long_rows_and_sites(
