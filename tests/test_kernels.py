@@ -639,7 +639,8 @@ except imgdiff.InputValueError as e:
 
 
 def test_cpu_kernels_build_without_clones_when_the_compiler_rejects_them(tmp_path: Path) -> None:
-    """A compiler that cannot build the per-CPU clones (or OpenMP) still gets baseline kernels."""
+    """A compiler that cannot build the per-CPU clones (nor OpenMP) still gets baseline kernels,
+    on one thread."""
     import shutil
 
     cc = shutil.which(os.environ.get("CC", "cc"))
@@ -659,49 +660,52 @@ from imgdiff import kernels
 x = torch.randn(2, 3, 5, 5)
 assert kernels.cpu.available(), kernels.cpu.build_error()
 assert torch.allclose(kernels.lincomb3(x, 0.5, x, 0.25, backend="cpu"), 0.75 * x)
-print(kernels.cpu.library_path())
+y = torch.randn(4, 4, 64, 64)  # enough elements for a team, run on one thread here
+assert torch.allclose(kernels.lincomb3(y, 0.5, y, 0.25, backend="cpu"), 0.75 * y)
+print(kernels.cpu.library_path(), "threads:", kernels.cpu._library().threads)
 """
     done = _python(code, CC=str(wrapper), IMGDIFF_CACHE_DIR=str(tmp_path / "cache"))
     assert done.returncode == 0, done.stdout + done.stderr
     assert str(tmp_path / "cache") in done.stdout
+    assert "threads: False" in done.stdout
 
 
 @pytest.mark.skipif(
     not (sys.platform == "linux" and platform.machine() == "x86_64"), reason="GCC on x86-64 Linux"
 )
-def test_cpu_kernels_compile_cleanly_with_openmp_and_clones(tmp_path: Path) -> None:
-    """With a GCC that has OpenMP the first build of the chain (OpenMP, per-CPU clones) must
-    succeed: a pragma or attribute it rejects would otherwise fall back silently to a slower
-    build. Warnings count as errors here."""
+def test_cpu_kernels_compile_cleanly_in_every_build_of_the_chain(tmp_path: Path) -> None:
+    """With GCC on x86-64 Linux every build of the fallback chain compiles, the first (OpenMP,
+    per-CPU clones) above all: an attribute or flag it rejects would otherwise fall back silently
+    to a slower build. Warnings count as errors here."""
     cc = _compiler()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     if "Free Software Foundation" not in version or "clang" in version:
         pytest.skip("needs GCC")
-    probe = tmp_path / "probe.c"
-    probe.write_text("int main(void) { return 0; }\n")
-    if subprocess.run([cc, "-fopenmp", str(probe), "-o", str(tmp_path / "probe")]).returncode:
-        pytest.skip("the compiler has no OpenMP")
     include = sysconfig.get_paths()["include"]
     source = Path(kernels.cpu.__file__).parent
-    for name, extra in (("cpu_kernels.c", []), ("cpu_module.c", [f"-I{include}", f"-I{source}"])):
-        done = subprocess.run(
-            [
-                cc,
-                *kernels.cpu._BASE_FLAGS,
-                "-fopenmp",
-                "-Wall",
-                "-Wextra",
-                "-Werror",
-                *extra,
-                str(source / name),
-                "-o",
-                str(tmp_path / f"{name}.so"),
-            ],
-            capture_output=True,
-            text=True,
-        )
-        assert done.returncode == 0, done.stderr
-    assert kernels.cpu._library().openmp
+    for i, chain in enumerate(kernels.cpu._FLAG_CHAIN):
+        for name, extra in (
+            ("cpu_kernels.c", []),
+            ("cpu_module.c", [f"-I{include}", f"-I{source}"]),
+        ):
+            done = subprocess.run(
+                [
+                    cc,
+                    *kernels.cpu._BASE_FLAGS,
+                    *chain,
+                    "-Wall",
+                    "-Wextra",
+                    "-Werror",
+                    *extra,
+                    str(source / name),
+                    "-o",
+                    str(tmp_path / f"{i}-{name}.so"),
+                ],
+                capture_output=True,
+                text=True,
+            )
+            assert done.returncode == 0, (chain, done.stderr)
+    assert kernels.cpu._library().threads
 
 
 def test_cpu_kernels_run_in_a_forked_child() -> None:
@@ -791,7 +795,7 @@ def test_cpu_kernels_on_several_threads_compute_what_one_thread_does(dtype: torc
     """Each element is computed the same way whichever thread takes it, so every kernel's output
     is bitwise the same on 1, 2 and 3 threads. The sizes make teams of 1, 2 and 3 (8192 elements
     or more a thread), end mid-block, and the blend runs its three mask layouts."""
-    if not kernels.cpu.available() or not kernels.cpu._library().openmp:
+    if not kernels.cpu.available() or not kernels.cpu._library().threads:
         pytest.skip("needs the CPU kernels built with OpenMP")
     g = torch.Generator().manual_seed(0)
     before = torch.get_num_threads()
@@ -808,6 +812,61 @@ def test_cpu_kernels_on_several_threads_compute_what_one_thread_does(dtype: torc
                 for other in results[1:]:
                     for a, b in zip(results[0], other, strict=True):
                         assert torch.equal(a, b), (shape, fmt)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _with_team() -> None:
+    if not kernels.cpu.available() or not kernels.cpu._library().threads:
+        pytest.skip("needs the CPU kernels built with OpenMP")
+
+
+def test_cpu_kernels_are_right_after_their_threads_went_idle() -> None:
+    """OpenMP's threads spin for a while after a call, then sleep: calls after pauses on both
+    sides of that are right, and none hangs."""
+    _with_team()
+    import time
+
+    x, y = torch.randn(3, 4, 64, 64), torch.randn(3, 4, 64, 64)
+    want = reference.lincomb3(x, 0.7, y, -0.3)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        for pause in (0.0, 2e-5, 2e-4, 2e-3, 0.0, 5e-3, 1e-5, 2e-3):
+            time.sleep(pause)
+            torch.testing.assert_close(
+                kernels.cpu.lincomb3(x, 0.7, y, -0.3), want, rtol=0, atol=1e-6
+            )
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_cpu_kernel_calls_from_several_python_threads_at_once() -> None:
+    """Calls over 65536 elements release the GIL, so several Python threads may run kernels at
+    once, each with a team of its own: all results are right."""
+    _with_team()
+    from concurrent.futures import ThreadPoolExecutor
+
+    g = torch.Generator().manual_seed(0)
+    inputs = [(torch.randn(2, 4, 96, 96, generator=g), torch.randn(2, 4, 96, 96, generator=g))]
+    inputs *= 4
+    wants = [reference.lincomb3(x, 0.7, y, -0.3) for x, y in inputs]
+
+    def work(i: int) -> bool:
+        x, y = inputs[i]
+        return all(
+            torch.equal(
+                kernels.cpu.lincomb3(x, 0.7, y, -0.3), kernels.cpu.lincomb3(x, 0.7, y, -0.3)
+            )
+            and bool((kernels.cpu.lincomb3(x, 0.7, y, -0.3) - wants[i]).abs().max() <= 1e-6)
+            for _ in range(30)
+        )
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with ThreadPoolExecutor(4) as pool:
+            assert all(pool.map(work, range(4), timeout=120))
     finally:
         torch.set_num_threads(before)
 

@@ -2,8 +2,8 @@
 
 One pass over memory per update (each input read once, each output written once), float32
 arithmetic for float32 and bfloat16 storage, OpenMP threads (up to
-``torch.get_num_threads()``, 8192 elements or more each). The torch path needs two
-to six passes and as many dispatches for the same updates (``benchmarks/kernels.py``).
+``torch.get_num_threads()``, 8192 elements or more each; one thread calls no OpenMP at all). The torch path needs two to six passes and as many dispatches for the same
+updates (``benchmarks/kernels.py``).
 
 The kernels are built with the C compiler named by ``$CC`` (default ``cc``) into a cache folder
 (``$IMGDIFF_CACHE_DIR``, else ``$XDG_CACHE_HOME/imgdiff``, else ``~/.cache/imgdiff``), keyed by
@@ -106,7 +106,7 @@ Binding = Literal["extension", "ctypes"]
 class _Library:
     path: Path
     functions: dict[str, Any]  # name -> callable taking the kernel's arguments in order
-    openmp: bool
+    threads: bool  # built with OpenMP (else one thread)
     binding: Binding
     bf16_isa: bool
 
@@ -191,8 +191,8 @@ def _load_extension(compiler: str, errors: list[str]) -> _Library | None:
             errors.append(f"loading {target}: {exc}")
             continue
         functions = {name: getattr(module, name) for name in _FUNCTION_NAMES}
-        openmp, bf16 = bool(module.has_openmp()), bool(module.bf16_isa())
-        return _Library(target, functions, openmp, "extension", bf16)
+        threads, bf16 = bool(module.has_openmp()), bool(module.bf16_isa())
+        return _Library(target, functions, threads, "extension", bf16)
     return None
 
 
@@ -213,8 +213,8 @@ def _load_ctypes(compiler: str, errors: list[str]) -> _Library | None:
             fn.argtypes = argtypes
             fn.restype = None
             functions[name] = fn
-        openmp, bf16 = bool(lib.imgdiff_has_openmp()), bool(lib.imgdiff_bf16_isa())
-        return _Library(target, functions, openmp, "ctypes", bf16)
+        threads, bf16 = bool(lib.imgdiff_has_openmp()), bool(lib.imgdiff_bf16_isa())
+        return _Library(target, functions, threads, "ctypes", bf16)
     return None
 
 
@@ -277,7 +277,7 @@ def _library() -> _Library:
 def _threads(lib: _Library) -> int:
     # an OpenMP team created before a fork() is unusable in the child (and torch's libgomp may
     # have made one): run single-threaded in any forked child
-    if not lib.openmp or _FORKED:
+    if not lib.threads or _FORKED:
         return 1
     return torch.get_num_threads()
 

@@ -4,9 +4,9 @@
  * the compiler has it), as a CPython extension module with cpu_module.c's entry points where
  * Python's headers are installed, else as a shared library called through ctypes. Every
  * function reads each input once and writes each output once, computes in float32 whatever the
- * storage (float32 or bfloat16), and splits the elements over up to `threads` OpenMP threads
- * (IMGDIFF_PER_THREAD elements or more each). Pointers address dense
- * memory of `n` elements in one shared layout (the Python side checks it).
+ * storage (float32 or bfloat16), and splits its work over up to `threads` OpenMP threads
+ * (IMGDIFF_PER_THREAD elements or more each; run_team). Pointers address dense memory of `n`
+ * elements in one shared layout (the Python side checks it).
  *
  * On x86-64 Linux each function is built three times (AVX-512, AVX2/FMA and baseline; GCC
  * target_clones) and the loader picks the one the processor runs. AVX-512 matters for bfloat16,
@@ -15,6 +15,9 @@
  */
 #include <stdint.h>
 #include <string.h>
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && \
     !defined(IMGDIFF_NO_CLONES)
@@ -24,21 +27,38 @@
 #endif
 
 /* Threads for n elements: at most `threads`, each with IMGDIFF_PER_THREAD elements or more. Below
- * that a team's start and join cost more than a thread saves (2 Zen 5 cores, a thread's partner
- * spinning or asleep: 16384 elements 0.3-0.8 us faster on 2 threads than on one, 4096-6400 no
- * faster). */
+ * that a team's start and join cost more than a thread saves (2 Zen 5 cores: 16384 elements
+ * 0.3-0.8 us faster on 2 threads than on one, 4096-6400 no faster). */
 #define IMGDIFF_PER_THREAD 8192
 static inline int team_size(int64_t n, int threads) {
     const int64_t most = n / IMGDIFF_PER_THREAD;
     return most < threads ? (int)most : threads;
 }
 
+/* fn(args, lo, hi) over `items` work items split into `team` slices, one per thread. Team 1
+ * calls fn directly: an OpenMP region costs ~260 ns even when it runs serially (`if(0)`; libgomp
+ * on 2 Zen 5 cores, ~430 ns for a team of 2), and a call on 4096 float32 elements takes ~0.17 us
+ * without it. OpenMP rather than threads of our own: torch's libgomp, loaded first, is the one
+ * the kernels then run on, so they share torch's threads. A team of our own (tried: ~50 ns to
+ * hand out a slice) competed with torch's threads, which spin for a while after each of torch's
+ * own parallel calls: EDICT steps at (8, 4, 64, 64) between diffusers' took 30-40% longer. */
+typedef void (*team_fn)(const void *args, int64_t lo, int64_t hi);
+static void run_team(team_fn fn, const void *args, int64_t items, int team) {
+    if (team > items) team = (int)items;
+    if (team <= 1) {
+        fn(args, 0, items);
+        return;
+    }
 #if defined(_OPENMP)
-#define IMGDIFF_PARALLEL                                                                           \
-    _Pragma("omp parallel for schedule(static) num_threads(team_size(n, threads)) if(team_size(n, threads) > 1)")
+#pragma omp parallel num_threads(team)
+    {
+        const int64_t i = omp_get_thread_num(), got = omp_get_num_threads();
+        fn(args, items * i / got, items * (i + 1) / got);
+    }
 #else
-#define IMGDIFF_PARALLEL
+    fn(args, 0, items);
 #endif
+}
 
 int imgdiff_has_openmp(void) {
 #if defined(_OPENMP)
@@ -143,18 +163,54 @@ static inline void mix_at(float u, float v, float alpha, float beta, float *uo, 
 #define IMGDIFF_ELEMENTWISE
 #endif
 
-/* for each block of the n elements, starting at s (threads share the blocks) */
-#define IMGDIFF_FOR_BLOCKS(s) IMGDIFF_PARALLEL for (int64_t s = 0; s < n; s += IMGDIFF_BLOCK)
+/* Blocks [b0, b1) of the n elements, each starting at s: a kernel's range function walks them
+ * (run_team hands each thread a slice of the blocks). */
+#define IMGDIFF_BLOCKS(s)                                                                          \
+    for (int64_t s = b0 * IMGDIFF_BLOCK; s < n && s < b1 * IMGDIFF_BLOCK; s += IMGDIFF_BLOCK)
 static inline int64_t block_len(int64_t n, int64_t s) {
     return n - s < IMGDIFF_BLOCK ? n - s : IMGDIFF_BLOCK;
 }
+static inline int64_t blocks_of(int64_t n) { return (n + IMGDIFF_BLOCK - 1) / IMGDIFF_BLOCK; }
+
+/* Each kernel is a range function over work items (blocks of elements, or for the blend's
+ * broadcast masks runs of a row or of sites), called by run_team with the kernel's arguments in
+ * one of these. */
+typedef struct {
+    const void *x, *y, *z;
+    float a, b, c;
+    void *out;
+    int64_t n;
+} lincomb3_args;
+typedef struct {
+    const void *u, *v;
+    float alpha, beta;
+    void *uo, *vo;
+    int64_t n;
+} edict_mix_args;
+typedef struct {
+    const void *x, *y, *e;
+    float a, b, c, p;
+    int update_x;
+    void *xo, *yo;
+    int64_t n;
+} substep_mix_args;
+typedef struct {
+    const void *x, *k, *z, *m;
+    float ks, ns;
+    int mode;
+    int64_t n, channels, plane;
+    void *out;
+} blend_args;
 
 /* out = a x + b y (+ c z when z is not NULL): DDIM, fixed-variance DDPM, conversions. */
 #define IMGDIFF_LINCOMB3(S)                                                                        \
-    IMGDIFF_CLONES void imgdiff_lincomb3_##S(const void *x, float a, const void *restrict y,       \
-                                             float b, const void *restrict z, float c, void *out,  \
-                                             int64_t n, int threads) {                             \
-        IMGDIFF_FOR_BLOCKS(s) {                                                                    \
+    IMGDIFF_CLONES static void lincomb3_##S(const void *args, int64_t b0, int64_t b1) {            \
+        const lincomb3_args *A = args;                                                             \
+        const void *x = A->x, *restrict y = A->y, *restrict z = A->z;                              \
+        const float a = A->a, b = A->b, c = A->c;                                                  \
+        void *out = A->out;                                                                        \
+        const int64_t n = A->n;                                                                    \
+        IMGDIFF_BLOCKS(s) {                                                                        \
             const int64_t m = block_len(n, s);                                                     \
             float buf[IMGDIFF_BLOCK];                                                              \
             float *t = stage_##S(out, s, buf);                                                     \
@@ -164,10 +220,15 @@ static inline int64_t block_len(int64_t n, int64_t s) {
                     t[j] = a * ld_##S(x, s + j) + b * ld_##S(y, s + j) + c * ld_##S(z, s + j);     \
             } else {                                                                               \
                 IMGDIFF_ELEMENTWISE                                                                \
-                for (int64_t j = 0; j < m; j++) t[j] = a * ld_##S(x, s + j) + b * ld_##S(y, s + j); \
+                for (int64_t j = 0; j < m; j++) t[j] = a * ld_##S(x, s + j) + b * ld_##S(y, s + j);\
             }                                                                                      \
             flush_##S(out, s, t, m);                                                               \
         }                                                                                          \
+    }                                                                                              \
+    void imgdiff_lincomb3_##S(const void *x, float a, const void *y, float b, const void *z,       \
+                              float c, void *out, int64_t n, int threads) {                        \
+        const lincomb3_args A = {x, y, z, a, b, c, out, n};                                        \
+        run_team(lincomb3_##S, &A, blocks_of(n), team_size(n, threads));                           \
     }
 IMGDIFF_LINCOMB3(f32)
 IMGDIFF_LINCOMB3(bf16)
@@ -177,10 +238,13 @@ IMGDIFF_LINCOMB3(bf16)
  * (y, x) with alpha = 1/p, beta = -(1-p)/p it is its exact inverse, y first (algorithms spec
  * 4.3). */
 #define IMGDIFF_EDICT_MIX(S)                                                                       \
-    IMGDIFF_CLONES void imgdiff_edict_mix_##S(const void *restrict u, const void *restrict v,      \
-                                              float alpha, float beta, void *restrict uo,          \
-                                              void *restrict vo, int64_t n, int threads) {         \
-        IMGDIFF_FOR_BLOCKS(s) {                                                                    \
+    IMGDIFF_CLONES static void edict_mix_##S(const void *args, int64_t b0, int64_t b1) {           \
+        const edict_mix_args *A = args;                                                            \
+        const void *restrict u = A->u, *restrict v = A->v;                                         \
+        const float alpha = A->alpha, beta = A->beta;                                              \
+        void *restrict uo = A->uo, *restrict vo = A->vo;                                           \
+        const int64_t n = A->n;                                                                    \
+        IMGDIFF_BLOCKS(s) {                                                                        \
             const int64_t m = block_len(n, s);                                                     \
             float ubuf[IMGDIFF_BLOCK], vbuf[IMGDIFF_BLOCK];                                        \
             float *restrict ut = stage_##S(uo, s, ubuf), *restrict vt = stage_##S(vo, s, vbuf);    \
@@ -189,6 +253,11 @@ IMGDIFF_LINCOMB3(bf16)
             flush_##S(uo, s, ut, m);                                                               \
             flush_##S(vo, s, vt, m);                                                               \
         }                                                                                          \
+    }                                                                                              \
+    void imgdiff_edict_mix_##S(const void *u, const void *v, float alpha, float beta, void *uo,    \
+                               void *vo, int64_t n, int threads) {                                 \
+        const edict_mix_args A = {u, v, alpha, beta, uo, vo, n};                                   \
+        run_team(edict_mix_##S, &A, blocks_of(n), team_size(n, threads));                          \
     }
 IMGDIFF_EDICT_MIX(f32)
 IMGDIFF_EDICT_MIX(bf16)
@@ -198,15 +267,17 @@ IMGDIFF_EDICT_MIX(bf16)
  * 0 for epsilon models; others fold their eps estimate's input term into it), then the mixing
  * pair. The updated value stays in float32 for the mixing. */
 #define IMGDIFF_EDICT_SUBSTEP_MIX(S)                                                               \
-    IMGDIFF_CLONES void imgdiff_edict_substep_mix_##S(                                             \
-        const void *x, const void *y, const void *restrict e, float a, float b, float c, float p,  \
-        int update_x, void *xo, void *yo, int64_t n, int threads) {                                \
-        const float q = 1.0f - p;                                                                  \
-        IMGDIFF_FOR_BLOCKS(s) {                                                                    \
+    IMGDIFF_CLONES static void edict_substep_mix_##S(const void *args, int64_t b0, int64_t b1) {   \
+        const substep_mix_args *A = args;                                                          \
+        const void *x = A->x, *y = A->y, *restrict e = A->e;                                       \
+        const float a = A->a, b = A->b, c = A->c, p = A->p, q = 1.0f - A->p;                       \
+        void *xo = A->xo, *yo = A->yo;                                                             \
+        const int64_t n = A->n;                                                                    \
+        IMGDIFF_BLOCKS(s) {                                                                        \
             const int64_t m = block_len(n, s);                                                     \
             float xbuf[IMGDIFF_BLOCK], ybuf[IMGDIFF_BLOCK];                                        \
             float *xt = stage_##S(xo, s, xbuf), *yt = stage_##S(yo, s, ybuf);                      \
-            if (update_x) {                                                                        \
+            if (A->update_x) {                                                                     \
                 IMGDIFF_ELEMENTWISE                                                                \
                 for (int64_t j = 0; j < m; j++) {                                                  \
                     const float yv = ld_##S(y, s + j);                                             \
@@ -224,6 +295,12 @@ IMGDIFF_EDICT_MIX(bf16)
             flush_##S(xo, s, xt, m);                                                               \
             flush_##S(yo, s, yt, m);                                                               \
         }                                                                                          \
+    }                                                                                              \
+    void imgdiff_edict_substep_mix_##S(const void *x, const void *y, const void *e, float a,       \
+                                       float b, float c, float p, int update_x, void *xo,          \
+                                       void *yo, int64_t n, int threads) {                         \
+        const substep_mix_args A = {x, y, e, a, b, c, p, update_x, xo, yo, n};                     \
+        run_team(edict_substep_mix_##S, &A, blocks_of(n), team_size(n, threads));                  \
     }
 IMGDIFF_EDICT_SUBSTEP_MIX(f32)
 IMGDIFF_EDICT_SUBSTEP_MIX(bf16)
@@ -247,26 +324,40 @@ IMGDIFF_EDICT_SUBSTEP_MIX(bf16)
         }                                                                                          \
     } while (0)
 
+/* the blend's work items: blocks (mode 0), runs of rows (1), runs of sites (2) */
+static int64_t blend_items(const blend_args *A) {
+    if (A->mode == 0) return blocks_of(A->n);
+    if (A->mode == 1) return A->n / A->plane * ((A->plane + IMGDIFF_BLOCK - 1) / IMGDIFF_BLOCK);
+    const int64_t sites = A->n / A->channels;
+    if (A->channels <= IMGDIFF_BLOCK) {
+        const int64_t per = IMGDIFF_BLOCK / A->channels;
+        return (sites + per - 1) / per;
+    }
+    return sites * ((A->channels + IMGDIFF_BLOCK - 1) / IMGDIFF_BLOCK);
+}
+
 #define IMGDIFF_INPAINT_BLEND(S, M, HAS_Z, NAME)                                                   \
-    IMGDIFF_CLONES void imgdiff_inpaint_blend_##S##_##M##_##NAME(                                  \
-        const void *restrict x, const void *restrict k, float ks, const void *z, float ns,         \
-        const void *restrict m, int mode, int64_t n, int64_t channels, int64_t plane, void *out,   \
-        int threads) {                                                                             \
+    IMGDIFF_CLONES static void inpaint_blend_##S##_##M##_##NAME(const void *args, int64_t lo,      \
+                                                               int64_t hi) {                       \
+        const blend_args *A = args;                                                                \
+        const void *restrict x = A->x, *restrict k = A->k, *z = A->z, *restrict m = A->m;          \
+        const float ks = A->ks, ns = A->ns;                                                        \
+        const int64_t n = A->n, channels = A->channels, plane = A->plane;                          \
+        void *out = A->out;                                                                        \
         (void)z;                                                                                   \
         (void)ns;                                                                                  \
-        if (n <= 0) return; /* plane, channels may be 0 */                                         \
-        if (mode == 0) {                                                                           \
-            IMGDIFF_FOR_BLOCKS(s) {                                                                \
+        if (A->mode == 0) {                                                                        \
+            const int64_t b0 = lo, b1 = hi;                                                        \
+            IMGDIFF_BLOCKS(s) {                                                                    \
                 const int64_t len = block_len(n, s);                                               \
                 float buf[IMGDIFF_BLOCK];                                                          \
                 float *t = stage_##S(out, s, buf);                                                 \
                 IMGDIFF_BLEND_RUN(S, M, HAS_Z, 1, t, s, len, s);                                   \
                 flush_##S(out, s, t, len);                                                         \
             }                                                                                      \
-        } else if (mode == 1) { /* rows of a plane, in runs; C rows share a mask plane */          \
-            const int64_t runs = (plane + IMGDIFF_BLOCK - 1) / IMGDIFF_BLOCK, rows = n / plane;    \
-            IMGDIFF_PARALLEL                                                                       \
-            for (int64_t q = 0; q < rows * runs; q++) {                                            \
+        } else if (A->mode == 1) { /* rows of a plane, in runs; C rows share a mask plane */       \
+            const int64_t runs = (plane + IMGDIFF_BLOCK - 1) / IMGDIFF_BLOCK;                      \
+            for (int64_t q = lo; q < hi; q++) {                                                    \
                 const int64_t r = q / runs, c0 = (q % runs) * IMGDIFF_BLOCK;                       \
                 const int64_t i0 = r * plane + c0, len = block_len(plane, c0);                     \
                 float buf[IMGDIFF_BLOCK];                                                          \
@@ -276,9 +367,9 @@ IMGDIFF_EDICT_SUBSTEP_MIX(bf16)
             }                                                                                      \
         } else if (channels <= IMGDIFF_BLOCK) { /* runs of whole sites: C values, one mask */      \
             const int64_t sites = n / channels, per = IMGDIFF_BLOCK / channels;                    \
-            IMGDIFF_PARALLEL                                                                       \
-            for (int64_t s0 = 0; s0 < sites; s0 += per) {                                          \
-                const int64_t s1 = s0 + per < sites ? s0 + per : sites, i0 = s0 * channels;        \
+            for (int64_t q = lo; q < hi; q++) {                                                    \
+                const int64_t s0 = q * per, s1 = s0 + per < sites ? s0 + per : sites;              \
+                const int64_t i0 = s0 * channels;                                                  \
                 float buf[IMGDIFF_BLOCK];                                                          \
                 float *t = stage_##S(out, i0, buf);                                                \
                 for (int64_t si = s0; si < s1; si++)                                               \
@@ -287,10 +378,8 @@ IMGDIFF_EDICT_SUBSTEP_MIX(bf16)
                 flush_##S(out, i0, t, (s1 - s0) * channels);                                       \
             }                                                                                      \
         } else { /* sites longer than a block, in runs */                                          \
-            const int64_t sites = n / channels;                                                    \
             const int64_t runs = (channels + IMGDIFF_BLOCK - 1) / IMGDIFF_BLOCK;                   \
-            IMGDIFF_PARALLEL                                                                       \
-            for (int64_t q = 0; q < sites * runs; q++) {                                           \
+            for (int64_t q = lo; q < hi; q++) {                                                    \
                 const int64_t si = q / runs, c0 = (q % runs) * IMGDIFF_BLOCK;                      \
                 const int64_t i0 = si * channels + c0, len = block_len(channels, c0);              \
                 float buf[IMGDIFF_BLOCK];                                                          \
@@ -299,6 +388,13 @@ IMGDIFF_EDICT_SUBSTEP_MIX(bf16)
                 flush_##S(out, i0, t, len);                                                        \
             }                                                                                      \
         }                                                                                          \
+    }                                                                                              \
+    void imgdiff_inpaint_blend_##S##_##M##_##NAME(                                                 \
+        const void *x, const void *k, float ks, const void *z, float ns, const void *m, int mode,  \
+        int64_t n, int64_t channels, int64_t plane, void *out, int threads) {                      \
+        if (n <= 0) return; /* plane, channels may be 0 */                                         \
+        const blend_args A = {x, k, z, m, ks, ns, mode, n, channels, plane, out};                  \
+        run_team(inpaint_blend_##S##_##M##_##NAME, &A, blend_items(&A), team_size(n, threads));    \
     }
 IMGDIFF_INPAINT_BLEND(f32, f32, 1, z)
 IMGDIFF_INPAINT_BLEND(f32, f32, 0, nz)
