@@ -655,10 +655,14 @@ def test_cpu_kernels_build_without_clones_when_the_compiler_rejects_them(tmp_pat
     )
     wrapper.chmod(0o755)
     code = """
-import torch
+import torch, warnings
 from imgdiff import kernels
 x = torch.randn(2, 3, 5, 5)
-assert kernels.cpu.available(), kernels.cpu.build_error()
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    assert kernels.cpu.available(), kernels.cpu.build_error()
+print([type(w.message).__name__ for w in caught], "no clones here" in str(caught[0].message))
+print(kernels.cpu.build_notes())
 assert torch.allclose(kernels.lincomb3(x, 0.5, x, 0.25, backend="cpu"), 0.75 * x)
 y = torch.randn(4, 4, 64, 64)  # enough elements for a team, run on one thread here
 assert torch.allclose(kernels.lincomb3(y, 0.5, y, 0.25, backend="cpu"), 0.75 * y)
@@ -668,6 +672,9 @@ print(kernels.cpu.library_path(), "threads:", kernels.cpu._library().threads)
     assert done.returncode == 0, done.stdout + done.stderr
     assert str(tmp_path / "cache") in done.stdout
     assert "threads: False" in done.stdout
+    # the fallback is said: a warning with the compiler's complaint, and build_notes
+    assert "['PerformanceWarning'] True" in done.stdout
+    assert "('without OpenMP (one thread)',)" in done.stdout
 
 
 @pytest.mark.skipif(
@@ -940,7 +947,11 @@ def test_without_python_headers_the_kernels_load_through_ctypes(
     monkeypatch.setenv("IMGDIFF_CACHE_DIR", str(tmp_path / "cache"))
     kernels.cpu._load.cache_clear()
     try:
-        assert kernels.cpu.binding() == "ctypes"
+        with pytest.warns(imgdiff.PerformanceWarning, match="through ctypes"):
+            assert kernels.cpu.binding() == "ctypes"
+        assert kernels.cpu.build_notes() == (
+            "as a plain library called through ctypes (~1.3 us a call)",
+        )
         x = torch.randn(2, 3, 4, 4)
         assert torch.allclose(kernels.cpu.lincomb3(x, 0.5, x, 0.25), 0.75 * x)
     finally:
@@ -953,3 +964,4 @@ def test_the_ctypes_binding_can_be_chosen() -> None:
     done = _python(code, IMGDIFF_CPU_KERNELS="ctypes")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ctypes"
+    assert "PerformanceWarning" not in done.stderr  # asked for: nothing to warn about

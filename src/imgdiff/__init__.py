@@ -20,6 +20,7 @@ from imgdiff.errors import (
     ImgdiffError,
     InputTypeError,
     InputValueError,
+    PerformanceWarning,
     PrecisionWarning,
     WeightsUnavailableError,
 )
@@ -78,6 +79,7 @@ __all__ = [
     "Model",
     "ModelGuidance",
     "NoiseSchedule",
+    "PerformanceWarning",
     "PrecisionWarning",
     "PredictionType",
     "Sampler",

@@ -14,7 +14,9 @@ __all__ = [
     "ImgdiffWarning",
     "InputTypeError",
     "InputValueError",
+    "PerformanceWarning",
     "PrecisionWarning",
+    "WeightsUnavailableError",
 ]
 
 
@@ -36,6 +38,11 @@ class ImgdiffWarning(UserWarning):
 
 class PrecisionWarning(ImgdiffWarning):
     """A configuration that works but loses precision the user may rely on (e.g. EDICT in float32)."""
+
+
+class PerformanceWarning(ImgdiffWarning):
+    """A configuration that works but runs slower than it could (e.g. the CPU kernels built
+    without OpenMP, where the compiler lacks it)."""
 
 
 class WeightsUnavailableError(ImgdiffError, RuntimeError):

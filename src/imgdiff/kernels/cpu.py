@@ -38,7 +38,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from imgdiff._warnings import warn_user
 from imgdiff.buffers import empty_like
+from imgdiff.errors import PerformanceWarning
 from imgdiff.kernels._layout import (
     MASK_BROADCAST_CHANNELS_LAST,
     MASK_BROADCAST_CONTIGUOUS,
@@ -56,6 +58,7 @@ __all__ = [
     "bf16_isa",
     "binding",
     "build_error",
+    "build_notes",
     "edict_substep_mix",
     "inpaint_blend",
     "library_path",
@@ -109,6 +112,7 @@ class _Library:
     threads: bool  # built with OpenMP (else one thread)
     binding: Binding
     bf16_isa: bool
+    flags: tuple[str, ...]  # the entry of _FLAG_CHAIN it was built with
 
 
 def _cache_dir() -> Path:
@@ -192,7 +196,7 @@ def _load_extension(compiler: str, errors: list[str]) -> _Library | None:
             continue
         functions = {name: getattr(module, name) for name in _FUNCTION_NAMES}
         threads, bf16 = bool(module.has_openmp()), bool(module.bf16_isa())
-        return _Library(target, functions, threads, "extension", bf16)
+        return _Library(target, functions, threads, "extension", bf16, extra)
     return None
 
 
@@ -214,7 +218,7 @@ def _load_ctypes(compiler: str, errors: list[str]) -> _Library | None:
             fn.restype = None
             functions[name] = fn
         threads, bf16 = bool(lib.imgdiff_has_openmp()), bool(lib.imgdiff_bf16_isa())
-        return _Library(target, functions, threads, "ctypes", bf16)
+        return _Library(target, functions, threads, "ctypes", bf16, extra)
     return None
 
 
@@ -233,7 +237,40 @@ def _load() -> tuple[_Library | None, str | None]:
     lib = lib or _load_ctypes(compiler, errors)
     if lib is None:
         return None, "; ".join(errors)
+    _NOTES[:] = _shortfalls(lib, asked_ctypes=choice == "ctypes")
+    if _NOTES:
+        warn_user(
+            f"imgdiff's CPU kernels are built {'; '.join(_NOTES)}. They work, only slower; "
+            f"the build said: {'; '.join(errors)[-600:]}",
+            PerformanceWarning,
+        )
     return lib, None
+
+
+def _shortfalls(lib: _Library, *, asked_ctypes: bool) -> list[str]:
+    """What the loaded build lacks that the first of :data:`_FLAG_CHAIN` has, each with its
+    cost."""
+    notes = []
+    if not lib.threads:
+        notes.append("without OpenMP (one thread)")
+    elif lib.flags != _FLAG_CHAIN[0]:
+        notes.append("without per-CPU versions (baseline instructions: bfloat16 up to 1.8x slower)")
+    if lib.binding == "ctypes" and not asked_ctypes:
+        notes.append("as a plain library called through ctypes (~1.3 us a call)")
+    return notes
+
+
+_NOTES: list[str] = []
+"""What the loaded build lacks (:func:`build_notes`)."""
+
+
+def build_notes() -> tuple[str, ...]:
+    """What the loaded kernels lack against the best build, each with its cost: no OpenMP (the
+    compiler has none), no per-CPU versions, the ctypes binding (no ``Python.h``); empty when
+    nothing is missing or the kernels are not available. A :class:`PerformanceWarning` says the
+    same, with the compiler's complaints, when the kernels load."""
+    _load()
+    return tuple(_NOTES)
 
 
 def available() -> bool:
