@@ -113,6 +113,7 @@ class _Library:
     binding: Binding
     bf16_isa: bool
     flags: tuple[str, ...]  # the entry of _FLAG_CHAIN it was built with
+    clones_here: bool  # whether per-CPU versions are built on this platform and compiler
 
 
 def _cache_dir() -> Path:
@@ -149,9 +150,10 @@ def _compile(compiler: str, flags: tuple[str, ...], source: Path, target: Path) 
 
 
 # OpenMP and per-CPU clones when the compiler has them (each fallback is its own build)
-_FLAG_CHAIN = (
+_FLAG_CHAIN: tuple[tuple[str, ...], ...] = (
     ("-fopenmp",),
     ("-fopenmp", "-DIMGDIFF_NO_CLONES"),
+    (),
     ("-DIMGDIFF_NO_CLONES",),
 )
 
@@ -196,7 +198,8 @@ def _load_extension(compiler: str, errors: list[str]) -> _Library | None:
             continue
         functions = {name: getattr(module, name) for name in _FUNCTION_NAMES}
         threads, bf16 = bool(module.has_openmp()), bool(module.bf16_isa())
-        return _Library(target, functions, threads, "extension", bf16, extra)
+        here = bool(module.clones_here())
+        return _Library(target, functions, threads, "extension", bf16, extra, here)
     return None
 
 
@@ -218,12 +221,25 @@ def _load_ctypes(compiler: str, errors: list[str]) -> _Library | None:
             fn.restype = None
             functions[name] = fn
         threads, bf16 = bool(lib.imgdiff_has_openmp()), bool(lib.imgdiff_bf16_isa())
-        return _Library(target, functions, threads, "ctypes", bf16, extra)
+        here = bool(lib.imgdiff_clones_here())
+        return _Library(target, functions, threads, "ctypes", bf16, extra, here)
     return None
+
+
+def _loaded() -> tuple[_Library | None, str | None]:
+    """:func:`_load`'s result, after saying once per load what a fallback build lacks (outside
+    the cache: under ``-W error`` the warning raises once and the kernels still load)."""
+    result = _load()
+    if _PENDING_WARNING:
+        message = _PENDING_WARNING.pop()
+        warn_user(message, PerformanceWarning)
+    return result
 
 
 @functools.cache
 def _load() -> tuple[_Library | None, str | None]:
+    _NOTES.clear()
+    _PENDING_WARNING.clear()
     choice = os.environ.get("IMGDIFF_CPU_KERNELS", "").strip()
     if choice == "0":
         return None, "turned off by IMGDIFF_CPU_KERNELS=0"
@@ -237,12 +253,11 @@ def _load() -> tuple[_Library | None, str | None]:
     lib = lib or _load_ctypes(compiler, errors)
     if lib is None:
         return None, "; ".join(errors)
-    _NOTES[:] = _shortfalls(lib, asked_ctypes=choice == "ctypes")
+    _NOTES.extend(_shortfalls(lib, asked_ctypes=choice == "ctypes"))
     if _NOTES:
-        warn_user(
+        _PENDING_WARNING.append(
             f"imgdiff's CPU kernels are built {'; '.join(_NOTES)}. They work, only slower; "
-            f"the build said: {'; '.join(errors)[-600:]}",
-            PerformanceWarning,
+            f"the build said: {'; '.join(errors)[-600:]}"
         )
     return lib, None
 
@@ -253,7 +268,7 @@ def _shortfalls(lib: _Library, *, asked_ctypes: bool) -> list[str]:
     notes = []
     if not lib.threads:
         notes.append("without OpenMP (one thread)")
-    elif lib.flags != _FLAG_CHAIN[0]:
+    if lib.clones_here and "-DIMGDIFF_NO_CLONES" in lib.flags:
         notes.append("without per-CPU versions (baseline instructions: bfloat16 up to 1.8x slower)")
     if lib.binding == "ctypes" and not asked_ctypes:
         notes.append("as a plain library called through ctypes (~1.3 us a call)")
@@ -262,6 +277,8 @@ def _shortfalls(lib: _Library, *, asked_ctypes: bool) -> list[str]:
 
 _NOTES: list[str] = []
 """What the loaded build lacks (:func:`build_notes`)."""
+_PENDING_WARNING: list[str] = []
+"""The warning :func:`_loaded` gives once after a load that found a shortfall."""
 
 
 def build_notes() -> tuple[str, ...]:
@@ -269,23 +286,23 @@ def build_notes() -> tuple[str, ...]:
     compiler has none), no per-CPU versions, the ctypes binding (no ``Python.h``); empty when
     nothing is missing or the kernels are not available. A :class:`PerformanceWarning` says the
     same, with the compiler's complaints, when the kernels load."""
-    _load()
+    _loaded()
     return tuple(_NOTES)
 
 
 def available() -> bool:
     """Whether the CPU kernels are built and loaded (builds them on the first call)."""
-    return _load()[0] is not None
+    return _loaded()[0] is not None
 
 
 def build_error() -> str | None:
     """Why the CPU kernels are not available (``None`` when they are)."""
-    return _load()[1]
+    return _loaded()[1]
 
 
 def binding() -> Binding | None:
     """How the loaded kernels are called (``None`` when they are not available)."""
-    lib = _load()[0]
+    lib = _loaded()[0]
     return None if lib is None else lib.binding
 
 
@@ -294,18 +311,18 @@ def bf16_isa() -> bool:
     (x86-64 with GCC 11 or later, on processors that have it; ``IMGDIFF_CPU_BF16_ISA=0`` turns it
     off), rather than with the portable rounding code. Both round to nearest even; the instruction
     reads values below bfloat16's normal range as zero."""
-    lib = _load()[0]
+    lib = _loaded()[0]
     return lib is not None and lib.bf16_isa
 
 
 def library_path() -> Path | None:
     """The loaded shared library, if any."""
-    lib = _load()[0]
+    lib = _loaded()[0]
     return None if lib is None else lib.path
 
 
 def _library() -> _Library:
-    lib, error = _load()
+    lib, error = _loaded()
     if lib is None:
         raise RuntimeError(f"imgdiff CPU kernels unavailable: {error}")
     return lib
@@ -373,10 +390,10 @@ def lincomb3(
     or bfloat16 CPU tensors (``y``, ``noise`` converted to ``x``'s dtype); a new ``(B, ...)``, or
     ``x`` itself overwritten with ``in_place`` (where ``x`` is dense)."""
     lib = _library()
-    z = noise
+    z = noise if c != 0.0 else None  # as the reference: c = 0 reads no noise (nor its infs)
     if not _dense_alike(x, y, z):  # else no call to aligned (per-step cost at small sizes)
         fmt, x, (y,) = aligned(x, y, cast=True)
-        z = None if noise is None else aligned_to(noise, x, fmt, cast=True)
+        z = None if z is None else aligned_to(z, x, fmt, cast=True)
     out = x if in_place else empty_like(x)
     lib.functions[_LINCOMB3[x.dtype]](
         x.data_ptr(),

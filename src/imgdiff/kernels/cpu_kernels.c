@@ -19,12 +19,19 @@
 #include <omp.h>
 #endif
 
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && \
-    !defined(IMGDIFF_NO_CLONES)
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
+#define IMGDIFF_CLONES_HERE 1 /* a platform and compiler the per-CPU versions are built for */
+#else
+#define IMGDIFF_CLONES_HERE 0
+#endif
+#if IMGDIFF_CLONES_HERE && !defined(IMGDIFF_NO_CLONES)
 #define IMGDIFF_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define IMGDIFF_CLONES
 #endif
+
+/* whether this platform and compiler get per-CPU versions (in a build without IMGDIFF_NO_CLONES) */
+int imgdiff_clones_here(void) { return IMGDIFF_CLONES_HERE; }
 
 /* Threads for n elements: at most `threads`, each with IMGDIFF_PER_THREAD elements or more. Below
  * that a team's start and join cost more than a thread saves (2 Zen 5 cores: 16384 elements

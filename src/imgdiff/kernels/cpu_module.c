@@ -116,6 +116,13 @@ IMGDIFF_PY(bf16_isa) {
     return PyBool_FromLong(imgdiff_bf16_isa());
 }
 
+IMGDIFF_PY(clones_here) {
+    (void)self;
+    (void)args;
+    if (!nargs_ok(nargs, 0, "clones_here")) return NULL;
+    return PyBool_FromLong(imgdiff_clones_here());
+}
+
 #define IMGDIFF_ENTRY(NAME) {#NAME, (PyCFunction)(void (*)(void))py_##NAME, METH_FASTCALL, NULL}
 
 static PyMethodDef imgdiff_methods[] = {
@@ -133,6 +140,7 @@ static PyMethodDef imgdiff_methods[] = {
     IMGDIFF_ENTRY(inpaint_blend_bf16_bf16_nz),
     IMGDIFF_ENTRY(has_openmp),
     IMGDIFF_ENTRY(bf16_isa),
+    IMGDIFF_ENTRY(clones_here),
     {NULL, NULL, 0, NULL},
 };
 

@@ -204,6 +204,8 @@ def lincomb3(
     """Fused ``a x + b y + c noise``; with ``seed`` the noise is drawn in the kernel (Philox);
     with ``in_place`` into ``x`` itself (where ``x`` is dense)."""
     fmt, x, (y,) = aligned(x, y)
+    if c == 0.0 and seed is None:
+        noise = None  # as the reference: c = 0 reads no noise (nor its infs)
     n = x if noise is None else aligned_to(noise, x, fmt)
     out = x if in_place else torch.empty_like(x)
     numel = x.numel()
