@@ -179,6 +179,21 @@ def test_inpaint_blend_runs_cover_long_rows_and_sites(
                 _close(got, reference.inpaint_blend(x, known, mask.to(dtype), **kw))  # type: ignore[arg-type]
 
 
+def test_a_plane_of_one_element_takes_the_channels_last_mask_walk() -> None:
+    """(B, C) and (B, C, 1, 1) inputs hold each sample's C values together, as channels-last
+    memory does: the mask's layout decision gives them that mode (one mask value per C values),
+    not mode 1's rows of one element; wider planes keep mode 1."""
+    from imgdiff.kernels import _layout
+
+    fmt = torch.contiguous_format
+    for shape in [(4, 7), (4, 7, 1, 1), (4, 7, 1)]:
+        x, mask = torch.randn(shape), torch.ones(4, 1, *shape[2:])
+        assert _layout.mask_operand(mask, x, fmt)[1] == _layout.MASK_BROADCAST_CHANNELS_LAST
+    x, mask = torch.randn(4, 7, 2, 3), torch.ones(4, 1, 2, 3)
+    assert _layout.mask_operand(mask, x, fmt)[1] == _layout.MASK_BROADCAST_CONTIGUOUS
+    assert _layout.mask_operand(torch.ones(4, 7, 2, 3), x, fmt)[1] == _layout.MASK_FULL
+
+
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("name", ["edict_mix", "edict_unmix"])
 @settings(max_examples=20, deadline=None)

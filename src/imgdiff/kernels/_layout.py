@@ -13,6 +13,7 @@ __all__ = [
     "MASK_FULL",
     "aligned",
     "aligned_to",
+    "dense_alike",
     "dense_like",
     "layout",
     "mask_operand",
@@ -41,6 +42,19 @@ def dense_like(t: Tensor, like: Tensor, fmt: torch.memory_format) -> Tensor:
     return t.contiguous(memory_format=fmt)
 
 
+def dense_alike(x: Tensor, *others: Tensor | None, cast: bool = False) -> bool:
+    """Whether ``x`` and ``others`` (``None``: absent) are contiguous, and with ``cast`` of
+    ``x``'s dtype: the common case, where :func:`aligned` returns them as they are. Cheap (no
+    generator), for callers in inner loops that skip :func:`aligned` then."""
+    if not x.is_contiguous():
+        return False
+    dtype = x.dtype
+    for t in others:
+        if t is not None and (not t.is_contiguous() or (cast and t.dtype is not dtype)):
+            return False  # dtypes are singletons
+    return True
+
+
 def aligned(
     x: Tensor, *others: Tensor, cast: bool = False
 ) -> tuple[torch.memory_format, Tensor, tuple[Tensor, ...]]:
@@ -49,13 +63,8 @@ def aligned(
 
     Returns the layout, ``x`` and the others. An optional operand joins with :func:`aligned_to`.
     """
-    if x.is_contiguous():  # the common case, checked cheaply (no generator: inner loops)
-        dtype = x.dtype
-        for t in others:
-            if not t.is_contiguous() or (cast and t.dtype is not dtype):  # dtypes are singletons
-                break
-        else:
-            return torch.contiguous_format, x, others
+    if dense_alike(x, *others, cast=cast):
+        return torch.contiguous_format, x, others
     fmt = layout(x)
     x = x.contiguous(memory_format=fmt)
     return fmt, x, tuple(aligned_to(t, x, fmt, cast=cast) for t in others)
@@ -71,14 +80,18 @@ def aligned_to(t: Tensor, x: Tensor, fmt: torch.memory_format, *, cast: bool = F
 
 def mask_operand(mask: Tensor, x: Tensor, fmt: torch.memory_format) -> tuple[Tensor, int]:
     """An inpainting mask (``x``'s shape or ``(B, 1, ...)``) laid out for ``x`` (of layout
-    ``fmt``), and its mask mode (``MASK_*``)."""
-    if fmt == torch.contiguous_format and mask.is_contiguous():  # the common case, cheaply
-        return mask, MASK_FULL if mask.numel() == x.numel() else MASK_BROADCAST_CONTIGUOUS
+    ``fmt``), and its mask mode (``MASK_*``).
+
+    A contiguous ``x`` whose plane is one element (``(B, C)``, ``(B, C, 1, 1)``) holds each
+    sample's ``C`` values together, as channels-last memory does: it gets that mode, whose walk
+    takes a mask value per ``C`` consecutive values (mode 1's would take rows of one element)."""
     if mask.numel() == x.numel():  # x's shape (cheaper to ask than comparing shapes)
-        return dense_like(mask, x, fmt), MASK_FULL
-    if fmt == torch.channels_last:
-        return mask.contiguous(), MASK_BROADCAST_CHANNELS_LAST
-    return mask.contiguous(), MASK_BROADCAST_CONTIGUOUS
+        full = mask if fmt == torch.contiguous_format and mask.is_contiguous() else None
+        return (dense_like(mask, x, fmt) if full is None else full), MASK_FULL
+    mask = mask.contiguous()  # (B, 1, ...): as it is in the common case
+    if fmt == torch.channels_last or x.stride(1) == 1:
+        return mask, MASK_BROADCAST_CHANNELS_LAST
+    return mask, MASK_BROADCAST_CONTIGUOUS
 
 
 def substep_mix_outputs(

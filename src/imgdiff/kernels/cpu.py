@@ -42,11 +42,11 @@ from imgdiff._warnings import warn_user
 from imgdiff.buffers import empty_like
 from imgdiff.errors import PerformanceWarning
 from imgdiff.kernels._layout import (
-    MASK_BROADCAST_CHANNELS_LAST,
     MASK_BROADCAST_CONTIGUOUS,
     MASK_FULL,
     aligned,
     aligned_to,
+    dense_alike,
     mask_operand,
     substep_mix_outputs,
 )
@@ -364,18 +364,6 @@ _BLEND = {
 }
 
 
-def _dense_alike(x: Tensor, y: Tensor, z: Tensor | None = None) -> bool:
-    """Whether ``x``, ``y`` and ``z`` (``None``: absent) are contiguous and of one dtype, the
-    common case, where :func:`~imgdiff.kernels._layout.aligned` would return them unchanged."""
-    dtype = x.dtype
-    return (
-        x.is_contiguous()
-        and y.is_contiguous()
-        and y.dtype is dtype  # dtypes are singletons
-        and (z is None or (z.is_contiguous() and z.dtype is dtype))
-    )
-
-
 def lincomb3(
     x: Tensor,
     a: float,
@@ -391,7 +379,7 @@ def lincomb3(
     ``x`` itself overwritten with ``in_place`` (where ``x`` is dense)."""
     lib = _library()
     z = noise if c != 0.0 else None  # as the reference: c = 0 reads no noise (nor its infs)
-    if not _dense_alike(x, y, z):  # else no call to aligned (per-step cost at small sizes)
+    if not dense_alike(x, y, z, cast=True):  # the common case skips aligned's work
         fmt, x, (y,) = aligned(x, y, cast=True)
         z = None if z is None else aligned_to(z, x, fmt, cast=True)
     out = x if in_place else empty_like(x)
@@ -414,7 +402,7 @@ def mix_pair(u: Tensor, v: Tensor, alpha: float, beta: float) -> tuple[Tensor, T
     ``v' = alpha v + beta u'``, in one pass, for ``u``, ``v`` ``(B, ...)``; two new tensors of
     ``u``'s shape and dtype (see :func:`imgdiff.kernels.fused_edict_mix` for the weights)."""
     lib = _library()
-    if not _dense_alike(u, v):
+    if not dense_alike(u, v, cast=True):
         _, u, (v,) = aligned(u, v, cast=True)
     u_out, v_out = empty_like(u), empty_like(u)
     lib.functions[_EDICT_MIX[u.dtype]](
@@ -448,7 +436,7 @@ def edict_substep_mix(
     with ``update_x``, else ``x``) overwritten with its mixed value (where it is laid out as
     ``x``) and one new tensor."""
     lib = _library()
-    if not _dense_alike(x, y, eps):
+    if not dense_alike(x, y, eps, cast=True):
         _, x, (y, eps) = aligned(x, y, eps, cast=True)
     x_out, y_out = substep_mix_outputs(x, y, update_x, in_place, empty_like)
     lib.functions[_SUBSTEP_MIX[x.dtype]](
@@ -488,16 +476,12 @@ def inpaint_blend(
     lib = _library()
     z = None if noise_scale == 0.0 else noise
     fmt = torch.contiguous_format
-    if not _dense_alike(x, known, z):
+    if not dense_alike(x, known, z, cast=True):
         fmt, x, (known,) = aligned(x, known, cast=True)
         z = None if z is None else aligned_to(z, x, fmt, cast=True)
     if mask.dtype not in (torch.float32, x.dtype):
         mask = mask.to(torch.float32)
     m, mode = mask_operand(mask, x, fmt)
-    if mode == MASK_BROADCAST_CONTIGUOUS and x.stride(1) == 1:
-        # a plane of one element ((B, C) or (B, C, 1, 1)): each mask value covers C consecutive
-        # values, the channels-last walk (mode 1 would take one element per run)
-        mode = MASK_BROADCAST_CHANNELS_LAST
     # how the mask broadcasts: channels for modes 1 and 2, the plane for mode 1 (where x is
     # contiguous with C > 1, so dim 1's stride is the plane)
     channels = 1 if mode == MASK_FULL else x.shape[1]

@@ -506,9 +506,8 @@ def _substep(
     own tensor, lent to the model only through :func:`_lent`) the pass writes into ``z`` where
     :func:`~imgdiff.buffers.exclusive` finds no one else holding it."""
     if k is not None and (impl := fused_for(impl, z, w, out)) is not None:
-        noise = w if k[2] != 0.0 else None
-        in_place = own and exclusive(z)
-        return kernels.fused_lincomb3(impl, z, k[0], out, k[1], noise, k[2], in_place=in_place)
+        in_place = own and exclusive(z)  # the kernels leave w out where k[2] is 0
+        return kernels.fused_lincomb3(impl, z, k[0], out, k[1], w, k[2], in_place=in_place)
     return lincomb(z, a, c.eps_hat(w, out), b)
 
 
