@@ -5,7 +5,7 @@
  * Python's headers are installed, else as a shared library called through ctypes. Every
  * function reads each input once and writes each output once, computes in float32 whatever the
  * storage (float32 or bfloat16), and splits its work over up to `threads` OpenMP threads
- * (IMGDIFF_PER_THREAD elements or more each; run_team). Pointers address dense memory of `n`
+ * (IMGDIFF_PER_THREAD elements or more each; team_size). Pointers address dense memory of `n`
  * elements in one shared layout (the Python side checks it).
  *
  * On x86-64 Linux each function is built three times (AVX-512, AVX2/FMA and baseline; GCC
@@ -34,9 +34,15 @@
 int imgdiff_clones_here(void) { return IMGDIFF_CLONES_HERE; }
 
 /* Threads for n elements: at most `threads`, each with IMGDIFF_PER_THREAD elements or more. Below
- * that a team's start and join cost more than a thread saves (2 Zen 5 cores: 16384 elements
- * 0.3-0.8 us faster on 2 threads than on one, 4096-6400 no faster). */
-#define IMGDIFF_PER_THREAD 8192
+ * that a team's start and join (~0.43 us for 2 threads) and the traffic between the cores' caches
+ * cost more than a thread saves. Measured on 2 Zen 5 cores in whole sampler steps, whose kernels
+ * read what the step's previous kernel or torch wrote (benchmarks/kernels.py's steps), rather than
+ * in back-to-back calls on the same buffers (which stay split between the cores' caches and
+ * flatter a team): EDICT and DDIM steps ran 0.4-1.4 us faster on one thread at 16384 elements and
+ * 0.25-2.5 us at 24576, and as fast or faster on two from 32768. Every kernel splits alike (no
+ * per-kernel minimum): a step whose two kernels split differently (tried: 8192 for the heavier
+ * bfloat16 sub-step) moved data between the cores and was slower. */
+#define IMGDIFF_PER_THREAD 16384
 static inline int team_size(int64_t n, int threads) {
     const int64_t most = n / IMGDIFF_PER_THREAD;
     return most < threads ? (int)most : threads;
