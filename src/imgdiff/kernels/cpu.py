@@ -2,8 +2,8 @@
 
 One pass over memory per update (each input read once, each output written once), float32
 arithmetic for float32 and bfloat16 storage, OpenMP threads (up to ``torch.get_num_threads()``,
-16384 elements or more each; one thread calls no OpenMP at all). The torch path needs two to six passes and as many dispatches for the same updates
-(``benchmarks/kernels.py``).
+16384 elements or more each; one thread calls no OpenMP at all). The torch path needs two to six
+passes and as many dispatches for the same updates (``benchmarks/kernels.py``).
 
 The kernels are built with the C compiler named by ``$CC`` (default ``cc``) into a cache folder
 (``$IMGDIFF_CACHE_DIR``, else ``$XDG_CACHE_HOME/imgdiff``, else ``~/.cache/imgdiff``), keyed by
