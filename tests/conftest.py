@@ -39,6 +39,18 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(1)
 
 
+def device_for(backend: str) -> str:
+    """Where a test runs ``backend``: Triton on the GPU where there is one (it runs on CPU tensors
+    only under its interpreter, which this file turns on where there is no GPU), the rest on the
+    CPU."""
+    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+
+
+def triton_interpreted() -> bool:
+    """Whether Triton runs under its interpreter here (no GPU, see above)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 class TanhModel:
     """A fixed random nonlinear model ``out = scale * tanh(W vec(x) (1 + t/1000))``.
 
@@ -58,7 +70,8 @@ class TanhModel:
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         self.calls += 1
         flat = x.reshape(x.shape[0], -1)
-        h = flat @ self.W.to(x.dtype).T * (1.0 + t.to(x.dtype).reshape(-1, 1) / 1000.0)
+        W = self.W.to(device=x.device, dtype=x.dtype)
+        h = flat @ W.T * (1.0 + t.to(x.dtype).reshape(-1, 1) / 1000.0)
         return (self.scale * torch.tanh(h)).reshape(x.shape)
 
 

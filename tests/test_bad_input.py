@@ -52,7 +52,7 @@ from imgdiff.prediction import (
 )
 from imgdiff.timesteps import SamplingPlan
 
-from .conftest import backends_here
+from .conftest import backends_here, device_for
 
 IVE = imgdiff.InputValueError
 ITE = imgdiff.InputTypeError
@@ -2747,15 +2747,17 @@ def test_update_rejects_outputs_and_noise_of_another_shape(backend, make):
     silent broadcast (torch) nor a read past the tensor (the kernels walk x's elements)."""
     sampler = make(backend)
     c = sampler.coefficients(sampler.plan(10)).unbind()[3]
-    x = torch.randn(4, 3, 8, 8)
+    dev = device_for(backend)
+    x = torch.randn(4, 3, 8, 8, device=dev)
     factor = sampler.output_channels_factor
-    good_out = torch.randn(4, 3 * factor, 8, 8)
-    for out in (torch.randn(1, 3 * factor, 8, 8), torch.randn(4, 3 * factor, 1, 1)):
+    good_out = torch.randn(4, 3 * factor, 8, 8, device=dev)
+    noise = torch.randn(4, 3, 8, 8, device=dev)
+    for shape in ((1, 3 * factor, 8, 8), (4, 3 * factor, 1, 1)):
         with pytest.raises(imgdiff.InputValueError, match=r"^out: expected"):
-            sampler.update(x, out, c, torch.randn(4, 3, 8, 8))
+            sampler.update(x, torch.randn(shape, device=dev), c, noise)
     with pytest.raises(imgdiff.InputValueError, match=r"^noise: expected shape \(4, 3, 8, 8\)"):
-        sampler.update(x, good_out, c, torch.randn(1, 3, 8, 8))
-    assert sampler.update(x, good_out, c, torch.randn(4, 3, 8, 8)).state.shape == x.shape
+        sampler.update(x, good_out, c, torch.randn(1, 3, 8, 8, device=dev))
+    assert sampler.update(x, good_out, c, noise).state.shape == x.shape
 
 
 @pytest.mark.parametrize("backend", backends_here())

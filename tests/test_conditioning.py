@@ -19,7 +19,7 @@ from imgdiff.conditioning import (
 )
 from imgdiff.nets import UNet, UNetConfig
 
-from .conftest import backends_here
+from .conftest import backends_here, device_for
 
 
 def test_pal2_concat_is_source_first() -> None:
@@ -149,8 +149,9 @@ def test_the_holes_content_is_ignored_on_every_backend(backend: str, mode: str) 
     any backend, though the fused kernels blend arithmetically (``0 * NaN``)."""
     s = NoiseSchedule.linear()
     g = torch.Generator().manual_seed(0)
-    known = torch.rand(1, 3, 8, 8, generator=g) * 2 - 1
-    hole = torch.zeros(1, 1, 8, 8, dtype=torch.bool)
+    dev = device_for(backend)
+    known = (torch.rand(1, 3, 8, 8, generator=g) * 2 - 1).to(dev)
+    hole = torch.zeros(1, 1, 8, 8, dtype=torch.bool, device=dev)
     hole[..., 2:6, 2:6] = True
     for fill in (float("nan"), float("inf")):
         bad = known.clone()
@@ -163,7 +164,8 @@ def test_the_holes_content_is_ignored_on_every_backend(backend: str, mode: str) 
             generator=torch.Generator().manual_seed(1),
             backend=backend,  # type: ignore[arg-type]
         )
-        x = region.start(torch.randn(1, 3, 8, 8, generator=g), None if mode == "clean" else 999)
+        start = torch.randn(1, 3, 8, 8, generator=g).to(dev)
+        x = region.start(start, None if mode == "clean" else 999)
         out = DDIM(s, backend=backend).sample(  # type: ignore[arg-type]
             lambda z, t: 0.1 * z, x, num_steps=5, callback=region, progress=False
         )

@@ -20,7 +20,7 @@ from imgdiff import (
 from imgdiff.losses import denoising_loss, hybrid_loss, vlb_term
 from imgdiff.timesteps import SamplingPlan
 
-from .conftest import TanhModel
+from .conftest import TanhModel, device_for
 
 
 def test_ddpm1_forward_marginal() -> None:
@@ -284,7 +284,7 @@ def test_a_subclass_posterior_is_used_by_the_update() -> None:
     x = torch.randn(2, 1, 2, 2, dtype=torch.float64)
     backends = ["torch"] + (["triton"] if importlib.util.find_spec("triton") else [])
     for backend in backends:  # float32: the Triton path's dtype (a fused step would skip it)
-        x32 = x.float()
+        x32 = x.float().to(device_for(backend))
         kw = {"num_steps": 1, "progress": False, "generator": torch.Generator().manual_seed(0)}
         plain = imgdiff.DDPM(schedule, backend="torch").sample(model, x32, **kw)
         kw["generator"] = torch.Generator().manual_seed(0)

@@ -16,7 +16,7 @@ from imgdiff import DDIM, EDICT, ClassifierFreeGuidance, NoiseSchedule, Precisio
 from imgdiff.samplers.edict import edict_mix, edict_unmix
 from imgdiff.timesteps import SamplingPlan
 
-from .conftest import TanhModel, TimeOnlyModel, backends_here
+from .conftest import TanhModel, TimeOnlyModel, backends_here, device_for, triton_interpreted
 
 SHAPE = (1, 4, 8, 8)  # spec 4.8: latent (1, 4, 8, 8), D = 256
 
@@ -269,10 +269,11 @@ def test_steps_stay_differentiable_through_the_model(
     from imgdiff.samplers.step import StepContext
 
     g = torch.Generator().manual_seed(3)
-    x, y = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(2))
+    dev = device_for(backend)
+    x, y = (torch.randn(2, 4, 8, 8, generator=g).to(dev) for _ in range(2))
     grads, states = {}, {}
     for b in ("torch", backend):
-        w = torch.nn.Parameter(torch.tensor(0.7))
+        w = torch.nn.Parameter(torch.tensor(0.7, device=dev))
         model = BoundModel(
             lambda z, t, w=w: torch.tanh(z) * w,
             model_dtype=torch.float32,
@@ -283,7 +284,14 @@ def test_steps_stay_differentiable_through_the_model(
         table = sampler.inverse_coefficients(plan) if inverse else sampler.coefficients(plan)
         rows = [r for r in table.unbind() if bool(r.x_first) == x_first]
         k = int(plan.timesteps[3])
-        ctx = StepContext(3, 10, k, k - 100, torch.full((2,), k), torch.full((2,), k - 100))
+        ctx = StepContext(
+            3,
+            10,
+            k,
+            k - 100,
+            torch.full((2,), k, device=dev),
+            torch.full((2,), k - 100, device=dev),
+        )
         with torch.enable_grad():
             step = sampler.inverse_step if inverse else sampler.step
             out = step(model, (x, y), rows[0], ctx, None)
@@ -303,10 +311,11 @@ def test_step_stays_differentiable_when_only_the_first_model_call_needs_it(backe
     from imgdiff.models import BoundModel
     from imgdiff.samplers.step import StepContext
 
-    x = torch.randn(1, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    dev = device_for(backend)
+    x = torch.randn(1, 2, 4, 4, generator=torch.Generator().manual_seed(0)).to(dev)
     grads = {}
     for b in ("torch", backend):
-        w = torch.tensor(0.3, requires_grad=True)
+        w = torch.tensor(0.3, requires_grad=True, device=dev)
         calls = [0]
 
         def model(
@@ -318,7 +327,9 @@ def test_step_stays_differentiable_when_only_the_first_model_call_needs_it(backe
         sampler = EDICT(NoiseSchedule.linear(), dtype=None, backend=b)  # type: ignore[arg-type]
         c = sampler.coefficients(sampler.plan(10)).unbind()[2]
         bound = BoundModel(model, model_dtype=torch.float32, state_dtype=torch.float32)
-        ctx = StepContext(2, 10, 500, 400, torch.full((1,), 500), torch.full((1,), 400))
+        ctx = StepContext(
+            2, 10, 500, 400, torch.full((1,), 500, device=dev), torch.full((1,), 400, device=dev)
+        )
         with torch.enable_grad():
             xs, _ = sampler.step(bound, (x, x.clone()), c, ctx, None).state
             assert xs.requires_grad, b
@@ -327,15 +338,20 @@ def test_step_stays_differentiable_when_only_the_first_model_call_needs_it(backe
 
 
 def _one_step(
-    backend: str, prediction: str, inverse: bool, x_first: bool, fn: object = None
+    backend: str,
+    prediction: str,
+    inverse: bool,
+    x_first: bool,
+    fn: object = None,
+    device: str = "cpu",
 ) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
     """One float32 step (or inverse step) of a v-, x0- or eps-model ``fn`` (default: the spec's
-    tanh model) on ``backend``, ready to run."""
+    tanh model) on ``backend`` and ``device``, ready to run."""
     from imgdiff.models import BoundModel
     from imgdiff.samplers.step import StepContext
 
     g = torch.Generator().manual_seed(5)
-    x, y = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(2))
+    x, y = (torch.randn(2, 4, 8, 8, generator=g).to(device) for _ in range(2))
     model = BoundModel(
         fn or TanhModel((4, 8, 8), scale=0.5),  # type: ignore[arg-type]
         model_dtype=torch.float32,
@@ -346,7 +362,8 @@ def _one_step(
     table = sampler.inverse_coefficients(plan) if inverse else sampler.coefficients(plan)
     c = [r for r in table.unbind() if bool(r.x_first) == x_first][1]
     k = int(plan.timesteps[3])
-    ctx = StepContext(3, 10, k, k - 100, torch.full((2,), k), torch.full((2,), k - 100))
+    t, t_next = (torch.full((2,), v, device=device) for v in (k, k - 100))
+    ctx = StepContext(3, 10, k, k - 100, t, t_next)
     step = sampler.inverse_step if inverse else sampler.step
     return lambda: step(model, (x, y), c, ctx, None).state
 
@@ -361,8 +378,9 @@ def test_fused_steps_equal_torch_for_every_prediction_type(
     """The fused kernels fold an x0- or v-model's eps estimate into their coefficients
     (``a z + b eps_hat(w, out)`` as one combination of ``z``, ``out`` and ``w``) and run the
     inverse's unmixing in one pass: the step equals the torch path's to float32 rounding."""
-    got = _one_step(backend, prediction, inverse, x_first)()
-    want = _one_step("torch", prediction, inverse, x_first)()
+    dev = device_for(backend)
+    got = _one_step(backend, prediction, inverse, x_first, device=dev)()
+    want = _one_step("torch", prediction, inverse, x_first, device=dev)()
     for g_, w in zip(got, want, strict=True):
         torch.testing.assert_close(g_, w, rtol=1e-5, atol=1e-5)
 
@@ -396,17 +414,20 @@ def test_fused_step_writes_into_the_model_input_no_one_kept(
     """The sequence the model saw (sub-step 1's new tensor; the unmixed one when inverting) is
     the step's own: where the model kept nothing of it, its memory takes its next value. (Under
     Triton's interpreter the launch leaves reference cycles to the tensor until the next garbage
-    collection, so the step allocates instead: only the values are checked there.)"""
+    collection, so the step allocates instead: only the values are checked there; on a GPU the
+    write is checked.)"""
     seen: list[int] = []
 
     def model(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         seen.append(z.data_ptr())  # an address, not the tensor
         return torch.tanh(z)
 
-    state = _one_step(backend, "epsilon", inverse, x_first, model)()
-    want = _one_step("torch", "epsilon", inverse, x_first, model)()
+    dev = device_for(backend)
+    state = _one_step(backend, "epsilon", inverse, x_first, model, dev)()
+    want = _one_step("torch", "epsilon", inverse, x_first, model, dev)()
     lent = seen[0] if inverse else seen[1]  # the step's own tensor given to the model
-    assert (lent in {s.data_ptr() for s in state}) or backend == "triton"
+    interpreted = backend == "triton" and triton_interpreted()
+    assert (lent in {s.data_ptr() for s in state}) or interpreted
     for g_, w in zip(state, want, strict=True):
         torch.testing.assert_close(g_, w, rtol=1e-5, atol=1e-5)
 
@@ -431,13 +452,14 @@ def test_fused_step_leaves_what_the_model_kept(backend: str, inverse: bool, keep
         kept.append((_KEEPERS[keep](z), z.clone(), torch.empty_like(z)))
         return z if keep == "output" else torch.tanh(z)
 
-    state = _one_step(backend, "epsilon", inverse, True, model)()
+    dev = device_for(backend)
+    state = _one_step(backend, "epsilon", inverse, True, model, dev)()
     for held, value, like in kept:
         if isinstance(held, torch.UntypedStorage):
             held = like.set_(held, 0, value.shape, value.stride())
         assert isinstance(held, torch.Tensor)
         assert torch.equal(held, value[: held.shape[0]])
-    want = _one_step("torch", "epsilon", inverse, True, model)()
+    want = _one_step("torch", "epsilon", inverse, True, model, dev)()
     for g_, w in zip(state, want, strict=True):
         torch.testing.assert_close(g_, w, rtol=1e-5, atol=1e-5)
 
