@@ -573,6 +573,37 @@ def test_ddpm_learned_step_equals_reference(
 
 
 @needs_triton
+def test_ddpm_learned_step_leaves_an_output_over_the_int32_range_to_torch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The learned-variance kernel indexes the model output, twice x's elements, with int32
+    offsets: where that output has more elements than int32 holds (x alone may fit), the step
+    runs on torch (the limit lowered here to x's size)."""
+    from imgdiff.kernels import fused
+
+    x, noise = torch.randn(2, 3, 4, 4, device=DEVICE), torch.randn(2, 3, 4, 4, device=DEVICE)
+    out = torch.randn(2, 6, 4, 4, device=DEVICE)
+    calls: list[int] = []
+    real = fused.ddpm_learned_step
+
+    def counted(*args: object, **kw: object) -> Tensor:
+        calls.append(1)
+        return real(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fused, "ddpm_learned_step", counted)
+    kw = {"log_beta": -4.0, "log_beta_tilde": -5.0, "noise_mask": 1.0}
+    want = reference.ddpm_learned_step(x, out, 0.9, 0.1, noise, **kw)  # type: ignore[arg-type]
+    monkeypatch.setattr(kernels, "_MAX_NUMEL", out.numel())  # both fit: the kernel
+    got = kernels.ddpm_learned_step(x, out, 0.9, 0.1, noise, backend="triton", **kw)  # type: ignore[arg-type]
+    _close(got, want)
+    assert len(calls) == 1
+    monkeypatch.setattr(kernels, "_MAX_NUMEL", x.numel())  # x fits, out does not: the reference
+    got = kernels.ddpm_learned_step(x, out, 0.9, 0.1, noise, backend="triton", **kw)  # type: ignore[arg-type]
+    assert len(calls) == 1
+    assert torch.equal(got, want)
+
+
+@needs_triton
 def test_learned_variance_ddpm_on_the_kernel_equals_torch() -> None:
     from imgdiff.posterior import learned_range_log_variance
 

@@ -507,7 +507,8 @@ def ddpm_learned_step(
     a, b = check_float("x_coef", x_coef), check_float("out_coef", out_coef)
     lb, lbt = check_float("log_beta", log_beta), check_float("log_beta_tilde", log_beta_tilde)
     nm = check_float("noise_mask", noise_mask)
-    if _impl(backend, x, out, noise) == "triton":
+    # out has twice x's elements, and the kernel's offsets into it are int32
+    if out.numel() <= _MAX_NUMEL and _impl(backend, x, out, noise) == "triton":
         from imgdiff.kernels import fused
 
         return fused.ddpm_learned_step(
