@@ -140,6 +140,23 @@ def test_replay_rejects_inputs_unlike_the_capture() -> None:
         replay(torch.zeros(2, 3), step_noise=torch.zeros(4, 2, 3))
 
 
+def test_replay_takes_step_noise_of_any_floating_dtype() -> None:
+    """Capture converts the injected noise to the sampler's state dtype, so a replay takes it in
+    any floating dtype too (converted as at capture); a non-floating one or another shape is
+    refused."""
+    replay, bufs = _replayer()
+    x, noise = torch.randn(2, 3), torch.randn(4, 2, 3, dtype=torch.float64)
+    got = replay(x, step_noise=noise)
+    assert bufs["noise"].dtype == torch.float32
+    torch.testing.assert_close(got, x * 2 + noise.float().sum(0), rtol=0, atol=0)
+    with pytest.raises(
+        InputValueError, match=r"step_noise: expected shape \(4, 2, 3\) and a float"
+    ):
+        replay(x, step_noise=torch.zeros(4, 2, 3, dtype=torch.int64))
+    with pytest.raises(InputValueError, match=r"step_noise: expected shape \(4, 2, 3\)"):
+        replay(x, step_noise=torch.zeros(3, 2, 3))
+
+
 @pytest.fixture
 def rerun_capture(monkeypatch: pytest.MonkeyPatch) -> None:
     """Let ``capture_graph`` run on the CPU: "recording" runs the loop once, a replay re-runs it

@@ -141,7 +141,8 @@ class CUDAGraphSampling(Generic[OutT]):
                     "step_noise: this loop was captured without injected noise (it draws its "
                     "noise on the GPU); capture it with a step_noise tensor to inject noise"
                 )
-            _copy_into("step_noise", step_noise, self._step_noise)
+            # as at capture, where the noise is converted to the sampler's state dtype
+            _copy_into("step_noise", step_noise, self._step_noise, cast=True)
         for key, value in (model_kwargs or {}).items():
             target = self._kwargs.get(key)
             if target is None:
@@ -154,13 +155,16 @@ class CUDAGraphSampling(Generic[OutT]):
         return _clone(self._result)
 
 
-def _copy_into(name: str, value: object, buf: Tensor) -> None:
-    """Copy ``value`` into the graph's input tensor ``buf`` (same shape and dtype, any device)."""
+def _copy_into(name: str, value: object, buf: Tensor, *, cast: bool = False) -> None:
+    """Copy ``value`` into the graph's input tensor ``buf`` (same shape and dtype, any device;
+    with ``cast`` any floating dtype, converted to ``buf``'s)."""
     if not isinstance(value, Tensor):
         raise InputTypeError(f"{name}: expected a torch.Tensor, got {describe(value)}")
-    if value.shape != buf.shape or value.dtype != buf.dtype:
+    dtype_ok = value.dtype.is_floating_point if cast else value.dtype == buf.dtype
+    if value.shape != buf.shape or not dtype_ok:
+        dtype = "a floating dtype" if cast else f"dtype {buf.dtype}"
         raise InputValueError(
-            f"{name}: expected shape {tuple(buf.shape)} and dtype {buf.dtype} as at capture, "
+            f"{name}: expected shape {tuple(buf.shape)} and {dtype} as at capture, "
             f"got shape {tuple(value.shape)} and dtype {value.dtype}"
         )
     buf.copy_(value, non_blocking=True)
