@@ -321,7 +321,8 @@ class Sampler(ABC, Generic[StateT, CoeffT]):
           new noise can then be passed to each call.
         * Tensor ``model_kwargs`` on the sample's device can be replaced at each call; other
           arguments are fixed.
-        * ``callback`` is called while recording only: its tensor operations (e.g. a
+        * ``callback`` is called in the ``warmup`` runs and while recording only, after each
+          step of each: its tensor operations (e.g. a
           :class:`~imgdiff.conditioning.KnownRegion` paste, drawing its noise on the GPU) are
           replayed, its Python side effects are not. There is no progress bar.
         * The model must be graph-safe: no host synchronisation (``.item()``, printing values,

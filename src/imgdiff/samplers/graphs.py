@@ -266,8 +266,11 @@ def capture_loop(
                 run()
         caller_stream = torch.cuda.current_stream()
         caller_stream.wait_stream(side)
+        # a capture stream of this device: torch.cuda.graph's default one is made once, on the
+        # device current at its first use, and cannot capture on another
+        capture = torch.cuda.Stream()  # type: ignore[no-untyped-call]  # torch's stub
         try:
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, stream=capture):
                 result = run()
         except RuntimeError as error:
             # some torch versions leave the capture stream current when capture_end raises
@@ -276,6 +279,8 @@ def capture_loop(
                 "capture_graph: the loop could not be recorded as a CUDA graph: something in it "
                 "(usually the model, or a callback) synchronises with the host, copies from CPU "
                 "memory, draws noise on the CPU or changes shape between calls. Run it eagerly "
-                f"with sample(), or make that part graph-safe. CUDA said: {error}"
+                "with sample() (some torch versions leave CUDA's random number state unusable "
+                "after a failed recording: if sample() then fails, run it in a new process), or "
+                f"make that part graph-safe. CUDA said: {error}"
             ) from error
     return graph, result
