@@ -559,8 +559,11 @@ def tiny_unet(device: torch.device) -> torch.nn.Module:
     return unet.to(device).eval()
 
 
-def loop_functions(device: torch.device) -> tuple[dict[str, Callable[[], torch.Tensor]], float]:
-    """The 50-step loops (imgdiff, diffusers, the UNet alone) and their outputs' relative difference."""
+def loop_functions(
+    device: torch.device, backend: str
+) -> tuple[dict[str, Callable[[], torch.Tensor]], float]:
+    """The 50-step loops (imgdiff's on ``backend``, diffusers, the UNet alone) and their outputs'
+    relative difference."""
     from diffusers import DDIMScheduler
 
     unet = tiny_unet(device)
@@ -571,7 +574,7 @@ def loop_functions(device: torch.device) -> tuple[dict[str, Callable[[], torch.T
     def model(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return unet(z, t).sample  # type: ignore[no-any-return]
 
-    sampler = imgdiff.DDIM(schedule)
+    sampler = imgdiff.DDIM(schedule, backend=backend)  # type: ignore[arg-type]
     sched = DDIMScheduler(num_train_timesteps=1000, clip_sample=False)
 
     def imgdiff_loop() -> torch.Tensor:
@@ -822,7 +825,9 @@ def main() -> None:
         print(f"bandwidth: {NO_GPU}", flush=True)
 
     loop_rounds = max(3, rounds // 4)
-    fns, max_diff = loop_functions(device)
+    # the fused path on CUDA too, where "auto" picks it only after this run is checked
+    loop_backend = backends[-1] if cuda else "auto"
+    fns, max_diff = loop_functions(device, loop_backend)
     samples = interleaved_samples(
         fns, timer, rounds=loop_rounds, target_s=0.0, warmup=1, max_inner=1
     )
@@ -852,7 +857,7 @@ def main() -> None:
         f"### 3. Whole loop: {NUM_STEPS} DDIM steps, small UNet",
         "",
         f"Random `UNet2DModel` (float32, 2 levels, 32/64 channels) on a {LOOP_SHAPE} latent, the "
-        "same network for both; median of "
+        f"same network for both; imgdiff's `DDIM(backend={loop_backend!r})`; median of "
         f"{loop_rounds} interleaved runs. Overhead per step = (loop - the UNet's {NUM_STEPS} calls "
         f"alone, same round) / {NUM_STEPS}, median +- half the range over the rounds"
         + (
