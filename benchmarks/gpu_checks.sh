@@ -28,9 +28,9 @@ setup_gpu_machine() {
     if compgen -G ".whl/*.whl" >/dev/null; then
         "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
             --target /tmp/site .whl/*.whl
-        export PYTHONPATH=/tmp/site:src${PYTHONPATH:+:$PYTHONPATH}
+        export PYTHONPATH=/tmp/site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}
     else
-        export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}
+        export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
     fi
     export PYTHONUNBUFFERED=1
     "$py" -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__,

@@ -46,11 +46,6 @@ def device_for(backend: str) -> str:
     return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
 
 
-def triton_interpreted() -> bool:
-    """Whether Triton runs under its interpreter here (no GPU, see above)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 class TanhModel:
     """A fixed random nonlinear model ``out = scale * tanh(W vec(x) (1 + t/1000))``.
 

@@ -112,6 +112,15 @@ def test_exclusive_refuses_a_storage_held_by_no_active_pool() -> None:
         assert buffers.exclusive(x)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_memory_is_never_exclusive() -> None:  # pragma: no cover - GPU only
+    """torch reports every CUDA storage as shared (CUDA IPC may have handed it to another
+    process), so updates on the GPU never write into a tensor the step lent out."""
+    assert buffers.exclusive(torch.randn(SHAPE))
+    assert not buffers.exclusive(torch.randn(SHAPE, device="cuda"))
+
+
 def test_exclusive_refuses_shared_memory_and_holds_under_a_tracer() -> None:
     """Memory another process may read is never exclusive; a tracer that holds the frames'
     locals (a debugger) changes no answer."""
