@@ -116,7 +116,7 @@ def test_exclusive_refuses_a_storage_held_by_no_active_pool() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_memory_is_never_exclusive() -> None:  # pragma: no cover - GPU only
     """torch reports every CUDA storage as shared (CUDA IPC may have handed it to another
-    process), so updates on the GPU never write into a tensor the step lent out."""
+    process), so on the GPU EDICT's steps never write into a tensor they lent out."""
     assert buffers.exclusive(torch.randn(SHAPE))
     assert not buffers.exclusive(torch.randn(SHAPE, device="cuda"))
 
