@@ -5,7 +5,8 @@
 #   bash benchmarks/gpu_checks.sh wheels   # where pip reaches an index: the other packages the
 #                                          # tests import, as wheels into .whl/ (PYVER, default 3.12)
 #   bash benchmarks/gpu_checks.sh tests    # on the GPU machine: the whole suite (CUDA parity of the
-#                                          # Triton kernels, the CUDA-graph tests, ...)
+#                                          # Triton kernels, the CUDA-graph tests, ...); pytest
+#                                          # arguments after `tests` run a part of it instead
 #   bash benchmarks/gpu_checks.sh bench    # on the GPU machine: benchmarks/kernels.py --quick, then
 #                                          # the full run written to benchmarks/RESULTS.md
 #
@@ -16,6 +17,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 stage=${1:-}
+shift || true
 py=${PYTHON:-python3}
 out=${OUT:-gpu-checks}
 
@@ -47,7 +49,7 @@ wheels)
 tests)
     setup_gpu_machine
     # -rs lists what was skipped and why: on a GPU nothing should say "needs CUDA"
-    "$py" -m pytest -q -n "${WORKERS:-8}" -rs -p no:cacheprovider 2>&1 | tee "$out/tests.log"
+    "$py" -m pytest -q -n "${WORKERS:-8}" -rs -p no:cacheprovider "$@" 2>&1 | tee "$out/tests.log"
     ;;
 bench)
     setup_gpu_machine
