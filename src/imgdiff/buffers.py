@@ -206,7 +206,8 @@ def exclusive(t: Tensor) -> bool:
     Memory moved to shared memory (``share_memory_()``, a ``torch.multiprocessing`` queue) is
     never exclusive: another process may read it. Nor is CUDA memory: torch reports every CUDA
     storage as shared (it may have been handed to another process through CUDA IPC), so on the
-    GPU the steps that ask (EDICT's) always take new outputs. A weak reference to the storage object is not seen. ``False`` where the counts are not exact (a free-threaded Python build).
+    GPU the steps that ask (EDICT's) always take new outputs. A weak reference to the storage
+    object is not seen. ``False`` where the counts are not exact (a free-threaded Python build).
     """
     if not _SUPPORTED:
         return False

@@ -146,10 +146,9 @@ class DDPM(DenoisingSampler[DDPMCoefficients]):
         self, x: Tensor, out: Tensor, coeffs: DDPMCoefficients, noise: Tensor | None
     ) -> StepOutput[Tensor]:
         c = coeffs
-        self._check_output(out, x, "out")  # (B, 2C, ...) with a learned variance
-        check_step_noise(noise, x)
         # the fused paths fuse the posterior mean with the noise (the posterior's formula, so not
-        # for a subclass that overrides it); the torch path is the posterior and its sampling
+        # for a subclass that overrides it) and check out and the noise themselves (combine,
+        # kernels.ddpm_learned_step); the torch path is the posterior and its sampling
         if self.output_channels_factor == 1:
             impl = fused_backend(self.backend, x, out, noise)
         else:  # out has twice x's elements: its dtype and autograd are checked here
@@ -159,6 +158,8 @@ class DDPM(DenoisingSampler[DDPMCoefficients]):
             fused = self._fused_update(x, out, c, noise, impl)
             if fused is not None:
                 return fused
+        self._check_output(out, x, "out")  # (B, 2C, ...) with a learned variance
+        check_step_noise(noise, x)
         return self._sample_posterior(*self.posterior(x, out, c), c, noise)
 
     def _fused_update(
