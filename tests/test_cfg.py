@@ -49,14 +49,34 @@ def test_guidance_is_the_affine_combination(scale: float) -> None:
     torch.testing.assert_close(guided, out_u + scale * (out_c - out_u), rtol=1e-12, atol=1e-12)
 
 
-def test_shared_keywords_are_duplicated_and_non_tensors_passed_through() -> None:
-    """Keywords that null does not name are shared by both halves."""
+def test_per_sample_keywords_are_duplicated() -> None:
+    """Keywords that null does not name are per-sample and shared by both halves."""
     x, t, cond = _inputs()
     mask = torch.rand(3, 1, 4, 4, dtype=torch.float64)
     null = {"label": torch.zeros(1, dtype=torch.float64)}
     guided = ClassifierFreeGuidance(Recorder(), 2.0, null)(x, t, mask=mask, **cond)
     plain = ClassifierFreeGuidance(Recorder(), 2.0, null)(x, t, **cond)
     torch.testing.assert_close(guided, plain * mask, rtol=1e-12, atol=1e-12)
+
+
+def test_shared_keywords_and_non_tensors_pass_unchanged() -> None:
+    """``shared`` names reach the doubled batch as given; non-tensor values pass through."""
+    x, t, cond = _inputs()
+    seen: list[object] = []
+
+    def model(x: torch.Tensor, t: torch.Tensor, *, label: torch.Tensor, **rest: object):
+        seen.append(rest)
+        return torch.tanh(x) * (1 + label.reshape(-1, 1, 1, 1))
+
+    null = {"label": torch.zeros(1, dtype=torch.float64)}
+    table = torch.arange(3.0)  # first dimension equals the batch, yet not per-sample
+    ClassifierFreeGuidance(model, 2.0, null, shared={"table"})(
+        x, t, table=table, name="run", **cond
+    )
+    assert seen[0]["table"] is table
+    assert seen[0]["name"] == "run"
+    ClassifierFreeGuidance(model, 2.0, null)(x, t, table=table, **cond)
+    assert seen[1]["table"].shape == (6,)  # type: ignore[attr-defined]
 
 
 def test_rescale_matches_lin_et_al() -> None:
@@ -145,8 +165,10 @@ def test_keyword_handling() -> None:
     torch.testing.assert_close(broadcast, full, rtol=0, atol=0)
 
 
-def test_guided_channels_leave_the_variance_half_alone() -> None:
-    """guided_channels=C guides the mean half of a 2C output and keeps the conditional variance half."""
+@pytest.mark.parametrize("guided_channels", [2, None])
+def test_guided_channels_leave_the_variance_half_alone(guided_channels: int | None) -> None:
+    """guided_channels=C (and the default, for a 2C output) guides the mean half of a
+    learned-variance output and keeps the conditional variance half (spec 8.2)."""
     x, t, cond = _inputs()
 
     def learned(x: torch.Tensor, t: torch.Tensor, *, label: torch.Tensor) -> torch.Tensor:
@@ -154,7 +176,7 @@ def test_guided_channels_leave_the_variance_half_alone() -> None:
         return torch.cat([mean, mean * 0.1 + label.reshape(-1, 1, 1, 1)], dim=1)
 
     null = {"label": torch.zeros(1, dtype=torch.float64)}
-    out = ClassifierFreeGuidance(learned, 3.0, null, guided_channels=2)(x, t, **cond)
+    out = ClassifierFreeGuidance(learned, 3.0, null, guided_channels=guided_channels)(x, t, **cond)
     c = learned(x, t, **cond)
     u = learned(x, t, label=torch.zeros(3, dtype=torch.float64))
     torch.testing.assert_close(
@@ -178,3 +200,51 @@ def test_more_bad_input() -> None:
         imgdiff.InputValueError, match=r"^guided_channels: expected an int >= 1, got 0"
     ):
         ClassifierFreeGuidance(Recorder(), 2.0, {"label": torch.zeros(1)}, guided_channels=0)
+    null = {"label": torch.zeros(1, dtype=torch.float64)}
+    with pytest.raises(
+        imgdiff.InputValueError,
+        match=r"^guided_channels: expected at most the model output's 2 channels, got 3",
+    ):
+        ClassifierFreeGuidance(Recorder(), 2.0, null, guided_channels=3)(x, t, **cond)
+    with pytest.raises(imgdiff.InputTypeError, match=r"^shared: expected a collection of"):
+        ClassifierFreeGuidance(Recorder(), 2.0, null, shared="mask")  # type: ignore[arg-type]
+    with pytest.raises(imgdiff.InputTypeError, match=r"^shared: expected keyword names"):
+        ClassifierFreeGuidance(Recorder(), 2.0, null, shared={1})  # type: ignore[arg-type]
+
+
+def test_rescale_guidance_bad_input() -> None:
+    """phi outside [0, 1], mismatched shapes and one element per sample are named."""
+    g = torch.randn(2, 3, 4, 4)
+    with pytest.raises(imgdiff.InputValueError, match=r"^phi: expected a float <= 1"):
+        rescale_guidance(g, g, 5.0)
+    with pytest.raises(imgdiff.InputValueError, match=r"^cond: expected the shape of guided"):
+        rescale_guidance(g, g[:1], 0.5)
+    with pytest.raises(imgdiff.InputValueError, match=r"^guided: expected shape \(B, ...\) with"):
+        rescale_guidance(torch.randn(2, 1), torch.randn(2, 1), 0.5)
+
+
+def test_default_guidance_keeps_learned_range_ddpm_on_the_data() -> None:
+    """A learned-range DDPM under CFG with the default channels samples the data's spread.
+
+    The model is the exact denoiser of N(0, 0.5^2) plus a variance channel that differs between
+    the conditional (0.5) and unconditional (-0.5) halves; guiding that channel too would
+    extrapolate it to 7 at scale 7.5 and the samples' std to ~39.
+    """
+    schedule = imgdiff.NoiseSchedule.linear()
+    exact = imgdiff.GaussianDenoiser(schedule, mean=0.0, std=0.5)
+
+    def net(x: torch.Tensor, t: torch.Tensor, *, label: torch.Tensor) -> torch.Tensor:
+        v = torch.where(label.reshape(-1, 1, 1, 1) > 0, 0.5, -0.5).expand_as(x).to(x.dtype)
+        return torch.cat([exact(x, t), v], dim=1)
+
+    guided = ClassifierFreeGuidance(net, 7.5, {"label": torch.zeros(1)})
+    x = torch.randn(2000, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    y = imgdiff.DDPM(schedule, variance="learned_range").sample(
+        guided,
+        x,
+        num_steps=50,
+        generator=torch.Generator().manual_seed(1),
+        progress=False,
+        model_kwargs={"label": torch.ones(2000)},
+    )
+    assert abs(float(y.std()) - 0.5) < 0.05

@@ -3,14 +3,15 @@
 ``ClassifierFreeGuidance(model, scale, null)`` is itself a model in imgdiff's contract: called as
 ``guided(x, t, **cond)`` it runs the network once on the doubled batch ``[x, x]`` with the null
 condition for the first half and ``cond`` for the second, and returns
-``out_u + scale (out_c - out_u)``. The combination is linear in the model output, so it is the
-same guidance for epsilon, x0 and v models. Because it is a deterministic function of
+``out_u + scale (out_c - out_u)`` (over the mean half only for a learned-variance model's ``2C``
+output). The combination is linear in the model output, so it is the same guidance for epsilon,
+x0 and v models. Because it is a deterministic function of
 ``(x, t, cond)``, EDICT inverts through it exactly when both passes use the same wrapper.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,8 +28,22 @@ __all__ = ["ClassifierFreeGuidance", "rescale_guidance"]
 def rescale_guidance(guided: Tensor, cond: Tensor, phi: float) -> Tensor:
     """Lin et al. 2023, Sec. 3.4: ``phi guided std(cond)/std(guided) + (1 - phi) guided``.
 
-    Standard deviations over all non-batch dimensions; shapes ``(B, ...)``.
+    Standard deviations (unbiased, as Lin et al.) over all non-batch dimensions; ``guided`` and
+    ``cond`` have the same shape ``(B, ...)`` with at least two elements per sample.
     """
+    check_float("phi", phi, min=0.0, max=1.0)
+    for name, value in (("guided", guided), ("cond", cond)):
+        if not isinstance(value, Tensor) or not value.dtype.is_floating_point:
+            raise InputTypeError(f"{name}: expected a floating-point tensor, got {describe(value)}")
+    if cond.shape != guided.shape:
+        raise InputValueError(
+            f"cond: expected the shape of guided {tuple(guided.shape)}, got {tuple(cond.shape)}"
+        )
+    if guided.ndim < 2 or guided[0].numel() < 2:
+        raise InputValueError(
+            "guided: expected shape (B, ...) with at least two elements per sample (a standard "
+            f"deviation per sample), got {tuple(guided.shape)}"
+        )
     dims = tuple(range(1, guided.ndim))
     ratio = cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True).clamp_min(1e-12)
     return phi * guided * ratio + (1.0 - phi) * guided
@@ -45,9 +60,12 @@ class ClassifierFreeGuidance:
             at least one. Each tensor has batch size 1 (broadcast) or ``B``.
         rescale: Lin et al.'s guidance rescale ``phi`` in ``[0, 1]`` (0 = off).
         shared: names of keyword arguments passed unchanged to the doubled batch (e.g. a
-            scalar-like tensor whose first dimension is not the batch).
+            scalar-like tensor whose first dimension is not the batch); any collection of
+            strings, not a bare string.
         guided_channels: guide only the first ``k`` output channels and take the rest from the
-            conditional output (for learned-variance models: ``k = C``, per improved DDPM).
+            conditional output. ``None`` (default): all channels of an output shaped like ``x``,
+            and the mean half (``k = C``) of a learned-variance model's ``2C`` output, since
+            extrapolating the variance half breaks sampling (improved DDPM; spec 8.2).
 
     Other keyword arguments of a call are per-sample and shared by both halves: tensors with
     batch ``B`` (or 1) are doubled, as are tensors inside mappings and sequences; anything else
@@ -84,6 +102,16 @@ class ClassifierFreeGuidance:
                 raise InputTypeError(
                     f"null[{key!r}]: expected a tensor with a batch dimension, got {describe(value)}"
                 )
+        shared: object = self.shared  # annotated frozenset, but users pass sets, lists, strings
+        if isinstance(shared, str) or not isinstance(shared, Collection):
+            raise InputTypeError(
+                "shared: expected a collection of keyword names such as frozenset({'mask'}), "
+                f"got {describe(shared)}"
+            )
+        for name in shared:
+            if not isinstance(name, str):
+                raise InputTypeError(f"shared: expected keyword names (str), got {describe(name)}")
+        object.__setattr__(self, "shared", frozenset(shared))
         if self.guided_channels is not None:
             check_int("guided_channels", self.guided_channels, min=1)
 
@@ -111,12 +139,27 @@ class ClassifierFreeGuidance:
                 f"model output: expected a tensor with batch {2 * B} (the doubled batch), got {describe(out)}"
             )
         out_u, out_c = out.chunk(2, dim=0)
-        k = self.guided_channels
+        k = self._guided(x, out)
         u, c = (out_u, out_c) if k is None else (out_u[:, :k], out_c[:, :k])
         guided = u + self.scale * (c - u)
         if self.rescale > 0:
             guided = rescale_guidance(guided, c, self.rescale)
         return guided if k is None else torch.cat([guided, out_c[:, k:]], dim=1)
+
+    def _guided(self, x: Tensor, out: Tensor) -> int | None:
+        """How many leading output channels to guide (``None``: all of them)."""
+        k = self.guided_channels
+        C = out.shape[1] if out.ndim > 1 else 0
+        if k is None:
+            # a learned-variance output (B, 2C, ...): guide the mean half only
+            if x.ndim > 1 and out.ndim == x.ndim and 2 * x.shape[1] == C:
+                return x.shape[1]
+            return None
+        if k > C:
+            raise InputValueError(
+                f"guided_channels: expected at most the model output's {C} channels, got {k}"
+            )
+        return k
 
     def _batched(self, key: str, value: object, batch: int) -> Tensor:
         null = self.null[key]
