@@ -115,6 +115,21 @@ def test_error_hierarchy():
     assert not issubclass(imgdiff.ImgdiffError, (ValueError, TypeError))
 
 
+def test_numpy_scalars_count_as_ints_and_floats():
+    """Step counts, timesteps and strengths from numpy (an ``np.arange`` sweep) are accepted and
+    give what the Python numbers give; numpy bools are not ints."""
+    s = NoiseSchedule.linear()
+    x0, noise = torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 2, 2)
+    assert torch.equal(add_noise(s, x0, noise, np.int64(5)), add_noise(s, x0, noise, 5))
+    model = GaussianDenoiser(s)
+    x = torch.randn(1, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    a = DDIM(s).sample(model, x, num_steps=np.int64(3), strength=np.float32(0.5), progress=False)
+    b = DDIM(s).sample(model, x, num_steps=3, strength=0.5, progress=False)
+    assert torch.equal(a, b)
+    with pytest.raises(ITE, match=r"^num_steps: expected an int, got"):
+        DDIM(s).sample(model, x, num_steps=np.bool_(True), progress=False)
+
+
 # ====================================================================== NoiseSchedule
 
 SCHEDULE_CASES = [

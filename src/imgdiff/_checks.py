@@ -7,6 +7,7 @@ expected and what came. None of these helpers is meant to run inside a sampling 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -106,9 +107,10 @@ def check_floating_dtype(name: str, value: object, *, optional: bool = False) ->
 
 
 def check_int(name: str, value: object, *, min: int | None = None, max: int | None = None) -> int:
-    """Check that ``value`` is an int (not a bool) within ``[min, max]``."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """Check that ``value`` is an int (not a bool; numpy integers too) within ``[min, max]``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise InputTypeError(f"{name}: expected an int, got {describe(value)}")
+    value = int(value)
     if min is not None and value < min:
         raise InputValueError(f"{name}: expected an int >= {min}, got {value}")
     if max is not None and value > max:
@@ -125,8 +127,8 @@ def check_float(
     min_open: bool = False,
     max_open: bool = False,
 ) -> float:
-    """Check that ``value`` is a finite real number within the given (open or closed) bounds."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """Check that ``value`` is a finite real number (numpy's too) within the given bounds."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise InputTypeError(f"{name}: expected a float, got {describe(value)}")
     v = float(value)
     if not math.isfinite(v):
@@ -161,7 +163,8 @@ def check_timestep_tensor(
     low = -1 if allow_final else 0
     if isinstance(t, bool):
         raise InputTypeError(f"{name}: expected an int or an integer tensor, got {describe(t)}")
-    if isinstance(t, int):
+    if isinstance(t, numbers.Integral):
+        t = int(t)
         if not low <= t < num_train_timesteps:
             raise InputValueError(
                 f"{name}: expected a timestep in [{low}, {num_train_timesteps - 1}], got {t}"
