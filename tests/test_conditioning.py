@@ -237,6 +237,34 @@ def test_pal6_gamma_conditioning_is_schedule_independent() -> None:
     assert not torch.allclose(a, NoiseLevelConditioning(net, test)(x, t_test + 1))
     with pytest.raises(imgdiff.InputValueError, match=r"^net: expected a network conditioned on"):
         NoiseLevelConditioning(UNet(UNetConfig()), test)
+    # through the wrapper the docs compose it with, too
+    with pytest.raises(imgdiff.InputValueError, match=r"^net: expected a network conditioned on"):
+        NoiseLevelConditioning(ConcatConditioning(UNet(UNetConfig())), test)
+
+
+def test_noise_level_gamma_is_alpha_bar_at() -> None:
+    """gamma(t) = schedule.alpha_bar_at(t): -1 is the clean level; bad timesteps are named."""
+    s = NoiseSchedule.linear()
+    seen: list[torch.Tensor] = []
+
+    def net(x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+        seen.append(gamma)
+        return x
+
+    wrapped = NoiseLevelConditioning(net, s)
+    t = torch.tensor([-1, 0, 500, 999])
+    wrapped(torch.zeros(4, 1, 2, 2, dtype=torch.float64), t)
+    torch.testing.assert_close(seen[0], s.alpha_bar_at(t), rtol=0, atol=0)
+    with pytest.raises(
+        imgdiff.InputValueError, match=r"^t: expected timesteps in \[-1, 999\], got"
+    ):
+        wrapped(torch.zeros(1, 1, 2, 2), torch.tensor([1000]))
+    with pytest.raises(
+        imgdiff.InputValueError, match=r"^t: expected timesteps in \[-1, 999\], got"
+    ):
+        wrapped(torch.zeros(1, 1, 2, 2), torch.tensor([-5]))
+    with pytest.raises(imgdiff.InputTypeError, match=r"^t: expected an integer tensor"):
+        wrapped(torch.zeros(1, 1, 2, 2), torch.tensor([10.7]))
 
 
 def test_cond1_cfg_endpoints_and_the_other_convention() -> None:
@@ -278,3 +306,12 @@ def test_cond3_condition_dropout() -> None:
     assert torch.equal(out["label"][~dropped], cond["label"][~dropped])
     with pytest.raises(imgdiff.InputValueError, match=r"^null: expected the keys of cond"):
         drop_conditions(cond, {"label": null["label"]}, p, batch=B)
+    with pytest.raises(imgdiff.InputValueError, match=r"^batch: expected an int >= 1, got -1"):
+        drop_conditions(cond, null, p, batch=-1)
+    with pytest.raises(imgdiff.InputTypeError, match=r"^batch: expected an int, got 3.0"):
+        drop_conditions(cond, null, p, batch=3.0)  # type: ignore[arg-type]
+    with pytest.raises(imgdiff.InputTypeError, match=r"^cond: expected a mapping"):
+        drop_conditions(None, null, p, batch=B)  # type: ignore[arg-type]
+    # a float null for integer labels would be rounded, not carried exactly
+    with pytest.raises(imgdiff.InputTypeError, match=r"^null\['label'\]: expected a dtype that"):
+        drop_conditions(cond, {**null, "label": torch.full((1,), 0.7)}, p, batch=B)

@@ -103,6 +103,22 @@ def test_classifier_guidance_gradient() -> None:
         imgdiff.InputValueError, match=r"^labels: expected one label per sample \(2\), got 3"
     ):
         ClassifierGuidance(classifier, torch.tensor([0, 1, 2])).gradient(x, torch.tensor([1, 1]))
+    t = torch.tensor([1, 1])
+    with pytest.raises(
+        imgdiff.InputValueError, match=r"^labels: expected classes below the classifier's 3 logits"
+    ):
+        ClassifierGuidance(classifier, torch.tensor([7, 0])).gradient(x, t)
+    with pytest.raises(imgdiff.InputValueError, match=r"^labels: expected class indices >= 0"):
+        ClassifierGuidance(classifier, torch.tensor([-1, 0]))
+    with pytest.raises(imgdiff.InputTypeError, match=r"^labels: expected integer class labels"):
+        ClassifierGuidance(classifier, torch.tensor([True, False]))
+
+    def frozen(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return classifier(x, t)
+
+    with pytest.raises(imgdiff.InputValueError, match=r"^classifier output: expected logits that"):
+        ClassifierGuidance(frozen, labels).gradient(x, t)
     with pytest.raises(
         imgdiff.InputTypeError, match=r"^guidance: expected None or an imgdiff.Guidance"
     ):

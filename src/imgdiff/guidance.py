@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -50,13 +50,14 @@ class ClassifierGuidance(Guidance):
 
     Args:
         classifier: ``classifier(x, t) -> logits (B, K)``; gets the same timesteps as the model.
-        labels: ``(B,)`` int64 target classes.
+        labels: ``(B,)`` integer target classes in ``[0, K)`` (their range is read once, here).
         scale: guidance scale ``s`` (guided-diffusion's README uses 0.5 to 10).
     """
 
     classifier: Callable[[Tensor, Tensor], Tensor]
     labels: Tensor
     scale: float = 1.0
+    _max_label: int = field(default=-1, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not callable(self.classifier):
@@ -64,10 +65,18 @@ class ClassifierGuidance(Guidance):
                 f"classifier: expected a callable, got {describe(self.classifier)}"
             )
         check_tensor("labels", self.labels, ndim=1)
-        if self.labels.dtype.is_floating_point:
+        if self.labels.dtype.is_floating_point or self.labels.dtype in (
+            torch.bool,
+            torch.complex64,
+            torch.complex128,
+        ):
             raise InputTypeError(
                 f"labels: expected integer class labels, got dtype {self.labels.dtype}"
             )
+        low, high = (int(v) for v in self.labels.aminmax()) if self.labels.numel() else (0, -1)
+        if low < 0:
+            raise InputValueError(f"labels: expected class indices >= 0, got {low}")
+        object.__setattr__(self, "_max_label", high)  # checked against K in gradient()
         check_float("scale", self.scale)
 
     def gradient(self, x: Tensor, t: Tensor) -> Tensor:
@@ -81,6 +90,17 @@ class ClassifierGuidance(Guidance):
             if not isinstance(logits, Tensor) or logits.shape[0] != x.shape[0] or logits.ndim != 2:
                 raise InputValueError(
                     f"classifier output: expected logits (B, K), got {describe(logits)}"
+                )
+            if logits.shape[1] <= self._max_label:
+                raise InputValueError(
+                    f"labels: expected classes below the classifier's {logits.shape[1]} logits, "
+                    f"got label {self._max_label}"
+                )
+            if not logits.requires_grad:
+                raise InputValueError(
+                    "classifier output: expected logits that depend on x through autograd, got "
+                    "a tensor without a gradient (does the classifier run under torch.no_grad, "
+                    "inference_mode or detach its input?)"
                 )
             wide = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
             log_p = torch.log_softmax(wide, dim=-1)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from imgdiff._checks import check_float, check_tensor, describe
+from imgdiff._checks import check_float, check_int, check_tensor, describe
 from imgdiff.errors import InputTypeError, InputValueError
 from imgdiff.randomness import Generators, check_generators
 
@@ -36,6 +36,12 @@ def drop_conditions(
     carry the null value exactly; the inputs are not modified.
     """
     p = check_float("p_uncond", p_uncond, min=0.0, max=1.0)
+    batch = check_int("batch", batch, min=1)
+    for name, mapping in (("cond", cond), ("null", null)):
+        if not isinstance(mapping, Mapping):
+            raise InputTypeError(
+                f"{name}: expected a mapping of keyword tensors, got {describe(mapping)}"
+            )
     gens = check_generators(generator, batch)
     if set(null) != set(cond):
         raise InputValueError(f"null: expected the keys of cond {sorted(cond)}, got {sorted(null)}")
@@ -58,6 +64,11 @@ def drop_conditions(
             raise InputValueError(
                 f"null[{key!r}]: expected shape (1 or {batch}, {', '.join(map(str, v.shape[1:]))}) like "
                 f"cond[{key!r}], got {tuple(n.shape)}"
+            )
+        if not torch.can_cast(n.dtype, v.dtype):
+            raise InputTypeError(
+                f"null[{key!r}]: expected a dtype that casts to cond[{key!r}]'s {v.dtype} without "
+                f"changing its values, got {n.dtype}"
             )
         where = dropped.to(v.device).reshape(-1, *([1] * (v.ndim - 1)))
         out[key] = torch.where(where, n.to(device=v.device, dtype=v.dtype).expand_as(v), v)

@@ -23,7 +23,9 @@ class NoiseLevelConditioning:
     ``model(x, t, **cond) = net(x, schedule.alpha_bar_at(t), **cond)``: the network was trained on
     continuous noise levels (``gamma ~ U(alpha_bar_t, alpha_bar_{t-1})`` of the training schedule,
     :func:`imgdiff.training.sample_gamma`), so any inference schedule reaching the same gamma gives
-    the same output (spec 2.6, PAL-6). Shapes: ``x`` ``(B, ...)``, ``t`` ``(B,)``.
+    the same output (spec 2.6, PAL-6). Shapes: ``x`` ``(B, ...)``, ``t`` ``(B,)`` integer timesteps
+    in ``[-1, T-1]`` (``-1``: the clean level, gamma 1). Their values are checked on the CPU; on
+    other devices that would synchronise every step, so they are not (the samplers' are valid).
     """
 
     net: Model
@@ -36,8 +38,8 @@ class NoiseLevelConditioning:
         if not callable(self.net):
             raise InputTypeError(f"net: expected a callable network, got {describe(self.net)}")
         check_schedule("schedule", self.schedule)
-        mode = getattr(getattr(self.net, "config", None), "noise_conditioning", None)
-        if isinstance(mode, str) and mode != "gamma":
+        mode = _noise_conditioning(self.net)
+        if mode is not None and mode != "gamma":
             raise InputValueError(
                 f"net: expected a network conditioned on noise levels (config.noise_conditioning "
                 f"'gamma'), got {mode!r}; pass such a network to the sampler directly"
@@ -50,15 +52,46 @@ class NoiseLevelConditioning:
 
     def gamma(self, t: Tensor) -> Tensor:
         """``alpha_bar_t`` ``(B,)`` for timesteps ``t`` ``(B,)``, float64 where the device has it."""
+        if not isinstance(t, Tensor) or t.dtype.is_floating_point or t.dtype.is_complex:
+            raise InputTypeError(
+                f"t: expected an integer tensor of timesteps, got {describe(t)}"
+                + (
+                    " (a gamma-conditioned network takes timesteps here, not noise levels)"
+                    if isinstance(t, Tensor) and t.dtype.is_floating_point
+                    else ""
+                )
+            )
+        T = self.schedule.num_train_timesteps
+        if t.device.type == "cpu" and t.numel() and (int(t.min()) < -1 or int(t.max()) >= T):
+            raise InputValueError(
+                f"t: expected timesteps in [-1, {T - 1}], "
+                f"got values from {int(t.min())} to {int(t.max())}"
+            )
         table = self._tables.get(t.device)
         if table is None:
             dtype = torch.float32 if t.device.type == "mps" else torch.float64
-            table = self.schedule.alphas_cumprod.to(device=t.device, dtype=dtype)
+            ab = self.schedule.alphas_cumprod.to(dtype=torch.float64)
+            table = torch.cat([ab.new_ones(1), ab]).to(device=t.device, dtype=dtype)
             self._tables[t.device] = table
-        return table[t.long()]
+        return table[t.long() + 1]  # row 0 is t = -1, the clean level
 
     def __call__(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
         """The network's output at noise level ``alpha_bar_t`` (in at least float32)."""
         gamma = self.gamma(t).to(torch.promote_types(x.dtype, torch.float32))
         out: Tensor = self.net(x, gamma, **cond)
         return out
+
+
+def _noise_conditioning(net: object) -> str | None:
+    """``config.noise_conditioning`` of the network behind ``net`` and its wrappers' ``.model``
+    / ``.net`` chain (e.g. :class:`~imgdiff.conditioning.ConcatConditioning`), else ``None``."""
+    seen: set[int] = set()
+    obj: object = net
+    while obj is not None and id(obj) not in seen and len(seen) < 16:
+        seen.add(id(obj))
+        mode = getattr(getattr(obj, "config", None), "noise_conditioning", None)
+        if isinstance(mode, str):
+            return mode
+        inner = getattr(obj, "model", None)
+        obj = inner if inner is not None and inner is not obj else getattr(obj, "net", None)
+    return None
