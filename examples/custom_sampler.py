@@ -62,9 +62,10 @@ class EulerVE(DenoisingSampler[VECoefficients]):
         self, x: Tensor, out: Tensor, coeffs: VECoefficients, noise: Tensor | None
     ) -> StepOutput[Tensor]:
         c = coeffs
-        eps = c.eps_hat(x, out)
-        x_ve = x / c.sqrt_alpha_bar + (c.sigma_next - c.sigma) * eps
-        return StepOutput(x_ve * c.sqrt_alpha_bar_next, lambda: c.raw_x0_hat(x, out))
+        x0 = self.x0_hat(x, out, c)  # thresholded where the sampler has thresholding
+        x_ve = x / c.sqrt_alpha_bar  # = x0 + sigma eps
+        eps = (x_ve - x0) / c.sigma  # the eps that goes with that x0
+        return StepOutput((x_ve + (c.sigma_next - c.sigma) * eps) * c.sqrt_alpha_bar_next, x0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,8 +73,18 @@ class HeunVE(EulerVE):
     """Heun's method (EDM Algorithm 1 without churn): an Euler step, then a trapezoidal correction.
 
     The correction evaluates the model at the next listed timestep; the step to the final (clean)
-    level stays an Euler step, as in EDM.
+    level stays an Euler step, as in EDM. Overriding ``step`` replaces the base's, which is where
+    guidance is applied, and this step forms raw ``eps_hat``: so it refuses both options.
     """
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("guidance", "thresholding"):
+            if getattr(self, name) is not None:
+                raise imgdiff.InputValueError(
+                    f"{name}: expected None (HeunVE's own step applies no {name}), "
+                    f"got {getattr(self, name)!r}"
+                )
 
     def step(
         self,

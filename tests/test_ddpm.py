@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import pytest
@@ -20,7 +19,7 @@ from imgdiff import (
 from imgdiff.losses import denoising_loss, hybrid_loss, vlb_term
 from imgdiff.timesteps import SamplingPlan
 
-from .conftest import TanhModel, device_for
+from .conftest import TanhModel, backends_here, device_for
 
 
 def test_ddpm1_forward_marginal() -> None:
@@ -270,8 +269,10 @@ def test_learned_range_sampling_uses_the_predicted_variance() -> None:
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-def test_a_subclass_posterior_is_used_by_the_update() -> None:
-    """The fused fixed-variance path must not bypass an overridden ``posterior``."""
+@pytest.mark.parametrize("backend", backends_here())
+def test_a_subclass_posterior_is_used_by_the_update(backend: str) -> None:
+    """The fused paths must not bypass an overridden ``posterior``, on noisy steps too, and the
+    noise is not added in place into what an override returns (here the user's sample)."""
     from imgdiff.samplers.ddpm import DDPMCoefficients
 
     class Shifted(imgdiff.DDPM):
@@ -279,14 +280,50 @@ def test_a_subclass_posterior_is_used_by_the_update() -> None:
             mean, log_var, x0 = super().posterior(x, out, coeffs)
             return mean + 1.0, log_var, x0
 
+    class Identity(imgdiff.DDPM):
+        def posterior(self, x, out, coeffs: DDPMCoefficients):  # type: ignore[no-untyped-def]
+            _, log_var, x0 = super().posterior(x, out, coeffs)
+            return x, log_var, x0
+
     schedule = imgdiff.NoiseSchedule.linear()
-    model = imgdiff.GaussianDenoiser(schedule)
+    device = device_for(backend)
+    # float32: the fused paths' dtype; 2**18 elements (1 MiB): recycled buffers in the loop
+    x = torch.randn(2, 2, 256, 256, generator=torch.Generator().manual_seed(3)).to(device)
+    z = torch.randn(3, *x.shape, generator=torch.Generator().manual_seed(4)).to(device)
+    c = torch.randn(x.shape, generator=torch.Generator().manual_seed(5)).to(device)
+
+    def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # independent of x
+        return c.clone()
+
+    kw = {"num_steps": 3, "progress": False}
+    plain = imgdiff.DDPM(schedule, backend="torch")
+    shifted = Shifted(schedule, backend=backend).sample(model, x, step_noise=z, **kw)  # type: ignore[arg-type]
+    want = plain.sample(model, x, step_noise=z, **kw)
+    # each step adds 1 to its mean; later steps carry it on through their x coefficient
+    assert not torch.allclose(shifted, want)
+    x_coef = plain.coefficients(plain.plan(3)).x_coef  # a shift d of x moves the mean x_coef d
+    shift = float(x_coef[2] * (x_coef[1] + 1.0) + 1.0)
+    torch.testing.assert_close(shifted, want + shift, rtol=1e-5, atol=1e-4)
+    before = x.clone()
+    Identity(schedule, backend=backend).sample(model, x, step_noise=z, **kw)  # type: ignore[arg-type]
+    assert torch.equal(x, before)
+
+
+def test_learned_range_final_step_to_the_first_level_is_finite() -> None:
+    """With final_alpha_bar="first" the step from t=0 does not move (beta = 0): a variance
+    output below -1 extrapolates log beta, which must stay finite there (it was -inf, so NaN)."""
+    s = NoiseSchedule.linear()
+    sampler = DDPM(s, variance="learned_range", final_alpha_bar="first")
     x = torch.randn(2, 1, 2, 2, dtype=torch.float64)
-    backends = ["torch"] + (["triton"] if importlib.util.find_spec("triton") else [])
-    for backend in backends:  # float32: the Triton path's dtype (a fused step would skip it)
-        x32 = x.float().to(device_for(backend))
-        kw = {"num_steps": 1, "progress": False, "generator": torch.Generator().manual_seed(0)}
-        plain = imgdiff.DDPM(schedule, backend="torch").sample(model, x32, **kw)
-        kw["generator"] = torch.Generator().manual_seed(0)
-        shifted = Shifted(schedule, backend=backend).sample(model, x32, **kw)  # type: ignore[arg-type]
-        torch.testing.assert_close(shifted, plain + 1.0)
+    out = torch.cat([torch.zeros_like(x), torch.full_like(x, -3.0)], dim=1)
+    for t in (0, torch.tensor([5, 0])):
+        step = sampler.step_at(out, x, t, -1 if isinstance(t, int) else torch.tensor([4, -1]))
+        assert bool(step.state.isfinite().all())
+
+    def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.zeros_like(x), torch.full_like(x, -3.0)], dim=1)
+
+    y = sampler.sample(
+        model, x, timesteps=[20, 10, 0], generator=torch.Generator().manual_seed(0), progress=False
+    )
+    assert bool(y.isfinite().all())

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import pytest
 import torch
 
 import imgdiff
@@ -64,6 +65,18 @@ def test_custom_euler_sampler_equals_ddim() -> None:
             model, x, num_steps=30, progress=False
         )
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    # thresholding reaches the update through self.x0_hat; DDIM derives eps from the clipped
+    # x0_hat likewise with rederive_eps
+    clip = imgdiff.Clip(0.5)
+    a = ex.EulerVE(s, prediction="v", thresholding=clip).sample(
+        model, x, num_steps=30, progress=False
+    )
+    b = imgdiff.DDIM(s, prediction="v", thresholding=clip, rederive_eps=True).sample(
+        model, x, num_steps=30, progress=False
+    )
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    with pytest.raises(imgdiff.InputValueError, match=r"^guidance: expected None \(HeunVE"):
+        ex.HeunVE(s, guidance=imgdiff.guidance.ClassifierGuidance(len, torch.tensor([0])))
 
 
 def test_custom_heun_sampler_is_more_accurate() -> None:

@@ -200,3 +200,20 @@ def test_guidance_sees_the_model_dtype() -> None:
         imgdiff.GaussianDenoiser(s, mean=0.0, std=0.5), x, num_steps=2, progress=False
     )
     assert record.seen == [torch.float32, torch.float32]
+
+
+def test_ddpm_guidance_runs_at_zero_terminal_snr() -> None:
+    """DDPM shifts the posterior mean (no eps_hat needed), so a v-model at zero terminal SNR is
+    guided from t = T-1, as the spec recommends sampling it; DDIM still refuses it above."""
+    zsnr = NoiseSchedule.linear().rescale_zero_terminal_snr()
+    v_model = imgdiff.GaussianDenoiser(zsnr, mean=0.0, std=0.5, prediction="v")
+    x = torch.randn(2, 1, 2, 2, dtype=torch.float64)
+
+    def run(guidance: imgdiff.guidance.Guidance | None) -> torch.Tensor:
+        sampler = imgdiff.DDPM(zsnr, prediction="v", spacing="trailing", guidance=guidance)
+        g = torch.Generator().manual_seed(0)
+        return sampler.sample(v_model, x, num_steps=10, generator=g, progress=False)
+
+    plain, guided = run(None), run(GaussianLikelihood(1.0, scale=0.5))
+    assert bool(guided.isfinite().all())
+    assert float(guided.mean()) > float(plain.mean())  # pulled towards the measurement 1.0

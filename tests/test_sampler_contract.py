@@ -412,3 +412,74 @@ def test_blurred_empirical_denoiser_is_tweedie() -> None:
     (score,) = torch.autograd.grad(log_p, x)
     tweedie = (x + (1 - ab) * score) / ab.sqrt()
     torch.testing.assert_close(model(x.detach(), t), tweedie.detach(), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v"])
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+def test_an_overridden_x0_hat_is_used_on_every_step(prediction: str, backend: str) -> None:
+    """A subclass's ``x0_hat`` (a denoised_fn) shapes every step; the fused shortcut, which never
+    forms x0_hat, is taken only where x0_hat is the base class's."""
+    from .conftest import backends_here, device_for
+
+    if backend not in backends_here():
+        pytest.skip(f"backend {backend} does not run here")
+    calls: list[int] = []
+
+    class Denoised(DDIM):
+        def x0_hat(self, x, out, coeffs):  # type: ignore[no-untyped-def]
+            calls.append(1)
+            return super().x0_hat(x, out, coeffs).clamp(-0.1, 0.1)
+
+    s = NoiseSchedule.linear()
+    model = GaussianDenoiser(s, prediction=prediction)  # type: ignore[arg-type]
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)).to(device_for(backend))
+    kw = {"num_steps": 10, "progress": False}
+    y = Denoised(s, prediction=prediction, backend=backend).sample(model, x, **kw)  # type: ignore[arg-type]
+    assert len(calls) == 10
+    want = DDIM(s, prediction=prediction, thresholding=Clip(0.1)).sample(model, x, **kw)  # type: ignore[arg-type]
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+
+
+def test_step_at_asks_needs_noise_with_one_step_of_floats() -> None:
+    """``needs_noise`` written with plain comparisons works in ``step_at`` with a timestep per
+    sample, as in the loop (it was handed (B, 1, 1, 1) tensors)."""
+    seen: list[object] = []
+
+    class Plain(DDIM):
+        def needs_noise(self, coeffs):  # type: ignore[no-untyped-def]
+            seen.append(coeffs.sigma)
+            return bool(coeffs.sigma != 0.0)
+
+    s = NoiseSchedule.linear()
+    sampler = Plain(s, eta=1.0)
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    out = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    a = sampler.step_at(out, x, torch.tensor([500, 300]), torch.tensor([400, 200]), generator=g)
+    assert seen
+    assert all(isinstance(v, float) for v in seen)
+    g = torch.Generator().manual_seed(0)
+    b = DDIM(s, eta=1.0).step_at(
+        out, x, torch.tensor([500, 300]), torch.tensor([400, 200]), generator=g
+    )
+    torch.testing.assert_close(a.state, b.state, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["ddim", "edict"])
+def test_inversion_callbacks_see_the_level_they_reached(kind: str) -> None:
+    """``StepInfo.next_timestep`` is the level the step moved to, in inversion too: the level an
+    inversion reaches is its step's timestep (EDICT reported the level it came from)."""
+    s = NoiseSchedule.linear()
+    seen: list[tuple[int, int, int]] = []
+    sampler = DDIM(s) if kind == "ddim" else imgdiff.EDICT(s)
+    x0 = torch.rand(1, 1, 4, 4, dtype=torch.float64) * 2 - 1
+    sampler.invert(  # type: ignore[attr-defined]
+        GaussianDenoiser(s),
+        x0,
+        num_steps=4,
+        callback=lambda info: seen.append((info.index, info.timestep, info.next_timestep)),
+        progress=False,
+    )
+    assert [i for i, _, _ in seen] == [0, 1, 2, 3]
+    assert all(nxt == t for _, t, nxt in seen)
+    assert [t for _, t, _ in seen] == sorted(t for _, t, _ in seen)

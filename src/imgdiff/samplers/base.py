@@ -161,7 +161,11 @@ class Sampler(ABC, Generic[StateT, CoeffT]):
         """
 
     def needs_noise(self, coeffs: CoeffT) -> bool:
-        """Whether the step with these coefficients consumes noise (default: never)."""
+        """Whether the step with these coefficients consumes noise (default: never).
+
+        ``coeffs`` are one step's coefficients as Python floats (a row of the table), in the
+        loop and in ``step_at`` alike, so plain comparisons work.
+        """
         return False
 
     def inverse_coefficients(self, plan: SamplingPlan) -> CoeffT:
@@ -522,6 +526,7 @@ class Sampler(ABC, Generic[StateT, CoeffT]):
             contexts=_contexts(plan, batch, device),
             model=bound,
             callback=callback,
+            inverse=inverse,
             draw=functools.partial(
                 self._step_noise,
                 like=like,
@@ -605,6 +610,7 @@ class _Loop(Generic[StateT, CoeffT]):
     model: BoundModel
     callback: Callback | None
     draw: Callable[[int], Tensor]
+    inverse: bool = False
 
     def run(self, state: StateT, *, progress: bool, desc: str) -> StateT:
         """Every step from ``state`` (under ``torch.no_grad()`` at the caller); the final state."""
@@ -619,9 +625,9 @@ class _Loop(Generic[StateT, CoeffT]):
                 )
                 state = out.state
                 if callback is not None:
-                    replaced = callback(
-                        StepInfo(i, ctx.num_steps, ctx.timestep, out, ctx.next_timestep)
-                    )
+                    # an inverse step (over plan.reversed()) moves its row's t_next to its t
+                    reached = ctx.timestep if self.inverse else ctx.next_timestep
+                    replaced = callback(StepInfo(i, ctx.num_steps, ctx.timestep, out, reached))
                     if replaced is not None:
                         state = _checked_replacement(replaced, state)
                 del out

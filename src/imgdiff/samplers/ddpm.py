@@ -95,7 +95,9 @@ class DDPM(DenoisingSampler[DDPMCoefficients]):
         pred = self.prediction_fields(plan)
         post = posterior_coefficients(plan.alpha_bar, plan.alpha_bar_next)
         log_beta_tilde = torch.log(post.beta_tilde.clamp(min=POSTERIOR_VARIANCE_FLOOR))
-        log_beta = torch.log(post.beta)
+        # beta = 0 on a step that does not move (t = 0 to the "first" final level): floored so
+        # that learned_range's extrapolation (v < -1) stays finite there
+        log_beta = torch.log(post.beta.clamp(min=POSTERIOR_VARIANCE_FLOOR))
         mask = (plan.next_timesteps >= 0).to(torch.float64)
         fixed = log_beta_tilde if self.variance == "fixed_small" else log_beta
         return DDPMCoefficients(
@@ -160,7 +162,8 @@ class DDPM(DenoisingSampler[DDPMCoefficients]):
                 return fused
         self._check_output(out, x, "out")  # (B, 2C, ...) with a learned variance
         check_step_noise(noise, x)
-        return self._sample_posterior(*self.posterior(x, out, c), c, noise)
+        own = type(self).posterior is DDPM.posterior  # else the mean may be x or out itself
+        return self._sample_posterior(*self.posterior(x, out, c), c, noise, own=own)
 
     def _fused_update(
         self, x: Tensor, out: Tensor, c: DDPMCoefficients, noise: Tensor | None, impl: Fused
@@ -224,10 +227,20 @@ class DDPM(DenoisingSampler[DDPMCoefficients]):
         x0: Tensor | Callable[[], Tensor],
         coeffs: DDPMCoefficients,
         noise: Tensor | None,
+        *,
+        own: bool = True,
     ) -> StepOutput[Tensor]:
+        """``mean + std noise``, in place into ``mean`` when the step ``own``s it."""
         if noise is not None:
             std: Scalar = coeffs.sigma
             if self.output_channels_factor == 2:  # learned: a per-element log-variance
-                std = torch.exp(0.5 * torch.as_tensor(log_var)) * coeffs.noise_mask
+                mask = coeffs.noise_mask
+                if isinstance(mask, float) and mask == 0.0:
+                    return StepOutput(mean, x0)
+                std = torch.exp(0.5 * torch.as_tensor(log_var))
+                if isinstance(mask, Tensor):  # per sample (step_at): where, not 0 * inf
+                    std = torch.where(mask > 0, std, torch.zeros((), dtype=std.dtype))
+            if not own:
+                return StepOutput(mean + std * noise, x0)
             add_scaled_(mean, noise, std)
         return StepOutput(mean, x0)

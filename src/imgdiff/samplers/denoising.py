@@ -26,7 +26,7 @@ from imgdiff.errors import InputTypeError, InputValueError
 from imgdiff.guidance import Guidance, ModelGuidance
 from imgdiff.kernels import fused_backend
 from imgdiff.models import BoundModel, check_model_output
-from imgdiff.randomness import Generators, randn
+from imgdiff.randomness import Generators, check_generators, randn
 from imgdiff.samplers.base import Sampler
 from imgdiff.samplers.step import StepCoefficients, StepContext, StepOutput
 from imgdiff.thresholding import Thresholding
@@ -86,6 +86,17 @@ def check_step_noise(noise: Tensor | None, x: Tensor) -> None:
     if noise is not None and noise.shape != x.shape:
         raise InputValueError(
             f"noise: expected shape {tuple(x.shape)} (x's), got {tuple(noise.shape)}"
+        )
+
+
+def _refuse_unguidable(c: DenoiserCoefficients, where: str) -> None:
+    """Refuse to shift ``eps_hat`` where the model output carries none (``eps_from_out = 0``)."""
+    if isinstance(c.eps_from_out, float) and c.eps_from_out == 0.0:
+        raise InputValueError(
+            f"guidance: the model output carries no noise estimate{where} (eps_from_out = 0, "
+            "e.g. v-prediction at zero terminal SNR), so the score cannot be shifted; leave "
+            "that timestep out, sample without guidance, or use DDPM (whose guidance shifts "
+            "the posterior mean)"
         )
 
 
@@ -160,10 +171,10 @@ class DenoisingSampler(Sampler[Tensor, DCoeffT]):
         """``x0_weight x0_hat + eps_weight eps_hat + x_weight x (+ noise_weight noise)`` and the
         step's ``x0_hat``.
 
-        Without thresholding and with moderate ``x_coef``/``out_coef`` (from
-        :func:`fused_coefficients`) this is one fused combination of ``(x, out)`` (and the
-        noise: one Triton kernel where :attr:`backend` resolves to it) and ``x0_hat`` is returned
-        lazily. Otherwise ``x0_hat`` is formed first (thresholded, and in the well-conditioned
+        Without thresholding, with moderate ``x_coef``/``out_coef`` (from
+        :func:`fused_coefficients`) and where a subclass does not override :meth:`x0_hat`, this
+        is one fused combination of ``(x, out)`` (and the noise: one kernel where
+        :attr:`backend` resolves to one) and ``x0_hat`` is returned lazily. Otherwise ``x0_hat`` is formed first (thresholded, and in the well-conditioned
         order ``(x - sigma eps) / alpha``), and ``eps_hat`` comes from the model output or, if
         given, from ``eps_from_x0(x0_hat)``. Use at most two of the three weights.
         """
@@ -174,7 +185,11 @@ class DenoisingSampler(Sampler[Tensor, DCoeffT]):
             )
         check_step_noise(noise, x)
         x0: Tensor | Callable[[], Tensor]
-        if self.thresholding is None and fusable(x_coef, out_coef):
+        if (
+            self.thresholding is None
+            and fusable(x_coef, out_coef)
+            and type(self).x0_hat is DenoisingSampler.x0_hat
+        ):
 
             def x0() -> Tensor:  # evaluated at most once, if someone reads it
                 return coeffs.raw_x0_hat(x, out)
@@ -217,13 +232,8 @@ class DenoisingSampler(Sampler[Tensor, DCoeffT]):
             out = model(state, ctx.t)
             self._check_output(out, state)
             return self.update(state, out, coeffs, noise)
-        eps_from_out = coeffs.eps_from_out
-        if isinstance(eps_from_out, float) and eps_from_out == 0.0:
-            raise InputValueError(
-                f"guidance: the model output carries no noise estimate at timestep {ctx.timestep} "
-                "(eps_from_out = 0, e.g. v-prediction at zero terminal SNR), so the score cannot "
-                "be shifted; leave that timestep out or sample without guidance"
-            )
+        if type(self).guided_update is DenoisingSampler.guided_update:  # shifts eps_hat
+            _refuse_unguidable(coeffs, f" at timestep {ctx.timestep}")
         if isinstance(self.guidance, ModelGuidance):
             out, grad = self.model_guidance(self.guidance, model, state, coeffs, ctx)
         else:
@@ -283,6 +293,7 @@ class DenoisingSampler(Sampler[Tensor, DCoeffT]):
         and is thresholded after the shift. DDPM overrides it (posterior-mean shift)."""
         c = coeffs
         C = x.shape[1]
+        _refuse_unguidable(c, "")
         shift = -c.sqrt_one_minus_alpha_bar / c.eps_from_out
         mean_out = out[:, :C] if out.shape[1] != C else out
         shifted = (
@@ -350,6 +361,7 @@ class DenoisingSampler(Sampler[Tensor, DCoeffT]):
             raise InputValueError(
                 "noise: expected None when a generator is given (one source of noise), got both"
             )
+        check_generators(generator, x.shape[0])  # also where no step here draws noise
         dtype = self.state_dtype(x)
         final = SamplingPlan.final_level(self.schedule, self.final_alpha_bar)
         ab_next = torch.where(
@@ -358,8 +370,10 @@ class DenoisingSampler(Sampler[Tensor, DCoeffT]):
             torch.tensor(final, dtype=torch.float64, device=x.device),
         )
         plan = SamplingPlan(t_idx, prev_idx, self.schedule.alpha_bar_at(t_idx), ab_next)
-        coeffs = self.coefficients(plan).per_sample(x.ndim, dtype)
-        if noise is None and self.needs_noise(coeffs):
+        table = self.coefficients(plan)
+        coeffs = table.per_sample(x.ndim, dtype)
+        # needs_noise takes one step's float coefficients, as in the loop: ask it per sample
+        if noise is None and any(self.needs_noise(row) for row in table.unbind()):
             noise = randn(x.shape, generator=generator, device=x.device, dtype=dtype)
         elif noise is not None:
             check_tensor("noise", noise, floating=True)

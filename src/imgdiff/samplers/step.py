@@ -115,7 +115,8 @@ class StepInfo(Generic[StateT]):
         num_steps: number of steps in this run.
         timestep: training timestep the model saw at this step (a Python int).
         output: the step's :class:`StepOutput` (``output.state``, ``output.x0_hat``).
-        next_timestep: the timestep of the level the step moved to (``-1``: the final level).
+        next_timestep: the timestep of the level the step moved to (``-1``: the final level; in
+            an inversion, the step's ``timestep``).
     """
 
     index: int
