@@ -33,26 +33,41 @@ def test_ssim_identities() -> None:
 
 
 def test_ssim_of_a_brightness_shift_is_the_luminance_term() -> None:
-    """For y = x + c the structure and contrast terms are 1: SSIM is the mean luminance term."""
-    x = torch.rand(1, 1, 16, 16) * 0.5
-    y = x + 0.3
-    c1 = (0.01 * 2.0) ** 2
-    # with an 11x11 window the local means shift by exactly c everywhere
-    s = ssim(y, x)
+    """For y = x + c the structure and contrast terms are 1: SSIM is the mean luminance term,
+    computed on the [0, 1] image (C1 = 0.01^2) whatever range the values are stored in."""
+    x01 = torch.rand(1, 1, 16, 16) * 0.5  # a [0, 1] image
+    c1 = 0.01**2
     from imgdiff.metrics.quality import _gaussian_window
 
-    w = _gaussian_window(11, 1.5, x.device)[None, None]
-    mu = torch.nn.functional.conv2d(x.double(), w)
-    lum = ((2 * mu * (mu + 0.3) + c1) / (mu**2 + (mu + 0.3) ** 2 + c1)).mean()
-    torch.testing.assert_close(s, lum.reshape(1), rtol=1e-6, atol=1e-6)  # var via E[x^2] - mu^2
+    w = _gaussian_window(11, 1.5, x01.device)[None, None]
+    mu = torch.nn.functional.conv2d(x01.double(), w)  # the local means shift by exactly 0.15
+    lum = ((2 * mu * (mu + 0.15) + c1) / (mu**2 + (mu + 0.15) ** 2 + c1)).mean().reshape(1)
+    s01 = ssim(x01 + 0.15, x01, value_range=(0.0, 1.0))
+    torch.testing.assert_close(s01, lum, rtol=1e-6, atol=1e-6)  # var via E[x^2] - mu^2
+    x = x01 * 2 - 1  # the same image stored in [-1, 1] (the default)
+    torch.testing.assert_close(ssim(x + 0.3, x), lum, rtol=1e-6, atol=1e-6)
+    x255 = x01 * 255
+    torch.testing.assert_close(
+        ssim(x255 + 0.15 * 255, x255, value_range=(0, 255)), lum, rtol=1e-6, atol=1e-6
+    )
+
+
+def test_psnr_depends_only_on_the_range_span() -> None:
+    """PSNR of the same images stored in [-1, 1] and [0, 1] agree."""
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.rand(2, 3, 8, 8, generator=g), torch.rand(2, 3, 8, 8, generator=g)
+    torch.testing.assert_close(psnr(a * 2 - 1, b * 2 - 1), psnr(a, b, value_range=(0.0, 1.0)))
 
 
 def test_bad_input() -> None:
     """Mismatched shapes and non-positive ranges are named."""
     with pytest.raises(imgdiff.InputValueError, match=r"^target: expected shape \(1, 3, 8, 8\)"):
         psnr(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 9))
-    with pytest.raises(imgdiff.InputValueError, match=r"^data_range: expected a float > 0"):
-        ssim(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 8), data_range=0.0)
+    z = torch.zeros(1, 3, 8, 8)
+    with pytest.raises(imgdiff.InputValueError, match=r"^value_range: expected low < high"):
+        ssim(z, z, value_range=(1.0, 1.0))
+    with pytest.raises(imgdiff.InputTypeError, match=r"^value_range: expected a pair"):
+        psnr(z, z, value_range=2.0)  # type: ignore[arg-type]
     z = torch.zeros(1, 3, 8, 8)
     with pytest.raises(imgdiff.InputValueError, match=r"^window_size: expected an int >= 1, got 0"):
         ssim(z, z, window_size=0)
