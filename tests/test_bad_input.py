@@ -410,6 +410,26 @@ def test_schedule_cannot_be_mutated():
     assert float(SCHEDULE.alphas_cumprod[0]) > 0.99
 
 
+def test_schedule_constructor_validates_and_copies_its_tables():
+    """``NoiseSchedule(betas, alphas_cumprod)`` keeps float64 copies of consistent tables and
+    names bad ones (it trusted and aliased them: a float32 table, an alpha_bar above 1, a
+    later write into the caller's tensor all reached the schedule)."""
+    import pickle
+
+    b32, ab32 = SCHEDULE.betas.float(), SCHEDULE.alphas_cumprod.float()
+    s = NoiseSchedule(b32, ab32.double())
+    assert s.betas.dtype == torch.float64
+    b32[:] = 0.5
+    assert float(s.betas[0]) < 1e-3
+    assert pickle.loads(pickle.dumps(SCHEDULE)) == SCHEDULE
+    with pytest.raises(IVE, match=r"^alphas_cumprod: expected values in \(0, 1\)"):
+        NoiseSchedule(torch.tensor([0.5, 2.0]), torch.tensor([0.5, -0.5]))
+    with pytest.raises(IVE, match=r"^betas: expected alphas_cumprod = cumprod\(1 - betas\)"):
+        NoiseSchedule(torch.tensor([0.1, 0.1]), torch.tensor([0.5, 0.4]))
+    with pytest.raises(IVE, match=r"^betas: expected shape \(2,\) like alphas_cumprod"):
+        NoiseSchedule(torch.tensor([0.1, 0.1, 0.1]), torch.tensor([0.9, 0.81]))
+
+
 # ====================================================================== karras_sigmas, sigma_to_timestep
 
 KARRAS_CASES = [
@@ -1493,10 +1513,31 @@ def test_epsilon_at_zero_terminal_snr_raises_for_explicit_timesteps():
     ],
     ids=["ddim-v", "ddim-v-eta1", "ddpm-v", "ddim-sample", "ddim-eps-leading"],
 )
+@pytest.mark.filterwarnings("ignore:spacing. a zero-terminal-SNR schedule:UserWarning")
 def test_zero_terminal_snr_valid_combinations_are_finite(sampler):
     out = _sample(sampler, model=affine_model, num_steps=5)
     assert out.shape == SHAPE
     assert torch.isfinite(out).all()
+
+
+def test_zero_terminal_snr_with_a_spacing_that_skips_pure_noise_warns():
+    """Spec 1.3: a zero-terminal-SNR schedule is sampled from t = T-1; leading spacing never
+    visits it, which is allowed (the result is finite) but warned about. Explicit timesteps and
+    strength < 1 are the user's choice and do not warn."""
+    import warnings
+
+    sampler = DDIM(ZSNR, prediction="v")  # spacing "leading"
+    with pytest.warns(
+        UserWarning,
+        match=r"^spacing: a zero-terminal-SNR schedule .* t = 19, but spacing .leading. starts at t = 16",
+    ):
+        sampler.timesteps(5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DDIM(ZSNR, prediction="v", spacing="trailing").timesteps(5)
+        sampler.timesteps(timesteps=[16, 8, 0])
+        sampler.timesteps(5, strength=0.6)
+        DDIM(SCHEDULE, prediction="v").timesteps(5)
 
 
 def test_invert_epsilon_to_zero_terminal_snr_is_finite():

@@ -178,6 +178,20 @@ def test_sampler_dtype_is_independent_of_the_model_dtype() -> None:
     assert DDIM(s).sample(fn, x.half(), num_steps=2, progress=False).dtype == torch.float32
 
 
+_GLOBAL_NET = _RecordingNet(torch.float64)
+
+
+def test_model_dtype_is_found_through_a_function_naming_a_global_network() -> None:
+    """``lambda x, t: unet(x, t)`` at a notebook's top level names ``unet`` as a global, not a
+    closure: the model's dtype is still found (it was None: the network got the state dtype)."""
+    s = NoiseSchedule.linear()
+    _GLOBAL_NET.seen.clear()
+    wrapped = lambda x, t: _GLOBAL_NET(x, t)  # noqa: E731 - the notebook idiom under test
+    assert imgdiff.models.infer_model_dtype(wrapped) == torch.float64
+    DDIM(s).sample(wrapped, torch.randn(2, 2, 3, 3), num_steps=2, progress=False)
+    assert set(_GLOBAL_NET.seen) == {torch.float64}
+
+
 def test_injected_noise_equals_generated_noise() -> None:
     """step_noise as a tensor or a function reproduces a generator's per-step draws."""
     s = NoiseSchedule.linear()

@@ -28,8 +28,9 @@ def infer_model_dtype(model: object) -> torch.dtype | None:
     """The dtype of the first floating-point parameter of the network behind ``model``, else ``None``.
 
     Looks through the usual ways of wrapping an ``nn.Module``: imgdiff's adapters and
-    classifier-free guidance (``.model``), bound methods (``unet.forward``), ``functools.partial``
-    and closures (``lambda x, t: unet(x, t).sample``).
+    classifier-free guidance (``.model``), bound methods (``unet.forward``), ``functools.partial``,
+    closures and functions naming a module-level network (``lambda x, t: unet(x, t).sample`` in a
+    notebook, where ``unet`` is a global).
     """
     seen: set[int] = set()
     todo: list[object] = [model]
@@ -51,6 +52,12 @@ def infer_model_dtype(model: object) -> torch.dtype | None:
                 todo.append(cell.cell_contents)
             except ValueError:  # an empty cell
                 continue
+        code, namespace = getattr(obj, "__code__", None), getattr(obj, "__globals__", None)
+        if code is not None and isinstance(namespace, dict):  # a function: its global networks
+            for name in getattr(code, "co_names", ()):
+                value = namespace.get(name)
+                if isinstance(value, torch.nn.Module):
+                    todo.append(value)
     return None
 
 

@@ -26,8 +26,18 @@ def _express(x0: Tensor, x_t: Tensor, ab: Tensor, prediction: PredictionType) ->
     return convert_prediction(x0, x_t, ab.reshape(-1), source="sample", target=prediction)
 
 
+def _work(x: Tensor) -> Tensor:
+    """``x`` in the oracles' working precision: float64 (float32 on MPS, which lacks it).
+
+    The oracles are exact models: they compute in float64 and return ``x``'s dtype, so a
+    bfloat16 or float16 sample gets the exact answer rounded once (``alpha_bar_0 = 0.9999``
+    rounds to 1 in those dtypes, where eps cannot be recovered from x0).
+    """
+    return x.to(torch.float32 if x.device.type == "mps" else torch.float64)
+
+
 def _levels(schedule: NoiseSchedule, x: Tensor, t: Tensor) -> Tensor:
-    """``alpha_bar_t`` as ``(B, 1, ..., 1)`` in ``x``'s dtype.
+    """``alpha_bar_t`` as ``(B, 1, ..., 1)`` in ``x``'s dtype (pass the working-precision ``x``).
 
     Validates ``t`` (a host read): these oracles are test and demo models, not fast networks.
     """
@@ -65,11 +75,13 @@ class GaussianDenoiser:
         check_choice("prediction", self.prediction, PREDICTION_TYPES)
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
-        ab = _levels(self.schedule, x, t)
+        check_tensor("x", x, floating=True, min_ndim=2)
+        xw = _work(x)
+        ab = _levels(self.schedule, xw, t)
         a = ab.sqrt()
         var = ab * self.std**2 + 1.0 - ab
-        x0 = self.mean + self.std**2 * a * (x - a * self.mean) / var
-        return _express(x0, x, ab, self.prediction)
+        x0 = self.mean + self.std**2 * a * (xw - a * self.mean) / var
+        return _express(x0, xw, ab, self.prediction).to(x.dtype)
 
 
 @dataclass(frozen=True, eq=False)
@@ -102,6 +114,8 @@ class EmpiricalDenoiser:
                 f"x: expected items of shape {tuple(self.data.shape[1:])} like data, "
                 f"got {tuple(x.shape[1:])}"
             )
+        check_tensor("x", x, floating=True, min_ndim=2)
+        out_dtype, x = x.dtype, _work(x)
         ab = _levels(self.schedule, x, t)
         data = self.data.to(device=x.device, dtype=x.dtype)
         flat_x = x.reshape(x.shape[0], 1, -1)
@@ -116,4 +130,4 @@ class EmpiricalDenoiser:
         mean_d = weights @ flat_d.squeeze(0)  # sum_k w_k d_k, (B, D)
         shrink = (self.std**2 * ab_b.sqrt() / var).reshape(-1, 1)
         x0 = mean_d + shrink * (flat_x.squeeze(1) - ab_b.reshape(-1, 1).sqrt() * mean_d)
-        return _express(x0.reshape(x.shape), x, ab, self.prediction)
+        return _express(x0.reshape(x.shape), x, ab, self.prediction).to(out_dtype)

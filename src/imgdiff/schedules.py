@@ -68,10 +68,36 @@ class NoiseSchedule:
     _betas: Tensor
     _alphas_cumprod: Tensor
 
-    def __init__(self, betas: Tensor, alphas_cumprod: Tensor) -> None:
-        # Use the named constructors; this one trusts that both tables agree.
-        object.__setattr__(self, "_betas", betas)
-        object.__setattr__(self, "_alphas_cumprod", alphas_cumprod)
+    def __init__(self, betas: ArrayLike, alphas_cumprod: ArrayLike) -> None:
+        """Both tables ``(T,)``, which must agree: ``alpha_bar = cumprod(1 - beta)`` (to 1e-3
+        relative, so float32 tables such as diffusers' pass).
+
+        Copied to float64 on the CPU and validated like :meth:`from_alphas_cumprod`; the named
+        constructors are the usual way in.
+        """
+        ab = NoiseSchedule.from_alphas_cumprod(alphas_cumprod)._alphas_cumprod
+        b = _as_float64("betas", betas)
+        if b.shape != ab.shape:
+            raise InputValueError(
+                f"betas: expected shape {tuple(ab.shape)} like alphas_cumprod, got {tuple(b.shape)}"
+            )
+        implied = torch.cumprod(1.0 - b, dim=0)
+        if not torch.allclose(implied, ab, rtol=1e-3, atol=1e-12):
+            k = int(torch.nonzero(~torch.isclose(implied, ab, rtol=1e-3, atol=1e-12))[0])
+            raise InputValueError(
+                "betas: expected alphas_cumprod = cumprod(1 - betas), got cumprod "
+                f"{float(implied[k]):.6g} against alphas_cumprod {float(ab[k]):.6g} at timestep {k}"
+            )
+        object.__setattr__(self, "_betas", b)
+        object.__setattr__(self, "_alphas_cumprod", ab)
+
+    @classmethod
+    def _trusted(cls, betas: Tensor, alphas_cumprod: Tensor) -> NoiseSchedule:
+        """A schedule from tables this module computed and checked (float64 CPU, consistent)."""
+        schedule = object.__new__(cls)
+        object.__setattr__(schedule, "_betas", betas)
+        object.__setattr__(schedule, "_alphas_cumprod", alphas_cumprod)
+        return schedule
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(f"NoiseSchedule is immutable; cannot set {name!r}")
@@ -102,7 +128,7 @@ class NoiseSchedule:
                 "alpha_bar > 0 and strictly decreasing before the last timestep (smaller betas "
                 "or fewer timesteps)"
             )
-        return cls(b, ab)
+        return cls._trusted(b, ab)
 
     @classmethod
     def from_alphas_cumprod(cls, alphas_cumprod: ArrayLike) -> NoiseSchedule:
@@ -123,7 +149,7 @@ class NoiseSchedule:
                 f"{float(ab[k])} followed by {float(ab[k + 1])} at timestep {k + 1}"
             )
         prev = torch.cat([ab.new_ones(1), ab[:-1]])
-        return cls(1.0 - ab / prev, ab)
+        return cls._trusted(1.0 - ab / prev, ab)
 
     @classmethod
     def linear(
@@ -230,9 +256,14 @@ class NoiseSchedule:
         ab = a_new**2
         ab[-1] = 0.0
         prev = torch.cat([ab.new_ones(1), ab[:-1]])
-        return NoiseSchedule(1.0 - ab / prev, ab)
+        return NoiseSchedule._trusted(1.0 - ab / prev, ab)
 
     # ---------------------------------------------------------------- tables
+
+    @property
+    def zero_terminal_snr(self) -> bool:
+        """Whether ``alpha_bar_{T-1} = 0``: the last level is pure noise (Lin et al. 2023)."""
+        return bool(self._alphas_cumprod[-1] == 0.0)
 
     @property
     def num_train_timesteps(self) -> int:

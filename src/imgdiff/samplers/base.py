@@ -36,6 +36,7 @@ from imgdiff._checks import (
     check_tensor,
     describe,
 )
+from imgdiff._warnings import warn_user
 from imgdiff.buffers import reuse_buffers
 from imgdiff.errors import InputTypeError, InputValueError
 from imgdiff.kernels import BACKENDS, Backend
@@ -216,6 +217,14 @@ class Sampler(ABC, Generic[StateT, CoeffT]):
             ts = inference_timesteps(
                 T, n, self.spacing, self.steps_offset, offset_name="steps_offset"
             )
+            if ts[0] != T - 1 and strength == 1.0 and self.schedule.zero_terminal_snr:
+                warn_user(
+                    f"spacing: a zero-terminal-SNR schedule starts sampling from pure noise at "
+                    f"t = {T - 1}, but spacing {self.spacing!r} starts at t = {ts[0]}, so the "
+                    "model never sees that level; use spacing='trailing' (Lin et al. 2023, "
+                    "Sec. 3.3)",
+                    UserWarning,
+                )
         return truncate_for_strength(ts, strength)
 
     def plan(
