@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -223,6 +224,50 @@ def test_tag_from_the_url_cache_offline(
     (tmp_path / "tiny-v1.pt").write_bytes(_checkpoint_bytes(clip, tmp_path))
     loaded = load_clip(TINY, "urltag", cache_dir=tmp_path, offline=True)
     assert loaded.checkpoint == str(tmp_path / "tiny-v1.pt")
+
+
+def _save_torchscript(clip: LoadedCLIP, path: Path) -> None:
+    """A TorchScript archive of the model, as OpenAI ships CLIP (~/.cache/clip/ViT-B-32.pt)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.* is deprecated in torch >= 2.9
+        torch.jit.save(torch.jit.script(clip.model), str(path))
+
+
+def test_torchscript_checkpoint_as_openai_ships_it(
+    clip: LoadedCLIP, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OpenAI's URL files are TorchScript; open_clip's torch.load(weights_only=True) refuses them."""
+    import open_clip
+
+    path = tmp_path / "tiny-jit.pt"
+    _save_torchscript(clip, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "looks like a TorchScript archive"
+        with pytest.raises(RuntimeError, match="TorchScript"):
+            torch.load(path, weights_only=True)
+    random = load_clip(TINY, seed=123)
+    assert not all(
+        torch.equal(random.model.state_dict()[k], v) for k, v in clip.model.state_dict().items()
+    )
+    # the path, and an "openai"-like tag whose URL file sits in the cache
+    tags = {"scripted": {"url": "https://example.invalid/clip/tiny-jit.pt", "quick_gelu": True}}
+    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, TINY, tags)
+    for loaded in (
+        load_clip(TINY, path, seed=123),
+        load_clip(TINY, "scripted", cache_dir=tmp_path, offline=True, seed=123),
+    ):
+        assert loaded.checkpoint == str(path)
+        state = loaded.model.state_dict()
+        assert state.keys() == clip.model.state_dict().keys()
+        for key, value in clip.model.state_dict().items():
+            assert torch.equal(state[key], value), key
+        assert not any(p.requires_grad for p in loaded.model.parameters())
+    # another architecture: the usual clear error, not torch.load's
+    config = tiny_clip_config()
+    config["text_cfg"]["width"] = 16
+    register_clip_config(TINY + "-narrow", config)
+    with pytest.raises(WeightsUnavailableError, match="could not be loaded into the CLIP model"):
+        load_clip(TINY + "-narrow", path)
 
 
 def test_hf_hub_and_local_dir_names(clip: LoadedCLIP, tmp_path: Path) -> None:

@@ -103,16 +103,42 @@ def test_diffusionclip_transform() -> None:
     assert values[1].item() == pytest.approx(math.log(2), abs=1e-12)
 
 
-def test_nada_zero_direction_guard_gives_a_finite_loss_and_gradient(encoder: CLIPEncoder) -> None:
-    loss = CLIPDirectionalLoss(encoder, "photo", "sketch", variant="nada")
+def test_nada_zero_direction_guard_fires_at_x_equal_y(encoder: CLIPEncoder) -> None:
+    # e(y) is taken without autograd, where torch's attention takes another kernel: at x == y
+    # e^(x) - e^(y) is float noise (~1e-7), not 0, so a guard testing the embeddings never fired
+    assert any(isinstance(m, torch.nn.MultiheadAttention) for m in encoder.clip.model.modules())
+    texts = ("photo", "sketch")
+    guarded = CLIPDirectionalLoss(encoder, *texts, templates=["a {}."], reduction="none")
+    plain = CLIPDirectionalLoss(
+        encoder, *texts, templates=["a {}."], reduction="none", zero_direction_guard=False
+    )
     y = _images(2)
-    x = y.clone().requires_grad_(True)
-    value = loss(x, y)
-    value.backward()
-    assert torch.isfinite(value)
+    y[1] = _images(1, seed=11)[0]
+    x = y.clone()
+    x[1] += 0.05  # image 0 unedited, image 1 edited
+    x.requires_grad_(True)
+    value = guarded(x, y)
+    unguarded = plain(x, y)
+    # NADA: Delta_I = e^(x + 1e-6) - e^(y), where e^(y) = e^(x) (one evaluation)
+    u_x = F.normalize(encoder.encode_image(x), dim=-1).detach()
+    d_i = F.normalize(encoder.encode_image(x + 1e-6), dim=-1) - u_x
+    expected = 1 - F.cosine_similarity(d_i[:1], guarded.text_direction[None], dim=-1)
+    torch.testing.assert_close(value[:1], expected, rtol=1e-4, atol=1e-5)
+    assert abs(value[0].item() - unguarded[0].item()) > 1e-3  # the guard changed the result
+    torch.testing.assert_close(value[1], unguarded[1])  # an edited image is left alone
+    value.sum().backward()
     assert x.grad is not None
     assert torch.isfinite(x.grad).all()
     assert x.grad.abs().sum() > 0
+    # with paired (non-patch) augmentations x == y gives equal views: the guard fires per copy
+    aug = CLIPAugment(n_patch=2, output_size=32)
+    with_aug = [
+        CLIPDirectionalLoss(encoder, *texts, augment=aug, zero_direction_guard=g)(
+            y.clone().requires_grad_(True), y, generator=torch.Generator().manual_seed(0)
+        )
+        for g in (True, False)
+    ]
+    assert abs(with_aug[0].item() - with_aug[1].item()) > 1e-3
 
 
 def test_nada_directional_loss_equals_its_formula(encoder: CLIPEncoder) -> None:
@@ -151,6 +177,32 @@ def test_zecon_directional_loss_differences_raw_embeddings(encoder: CLIPEncoder)
     torch.testing.assert_close(given_emb(x, y), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_nada_given_embeddings_are_what_a_text_gives(encoder: CLIPEncoder) -> None:
+    templates = ["a photo of a {}.", "a drawing of a {}."]
+    x, y = _images(2, seed=12), _images(2, seed=13)
+    by_text = CLIPDirectionalLoss(encoder, "dog", "cat", templates=templates, reduction="none")
+    src, tgt = (encoder.text_embedding(w, templates) for w in ("dog", "cat"))
+    by_emb = CLIPDirectionalLoss(encoder, src, tgt, reduction="none")
+    torch.testing.assert_close(by_emb(x, y), by_text(x, y))
+    # templates cannot apply to an embedding: refused, not ignored
+    with pytest.raises(IVE, match="templates: prompt templates apply to texts, but source_text"):
+        CLIPDirectionalLoss(encoder, src, tgt, templates=templates)
+    with pytest.raises(IVE, match="templates: prompt templates apply to texts, but target "):
+        CLIPGlobalLoss(encoder, tgt, templates=templates)
+    # a raw embedding (norm > 1) is not NADA's mean of unit template embeddings
+    raw = encoder.encode_text(["dog"])[0]
+    assert raw.norm() > 1.5
+    with pytest.raises(IVE, match="source_text: for variant='nada' expected the mean of unit"):
+        CLIPDirectionalLoss(encoder, raw, tgt)
+    CLIPDirectionalLoss(encoder, raw, tgt, variant="zecon")  # raw embeddings: ZeCon's
+    # the loss keeps a copy: changing the given tensor afterwards changes nothing
+    given = tgt.clone()
+    loss = CLIPDirectionalLoss(encoder, src, given, reduction="none")
+    before = loss(x, y)
+    given.zero_()
+    torch.testing.assert_close(loss(x, y), before)
+
+
 def test_directional_gradient_reaches_only_the_edited_image(encoder: CLIPEncoder) -> None:
     loss = CLIPDirectionalLoss(encoder, "photo", "painting", variant="zecon")
     x = _images(2, seed=5).requires_grad_(True)
@@ -173,6 +225,22 @@ def test_image_preprocessing_matches_clip_normalisation(encoder: CLIPEncoder) ->
     assert pooled.shape == (2, 3, 32, 32)
     wide = encoder.preprocess(_images(1, size=64)[..., :48])  # (1, 3, 64, 48) -> centre crop
     assert wide.shape == (1, 3, 32, 32)
+
+
+@pytest.mark.parametrize(
+    "size", [(48, 64), (45, 64), (40, 70), (64, 48), (64, 45), (70, 40), (32, 48), (33, 33)]
+)
+def test_resize_is_open_clips_eval_transform(encoder: CLIPEncoder, size: tuple[int, int]) -> None:
+    """resize="resize" = open_clip's (CLIP's) Resize(S, bicubic, antialias) + CenterCrop(S)."""
+    pytest.importorskip("torchvision")
+    import open_clip
+    import open_clip.transform as oct
+
+    cfg = oct.PreprocessCfg(**open_clip.get_model_preprocess_cfg(encoder.clip.model))
+    transform = oct.image_transform_v2(cfg, is_train=False)
+    images = torch.rand(2, 3, *size, generator=torch.Generator().manual_seed(sum(size)))
+    expected = torch.stack([transform(image) for image in images])  # tensors in [0, 1]
+    torch.testing.assert_close(encoder.preprocess(images * 2 - 1), expected)
 
 
 def test_global_loss_gradients_reach_the_pixels(encoder: CLIPEncoder) -> None:
@@ -303,7 +371,21 @@ def test_bad_input(encoder: CLIPEncoder) -> None:
         CLIPDirectionalLoss(encoder, "a", "b", variant="zecon", templates=["a {}"])
     with pytest.raises(IVE, match="target"):
         CLIPGlobalLoss(encoder, torch.zeros(2, 32))
+    # embedding widths against the encoder's (D = 32), named by argument
+    assert encoder.embed_dim == 32
+    with pytest.raises(IVE, match=r"target: expected a text or a \(32,\) floating embedding"):
+        CLIPGlobalLoss(encoder, torch.randn(16))
+    with pytest.raises(IVE, match=r"source_text: expected a text or a \(32,\)"):
+        CLIPDirectionalLoss(encoder, torch.randn(16), torch.randn(32), variant="zecon")
+    with pytest.raises(IVE, match=r"target_text: expected a text or a \(32,\)"):
+        CLIPDirectionalLoss(encoder, "a", torch.randn(16), variant="zecon")
+    with pytest.raises(IVE, match="target: expected a finite embedding"):
+        CLIPGlobalLoss(encoder, torch.full((32,), float("nan")))
     loss = CLIPGlobalLoss(encoder, "cat")
+    with pytest.raises(IVE, match=r"x: expected a non-empty batch \(B >= 1\)"):
+        loss(torch.zeros(0, 3, 32, 32))
+    with pytest.raises(IVE, match=r"x: expected a non-empty batch"):
+        CLIPDirectionalLoss(encoder, "a", "b")(torch.zeros(0, 3, 32, 32), torch.zeros(0, 3, 32, 32))
     with pytest.raises(IVE, match=r"x: expected \(B, 3, H, W\)"):
         loss(torch.zeros(1, 1, 32, 32))
     with pytest.raises(ITE, match="x"):

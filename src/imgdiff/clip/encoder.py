@@ -67,7 +67,9 @@ class CLIPEncoder:
     Args:
         clip: a :class:`LoadedCLIP` (see :func:`load_clip`, or :meth:`load`).
         resize: how images reach the model's input size ``S``: ``"resize"`` resizes the short
-            side to ``S`` (bicubic, antialiased) and centre-crops, as CLIP's own preprocessing
+            side to ``S`` (bicubic, antialiased; the long side to ``int(S * long / short)``) and
+            centre-crops (offset ``int(round((side - S) / 2))``), exactly as torchvision's
+            ``Resize(S)`` + ``CenterCrop(S)`` in CLIP's and open_clip's eval preprocessing
             (StyleGAN-NADA); ``"pool"`` adaptive-average-pools to ``S x S`` (ZeCon), cheaper,
             and right for inputs already augmented to a square.
 
@@ -81,6 +83,7 @@ class CLIPEncoder:
     _placed_stats: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
+    _dims: dict[str, int] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.clip, LoadedCLIP):
@@ -116,6 +119,19 @@ class CLIPEncoder:
             size = size[0]
         return int(size)
 
+    @property
+    def embed_dim(self) -> int:
+        """``D``, the width of the image and text embeddings (512 for ViT-B/32, 768 for ViT-L/14)."""
+        dim = self._dims.get("embed")
+        if dim is None:
+            out = getattr(self.clip.model.visual, "output_dim", None)
+            if isinstance(out, int) and not isinstance(out, bool) and out > 0:
+                dim = out
+            else:  # towers without the attribute: measure it once
+                dim = int(self.encode_text([""]).shape[-1])
+            self._dims["embed"] = dim
+        return dim
+
     def _stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The normalisation ``(1, 3, 1, 1)`` mean and std, placed once per device and dtype."""
         key = (x.device, x.dtype)
@@ -139,12 +155,7 @@ class CLIPEncoder:
         if self.resize == "pool":
             x = F.adaptive_avg_pool2d(x, (S, S))
         elif x.shape[-2:] != (S, S):
-            H, W = x.shape[-2:]
-            scale = S / min(H, W)
-            size = (max(S, round(H * scale)), max(S, round(W * scale)))
-            x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
-            top, left = (size[0] - S) // 2, (size[1] - S) // 2
-            x = x[..., top : top + S, left : left + S]
+            x = _resize_center_crop(x, S)
         mean, std = self._stats(x)
         return (x - mean) / std
 
@@ -186,3 +197,22 @@ class CLIPEncoder:
         if normalize:
             emb = F.normalize(emb, dim=-1)
         return emb.mean(dim=0)
+
+
+def _resize_center_crop(x: Tensor, S: int) -> Tensor:
+    """torchvision's ``Resize(S, bicubic, antialias=True)`` then ``CenterCrop(S)``: ``(B, C, S, S)``.
+
+    Integer arithmetic as torchvision's (CLIP's and open_clip's eval transform): the long side
+    becomes ``int(S * long / short)`` (truncated), the crop offset is
+    ``int(round((side - S) / 2))`` (Python's round), and an image whose size does not change is
+    not resampled.
+    """
+    H, W = int(x.shape[-2]), int(x.shape[-1])
+    short, long = (W, H) if W <= H else (H, W)
+    new_long = int(S * long / short)
+    size = (new_long, S) if W <= H else (S, new_long)
+    if size != (H, W):
+        x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
+    top = round((size[0] - S) / 2.0)  # Python rounding, as torchvision
+    left = round((size[1] - S) / 2.0)
+    return x[..., top : top + S, left : left + S]

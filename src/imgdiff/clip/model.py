@@ -5,9 +5,11 @@ from __future__ import annotations
 import difflib
 import importlib
 import json
+import logging
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -23,6 +25,7 @@ from imgdiff.clip.weights import (
     _local_dir_checkpoint,
     _resolve_pretrained,
     _seeded,
+    _torchscript_state_dict,
 )
 from imgdiff.errors import InputTypeError, InputValueError, WeightsUnavailableError
 
@@ -226,10 +229,14 @@ def load_clip(
         if pretrained is not None:
             checkpoint, kwargs = _resolve_pretrained(open_clip, arch, pretrained, cache, is_offline)
     try:
-        with _seeded(seed):
+        # a checkpoint file for open_clip to load; OpenAI's TorchScript files (the "openai"
+        # tags' URL files), which open_clip's torch.load(weights_only=True) refuses, are read here
+        file = None if name.startswith("local-dir:") else checkpoint
+        scripted = None if file is None else _torchscript_state_dict(file)
+        with _seeded(seed), _no_random_init_warning(scripted is not None):
             model = open_clip.create_model(
                 name,
-                pretrained=checkpoint if not name.startswith("local-dir:") else None,
+                pretrained=file if scripted is None else None,
                 precision=precision,
                 device=dev,
                 cache_dir=cache,
@@ -237,6 +244,8 @@ def load_clip(
                 pretrained_text=False,
                 **kwargs,
             )
+        if scripted is not None:
+            _load_openai_state_dict(model, scripted)
     except Exception as exc:
         if checkpoint is None:
             raise
@@ -256,6 +265,47 @@ def load_clip(
         ) from exc
     label = None if pretrained is None else os.fspath(pretrained)
     return LoadedCLIP(model, tokenizer, model_name, label, checkpoint)
+
+
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No pretrained weights loaded")
+
+
+@contextmanager
+def _no_random_init_warning(active: bool) -> Iterator[None]:
+    """Silence open_clip's "initialized randomly" warning while weights are loaded afterwards."""
+    if not active:
+        yield
+        return
+    root, quiet = logging.getLogger(), _DropRandomInitWarning()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
+
+
+def _load_openai_state_dict(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Load the weights of a TorchScript CLIP (OpenAI's layout) into ``model``, strictly.
+
+    As open_clip's ``load_checkpoint``: the text tower moves under ``text.`` for models that keep
+    it there (``CustomTextCLIP``); a scalar ``logit_scale`` takes the model's shape. Entries that
+    are the model's non-persistent buffers (a scripted open_clip model saves its ``attn_mask``)
+    are computed by the model, not loaded. Values are cast to the model's dtypes (OpenAI's files
+    are mostly float16); any other missing or unexpected key is an error.
+    """
+    if "positional_embedding" in state and not hasattr(model, "positional_embedding"):
+        convert = importlib.import_module("open_clip.model").convert_to_custom_text_state_dict
+        state = convert(state)
+    scale = getattr(model, "logit_scale", None)
+    if isinstance(scale, Tensor) and "logit_scale" in state:
+        state["logit_scale"] = state["logit_scale"].reshape(scale.shape)
+    # a scripted module also saves its non-persistent buffers (open_clip's attn_mask): computed
+    # by the model itself, not weights
+    saved = model.state_dict().keys()
+    computed = {key for key, _ in model.named_buffers() if key not in saved}
+    model.load_state_dict({k: v for k, v in state.items() if k not in computed}, strict=True)
 
 
 def as_prompts(name: str, prompts: object) -> list[str]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,6 +14,7 @@ from typing import Any, Literal
 from urllib.parse import urlparse
 
 import torch
+from torch import Tensor
 
 from imgdiff.errors import InputValueError, WeightsUnavailableError
 
@@ -21,6 +24,8 @@ _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz")
 _HF_BIN = "open_clip_pytorch_model.bin"  # open_clip's default file names on the Hugging Face hub
 _HF_SAFE = "open_clip_model.safetensors"
 _CONNECT_TIMEOUT_S = 3.0
+# entries of OpenAI's TorchScript CLIP archives that are not weights (open_clip drops them too)
+_TORCHSCRIPT_NON_WEIGHTS = ("input_resolution", "context_length", "vocab_size")
 # open_clip's preference among the checkpoints of a local-dir folder (factory._find_checkpoint_in_dir)
 _PREFERRED = (
     "open_clip_model.safetensors",
@@ -158,6 +163,44 @@ def _fetch_tag(
             except Exception as exc:
                 looked.append(f"download of {url}: {exc}")
     raise WeightsUnavailableError(_unavailable_message(arch, tag, cache, offline, looked))
+
+
+def _is_torchscript_archive(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a TorchScript zip archive (it holds a ``constants.pkl`` record).
+
+    That is torch's own test (``torch.serialization._is_torchscript_zip``); ``torch.save`` zips
+    hold ``data.pkl`` and no ``constants.pkl``.
+    """
+    try:
+        if not zipfile.is_zipfile(path):
+            return False
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return any(name == "constants.pkl" or name.endswith("/constants.pkl") for name in names)
+
+
+def _torchscript_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor] | None:
+    """The weights of a TorchScript archive, on the CPU, or ``None`` for any other file.
+
+    OpenAI's CLIP files (the URL files of the ``"openai"`` tags, cached as
+    ``~/.cache/clip/ViT-B-32.pt`` & co.) are TorchScript archives, which open_clip's
+    ``torch.load(weights_only=True)`` refuses. They are read with ``torch.jit.load``
+    (TorchScript's own reader, not Python's pickle) and converted as open_clip's
+    ``load_openai_model`` does: the module's ``state_dict()``, less the non-weight entries
+    ``input_resolution``, ``context_length`` and ``vocab_size``. The names are then those of
+    open_clip's ``CLIP`` (OpenAI's layout).
+    """
+    if not _is_torchscript_archive(path):
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.* is deprecated in torch >= 2.9
+        module = torch.jit.load(os.fspath(path), map_location="cpu")  # type: ignore[no-untyped-call]
+    state = {key: value for key, value in module.state_dict().items()}
+    for key in _TORCHSCRIPT_NON_WEIGHTS:
+        state.pop(key, None)
+    return state
 
 
 def _fetch_hf_repo(model_name: str, cache: str | None, offline: bool) -> str:

@@ -118,6 +118,11 @@ def _check_images(name: str, x: Tensor) -> Tensor:
     check_tensor(name, x, ndim=4, floating=True)
     if x.shape[1] != 3:
         raise InputValueError(f"{name}: expected (B, 3, H, W) RGB images, got {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise InputValueError(
+            f"{name}: expected a non-empty batch (B >= 1) of (B, 3, H, W) images, got "
+            f"{tuple(x.shape)}"
+        )
     return x
 
 
@@ -127,12 +132,14 @@ class CLIPGlobalLoss:
 
     Args:
         encoder: a :class:`~imgdiff.clip.CLIPEncoder`.
-        target: the target text (e.g. ``"a painting by Van Gogh"``), or its ``(D,)`` embedding.
+        target: the target text (e.g. ``"a painting by Van Gogh"``), or its ``(D,)`` embedding
+            (``D`` = ``encoder.embed_dim``; used as given, scale does not matter).
         metric: ``"spherical"`` (ZeCon, Crowson) or ``"cosine"`` (StyleGAN-NADA).
         augment: ZeCon's augmenter (copies or patches, :class:`CLIPAugment`); ``None`` encodes
             each image once.
         templates: prompt templates averaged for the text embedding (``None``: the text alone,
-            as ZeCon; NADA's global loss uses ``"a {}"``).
+            as ZeCon; NADA's global loss uses ``"a {}"``); must be ``None`` when ``target`` is
+            an embedding.
         reduction: ``"sum"`` over the batch (ZeCon), ``"mean"`` or ``"none"`` (``(B,)``).
 
     ``loss(x)``: ``x`` ``(B, 3, H, W)`` in ``[-1, 1]`` -> scalar (or ``(B,)``); ``generator``
@@ -152,6 +159,7 @@ class CLIPGlobalLoss:
         check_choice("metric", self.metric, _METRICS)
         check_choice("reduction", self.reduction, _REDUCTIONS)
         _check_augment(self.augment)
+        _check_templates_for_texts(self.templates, target=self.target)
         emb = _text_or_embedding("target", self.target, self.encoder, self.templates)
         object.__setattr__(self, "target_embedding", emb)
 
@@ -172,7 +180,11 @@ class CLIPDirectionalLoss:
     Args:
         encoder: a :class:`~imgdiff.clip.CLIPEncoder`.
         source_text / target_text: describe the source image and the edit (``"photo"`` ->
-            ``"sketch"``), or give their ``(D,)`` embeddings.
+            ``"sketch"``), or give their ``(D,)`` embeddings (``D`` = ``encoder.embed_dim``),
+            used as given: for ``"zecon"`` raw embeddings (``encoder.encode_text([text])[0]``);
+            for ``"nada"`` what a text gives, the mean of the unit-normalised template
+            embeddings (``encoder.text_embedding(text, templates)``); its norm is at most 1, and
+            a larger one (a raw embedding) is refused.
         variant: ``"nada"`` (StyleGAN-NADA: unit-normalised embeddings differenced, text
             direction averaged over ``templates``, zero-direction guard) or ``"zecon"`` (raw
             embeddings differenced, no templates).
@@ -181,11 +193,16 @@ class CLIPDirectionalLoss:
             is patch(x) minus whole(y). Without patches both sides get the same warps
             (:meth:`CLIPAugment.paired`), so the direction measures the edit.
         templates: NADA's prompt templates (default :data:`~imgdiff.clip.IMAGENET_TEMPLATES`);
-            must be ``None`` for ``"zecon"``.
-        zero_direction_guard: NADA's guard: where ``Delta_I`` is exactly zero (``x == y``, as
-            at initialisation) re-encode ``x + 1e-6`` so the loss and its gradient are finite
-            (the gradient is large there: the direction is tiny). It reads one flag on the host
-            per call (a device synchronisation); ``False`` skips it.
+            must be ``None`` for ``"zecon"`` and when a text is given as an embedding.
+        zero_direction_guard: NADA's guard, for copies whose edited and source views are
+            equal (``x == y``, as at initialisation; never with patches, whose source side is
+            the whole image): there ``Delta_I = e^(x + 1e-6) - e^(x)``, ``e^(x)`` held constant,
+            as NADA's ``e^(x + 1e-6) - e^(y)`` with ``e^(y) = e^(x)``. The views are compared,
+            not the embeddings: ``e(y)`` is computed without autograd, where torch's attention
+            takes another kernel, so ``e^(x) - e^(y)`` is float noise (1e-7 to 1e-6), not
+            zero, when ``x == y``. The loss is finite, its gradient large (``Delta_I`` is tiny).
+            One flag is read on the host per call (a device synchronisation); ``False`` skips
+            the guard.
         reduction: ``"sum"`` over the batch (ZeCon), ``"mean"`` (NADA) or ``"none"``.
 
     ``loss(x, y)``: edited ``x`` and source ``y``, both ``(B, 3, H, W)`` in ``[-1, 1]``; the
@@ -217,9 +234,25 @@ class CLIPDirectionalLoss:
                 "templates: the 'zecon' variant encodes the texts alone; expected None, got "
                 f"{describe(self.templates)}"
             )
+        _check_templates_for_texts(
+            self.templates, source_text=self.source_text, target_text=self.target_text
+        )
         templates = (self.templates or IMAGENET_TEMPLATES) if nada else None
         src = _text_or_embedding("source_text", self.source_text, self.encoder, templates, nada)
         tgt = _text_or_embedding("target_text", self.target_text, self.encoder, templates, nada)
+        if nada:
+            for name, value, emb in (
+                ("source_text", self.source_text, src),
+                ("target_text", self.target_text, tgt),
+            ):
+                norm = float(emb.norm())
+                if isinstance(value, Tensor) and norm > 1.0 + 1e-3:
+                    raise InputValueError(
+                        f"{name}: for variant='nada' expected the mean of unit-normalised "
+                        "template embeddings (norm <= 1, as encoder.text_embedding(text, "
+                        f"templates) gives), got an embedding of norm {norm:.4g}; pass the "
+                        "text, or unit-normalise a raw embedding"
+                    )
         direction = tgt - src
         object.__setattr__(
             self, "text_direction", F.normalize(direction, dim=-1) if nada else direction
@@ -245,20 +278,25 @@ class CLIPDirectionalLoss:
         with torch.no_grad():
             e_y = self.encoder.encode_image(y_views)
         e_x = self.encoder.encode_image(x_views)
-        direction = self._image_direction(e_x, e_y, x_views)
+        direction = self._image_direction(e_x, e_y, x_views, y_views)
         per_copy = directional_loss(direction, self.text_direction.to(direction.device))
         return _reduce(_per_image(per_copy, B), self.reduction)
 
-    def _image_direction(self, e_x: Tensor, e_y: Tensor, x_views: Tensor) -> Tensor:
+    def _image_direction(
+        self, e_x: Tensor, e_y: Tensor, x_views: Tensor, y_views: Tensor
+    ) -> Tensor:
+        """``(N, D)`` image directions of the ``N`` copies; NADA's guard where views are equal."""
         if self.variant == "zecon":
             return e_x - e_y
-        e_y = F.normalize(e_y, dim=-1)
-        direction = F.normalize(e_x, dim=-1) - e_y
-        if self.zero_direction_guard:
-            zero = direction.abs().amax(dim=-1) == 0
-            if bool(zero.any()):  # one host read per call; see zero_direction_guard
-                nudged = F.normalize(self.encoder.encode_image(x_views + 1e-6), dim=-1) - e_y
-                direction = torch.where(zero[:, None], nudged, direction)
+        u_x = F.normalize(e_x, dim=-1)
+        direction = u_x - F.normalize(e_y, dim=-1)
+        if self.zero_direction_guard and x_views.shape == y_views.shape:
+            same = (x_views == y_views).flatten(1).all(dim=1)  # (N,): Delta_I should be 0
+            if bool(same.any()):  # one host read per call; see zero_direction_guard
+                # e(y) = e(x) there, taken from the same (autograd) evaluation as e(x): the
+                # no-grad e(y) differs from it by float noise, which would be the direction
+                nudged = F.normalize(self.encoder.encode_image(x_views + 1e-6), dim=-1)
+                direction = torch.where(same[:, None], nudged - u_x.detach(), direction)
         return direction
 
 
@@ -276,6 +314,18 @@ def _check_augment(augment: object) -> None:
         )
 
 
+def _check_templates_for_texts(templates: object, **texts: object) -> None:
+    """Templates apply to texts only: refuse them when a text is given as an embedding."""
+    if templates is None:
+        return
+    for name, value in texts.items():
+        if isinstance(value, Tensor):
+            raise InputValueError(
+                f"templates: prompt templates apply to texts, but {name} is a given embedding; "
+                f"expected None (or pass the text), got {describe(templates)}"
+            )
+
+
 def _text_or_embedding(
     name: str,
     value: object,
@@ -283,13 +333,17 @@ def _text_or_embedding(
     templates: Sequence[str] | None,
     normalize: bool = True,
 ) -> Tensor:
-    """A ``(D,)`` float32 text embedding from a prompt or a given embedding."""
+    """A ``(D,)`` float32 text embedding from a prompt, or a copy of a given embedding."""
     if isinstance(value, str):
         return encoder.text_embedding(value, templates, normalize=normalize).detach()
     if isinstance(value, Tensor):
-        if value.ndim != 1 or not value.dtype.is_floating_point:
+        D = encoder.embed_dim
+        if value.ndim != 1 or not value.dtype.is_floating_point or value.shape[0] != D:
             raise InputValueError(
-                f"{name}: expected a text or a (D,) floating embedding, got {describe(value)}"
+                f"{name}: expected a text or a ({D},) floating embedding ({D} = the encoder's "
+                f"embedding width), got {describe(value)}"
             )
-        return value.detach().float()
+        if not bool(torch.isfinite(value).all()):
+            raise InputValueError(f"{name}: expected a finite embedding, got non-finite values")
+        return value.detach().to(dtype=torch.float32, copy=True)
     raise InputTypeError(f"{name}: expected a string or a (D,) embedding, got {describe(value)}")
