@@ -410,6 +410,33 @@ def test_schedule_cannot_be_mutated():
     assert float(SCHEDULE.alphas_cumprod[0]) > 0.99
 
 
+def test_paired_inputs_follow_the_first_ones_dtype_and_device():
+    """add_noise returns x0's dtype and x0_from_eps x_t's, as documented, for a float64 partner
+    (they returned float64); a partner on another device is named, not a raw torch error."""
+    from imgdiff.prediction import x0_from_eps
+    from imgdiff.timesteps import respaced_betas
+
+    x0, noise = torch.rand(2, 3), torch.randn(2, 3, dtype=torch.float64)
+    out = add_noise(SCHEDULE, x0, noise, 5)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, add_noise(SCHEDULE, x0, noise.float(), 5), rtol=0, atol=0)
+    assert x0_from_eps(x0, noise, 0.5).dtype == torch.float32
+    with pytest.raises(IVE, match=r"^noise: expected a tensor on x0's device cpu, got meta"):
+        add_noise(SCHEDULE, x0, torch.ones(2, 3, device="meta"), 5)
+    with pytest.raises(IVE, match=r"^eps: expected a tensor on x_t's device cpu, got meta"):
+        x0_from_eps(x0, torch.ones(2, 3, device="meta"), 0.5)
+    # respaced_betas takes the integer tensors the samplers take
+    torch.testing.assert_close(
+        respaced_betas(SCHEDULE, torch.tensor([18, 9, 0])),
+        respaced_betas(SCHEDULE, [18, 9, 0]),
+        rtol=0,
+        atol=0,
+    )
+    # a diffusers config ("trailing", steps_offset=1) gets told what the offset means here
+    with pytest.raises(IVE, match=r"diffusers applies steps_offset to 'leading' spacing only"):
+        DDIM(SCHEDULE, spacing="trailing", steps_offset=1).timesteps(10)
+
+
 def test_schedule_constructor_validates_and_copies_its_tables():
     """``NoiseSchedule(betas, alphas_cumprod)`` keeps float64 copies of consistent tables and
     names bad ones (it trusted and aliased them: a float32 table, an alpha_bar above 1, a

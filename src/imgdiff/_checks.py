@@ -87,6 +87,15 @@ def check_same_shape(name: str, value: Tensor, ref_name: str, ref: Tensor) -> No
         )
 
 
+def check_pair(name: str, value: Tensor, ref_name: str, ref: Tensor) -> Tensor:
+    """``value`` on ``ref``'s device (else a named error) and in ``ref``'s dtype (cast)."""
+    if value.device != ref.device:
+        raise InputValueError(
+            f"{name}: expected a tensor on {ref_name}'s device {ref.device}, got {value.device}"
+        )
+    return value if value.dtype == ref.dtype else value.to(ref.dtype)
+
+
 def check_choice(name: str, value: object, choices: Sequence[_S]) -> _S:
     """Check that ``value`` is one of the string ``choices`` and return it."""
     for choice in choices:

@@ -19,7 +19,7 @@ from typing import Literal, NamedTuple, get_args
 import torch
 from torch import Tensor
 
-from imgdiff._checks import check_choice, check_same_shape, check_tensor, describe
+from imgdiff._checks import check_choice, check_pair, check_same_shape, check_tensor, describe
 from imgdiff._ops import per_sample
 from imgdiff.errors import InputTypeError, InputValueError
 
@@ -125,7 +125,7 @@ def _pair(name_a: str, a: object, name_b: str, b: object) -> tuple[Tensor, Tenso
     ta = check_tensor(name_a, a, floating=True, min_ndim=1)
     tb = check_tensor(name_b, b, floating=True, min_ndim=1)
     check_same_shape(name_b, tb, name_a, ta)
-    return ta, tb
+    return ta, check_pair(name_b, tb, name_a, ta)
 
 
 def _scales(alpha_bar: object, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -124,9 +124,16 @@ def inference_timesteps(
         ts = np.linspace(0, T - 1, N).round()[::-1].astype(np.int64)
     ts = ts + offset
     if ts.min() < 0 or ts.max() > T - 1:
+        hint = (
+            "; diffusers applies steps_offset to 'leading' spacing only, so a diffusers config "
+            f"with {spacing!r} spacing and steps_offset={offset} means steps_offset=0 here"
+            if spacing != "leading" and offset != 0
+            else ""
+        )
         raise InputValueError(
             f"{offset_name}: expected a shift that keeps every timestep in [0, {T - 1}], got "
             f"{offset} ({spacing} spacing with {N} steps gives {int(ts.min())}..{int(ts.max())})"
+            + hint
         )
     return tuple(int(v) for v in ts)  # distinct and descending by construction (tested)
 
@@ -194,7 +201,7 @@ def respace_timesteps(
     return tuple(sorted(kept, reverse=True))
 
 
-def respaced_betas(schedule: NoiseSchedule, timesteps: Sequence[int]) -> Tensor:
+def respaced_betas(schedule: NoiseSchedule, timesteps: Sequence[int] | Tensor) -> Tensor:
     """Betas of the schedule restricted to ``timesteps`` (guided-diffusion respacing).
 
     ``beta'_k = 1 - alpha_bar_{S_k} / alpha_bar_{S_{k-1}}`` over the kept set ``S`` in ascending
@@ -203,6 +210,16 @@ def respaced_betas(schedule: NoiseSchedule, timesteps: Sequence[int]) -> Tensor:
     these betas per step without building a new schedule.
     """
     schedule = check_schedule("schedule", schedule)
+    if isinstance(timesteps, Tensor):  # as validate_timesteps takes them
+        if (
+            timesteps.dtype.is_floating_point
+            or timesteps.dtype == torch.bool
+            or timesteps.ndim != 1
+        ):
+            raise InputTypeError(
+                f"timesteps: expected a 1-d integer tensor, got {describe(timesteps)}"
+            )
+        timesteps = timesteps.tolist()
     kept = sorted(validate_timesteps(sorted(set(timesteps), reverse=True), len(schedule)))
     ab = schedule.alphas_cumprod[kept]
     prev = torch.cat([ab.new_ones(1), ab[:-1]])
