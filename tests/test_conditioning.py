@@ -124,6 +124,14 @@ def test_noised_paste_is_at_the_next_level() -> None:
         KnownRegion(known, torch.full((1, 1, 2, 2), 0.5))
     with pytest.raises(imgdiff.InputValueError, match=r"^mask: expected shape \(4000, 1, 2, 2\)"):
         KnownRegion(known, torch.zeros(1, 1, 3, 3))
+    # a level outside the schedule is named (1000 was a raw IndexError, -5 a clean paste)
+    for bad in (1000, -5):
+        with pytest.raises(
+            imgdiff.InputValueError, match=r"^timestep: expected an int in \[-1, 999\]"
+        ):
+            region.paste(torch.zeros_like(known), bad)
+    with pytest.raises(imgdiff.InputValueError, match=r"^noise: expected shape \(4000, 1, 2, 2\)"):
+        region.start(torch.zeros(4000, 1, 2, 3), 999)
 
 
 @pytest.mark.parametrize("backend", backends_here())

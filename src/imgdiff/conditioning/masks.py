@@ -127,10 +127,24 @@ class KnownRegion:
 
     def paste(self, x: Tensor, timestep: int) -> Tensor:
         """``x`` with the known region replaced by ``known`` at the level of ``timestep`` (-1: clean)."""
+        return self._paste("x", x, timestep)
+
+    def _paste(self, name: str, x: Tensor, timestep: int) -> Tensor:
         if x.shape != self.known.shape:
             raise InputValueError(
-                f"x: expected shape {tuple(self.known.shape)} like known, got {tuple(x.shape)}"
+                f"{name}: expected shape {tuple(self.known.shape)} like known, got {tuple(x.shape)}"
             )
+        if self.mode == "noised":  # a Python int (the loop's): checking it reads no device
+            assert self.schedule is not None
+            T = self.schedule.num_train_timesteps
+            if (
+                isinstance(timestep, bool)
+                or not isinstance(timestep, int)
+                or not -1 <= timestep < T
+            ):
+                raise InputValueError(
+                    f"timestep: expected an int in [-1, {T - 1}] (-1: clean), got {timestep!r}"
+                )
         known, hole, keep = self._on(x)
         scale, noise, noise_scale = self._level(timestep, x)
         impl = fused_backend(self.backend, x, known)
@@ -151,7 +165,7 @@ class KnownRegion:
             raise InputValueError(
                 "timestep: expected the plan's first timestep for mode='noised', got None"
             )
-        return self.paste(noise, -1 if timestep is None else timestep)
+        return self._paste("noise", noise, -1 if timestep is None else timestep)
 
     def __call__(self, info: StepInfo[Tensor]) -> Tensor:
         """The sampler callback: the state after the step, with the known region replaced."""
