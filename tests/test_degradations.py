@@ -113,6 +113,11 @@ def test_every_mask_is_binary_float_1hw(height: int, width: int, kind: str, seed
     assert bool(((mask == 0) | (mask == 1)).all())
 
 
+def four_direction_bound(width: int) -> float:
+    """The documented bound on ``|hole fraction - 0.5|`` of a default four-direction mask."""
+    return 1 / (2 * width) if width >= 13 else 1 / 11
+
+
 @settings(max_examples=40, deadline=None)
 @given(height=st.integers(16, 96), width=st.integers(16, 96), seed=st.integers(0, 2**31 - 1))
 def test_uncropping_fractions_over_sizes(height: int, width: int, seed: int) -> None:
@@ -121,6 +126,25 @@ def test_uncropping_fractions_over_sizes(height: int, width: int, seed: int) -> 
     assert bool((frame[0, :, [0, -1]] == 1).all())
     assert bool((frame[0, [0, -1]] == 1).all())
     assert abs(hole_fraction(irregular_mask((height, width), gen(seed))) - 0.325) < 0.175
+
+
+def test_four_direction_fraction_on_every_small_size() -> None:
+    """Every size from 8 to 24 per side, 12 seeds each: within 1/(2W) of 0.5 for W >= 13, and
+    within 1/11 below, where the one-pixel border can push it past 1/(2W) (11 x 8: 0.591)."""
+    for height in range(8, 25):
+        for width in range(8, 25):
+            for seed in range(12):
+                frame = four_direction_mask((height, width), gen(seed))
+                assert abs(hole_fraction(frame) - 0.5) <= four_direction_bound(width) + 1e-12, (
+                    height,
+                    width,
+                    seed,
+                )
+                assert bool((frame[0, :, [0, -1]] == 1).all())
+                assert bool((frame[0, [0, -1]] == 1).all())
+    narrow = [hole_fraction(four_direction_mask((11, 8), gen(seed))) for seed in range(40)]
+    assert max(abs(f - 0.5) for f in narrow) > 1 / 16  # the 1/(2W) bound does not hold at W = 8
+    assert max(narrow) == pytest.approx(65 / 110)
     if height % 2 == 0 and width % 2 == 0:
         assert hole_fraction(one_direction_mask((height, width), gen(seed))) == 0.5
         assert hole_fraction(center_mask((height, width))) == 0.25
@@ -233,6 +257,37 @@ def test_inpainting_hole_holds_standard_normal_noise_from_the_generator() -> Non
     assert abs(float(values.std()) - 1) < 0.05
 
 
+def test_inpainting_takes_the_masks_the_rest_of_the_library_takes() -> None:
+    """bool, integer and floating 0/1 masks, (1, H, W), (1, 1, H, W) or (B, 1, H, W), as
+    KnownRegion and the Trainer accept them: all give the same pair, and none is modified."""
+    x = toy_shapes(3, 16, seed=2)[0]
+    hole = center_mask(16)  # (1, H, W) float32
+    want = inpainting_pair(x, [gen(i) for i in range(3)], mask=hole)
+    shared = hole[None]  # (1, 1, H, W)
+    for mask in (
+        shared,
+        shared.bool(),
+        shared.to(torch.uint8),
+        shared.long(),
+        hole.bool(),
+        shared.expand(3, 1, 16, 16).to(torch.uint8),
+        shared.double(),
+    ):
+        before = mask.clone()
+        got = inpainting_pair(x, [gen(i) for i in range(3)], mask=mask)
+        assert got.mask.shape == (3, 1, 16, 16)
+        assert got.mask.dtype == x.dtype
+        assert torch.equal(got.mask, want.mask)
+        assert torch.equal(got.source, want.source)
+        assert torch.equal(mask, before)
+    imgdiff.conditioning.KnownRegion(x, shared.to(torch.uint8))  # the same masks are accepted there
+    bad = shared.to(torch.uint8) * 2
+    with pytest.raises(IVE, match=r"^mask: expected a binary mask of 0 and 1 .*got the value 2"):
+        inpainting_pair(x, mask=bad)
+    with pytest.raises(ITE, match=r"^mask: expected a bool or real 0/1 mask, got dtype"):
+        inpainting_pair(x, mask=shared.to(torch.complex64))
+
+
 def test_colorization_source_is_bt601_luma_on_three_equal_channels(images: Tensor) -> None:
     pair = colorization_pair(images)
     r, g, b = images.unbind(dim=1)
@@ -272,6 +327,25 @@ def test_jpeg_pair_quality_and_per_sample_qualities(images: Tensor) -> None:
     assert torch.equal(fixed.mask, torch.ones(6, 1, 32, 32))
     mixed = jpeg_compress(images[:2], [5, 90])
     assert torch.equal(mixed[1], jpeg_compress(images[1:2], 90)[0])
+    assert torch.equal(jpeg_compress(images[:2], torch.tensor([5, 90])), mixed)
+    assert torch.equal(jpeg_compress(images[:2], np.int64(90)), jpeg_compress(images[:2], 90))
+
+
+def test_jpeg_compress_refuses_a_tuple_that_is_a_range_elsewhere(images: Tensor) -> None:
+    """``(5, 30)`` is a range in jpeg_pair and make_pairs; jpeg_compress takes per-image
+    qualities as a list only, so the same tuple is refused at every batch size."""
+    for batch in (1, 2, 3):
+        with pytest.raises(
+            ITE,
+            match=r"^quality: expected an int, or a list with one quality per image, got the "
+            r"tuple \(5, 30\); a tuple \(low, high\) is a range to draw from in jpeg_pair and "
+            r"make_pairs, so for per-image qualities pass a list, e\.g\. \[5, 30\]",
+        ):
+            jpeg_compress(images[:batch], (5, 30))  # type: ignore[arg-type]
+    with pytest.raises(ITE, match=r"^quality: expected an int, a list or a \(B,\) integer tensor"):
+        jpeg_compress(images[:2], torch.tensor([5.0, 30.0]))
+    with pytest.raises(IVE, match=r"^quality: expected one quality per image \(2\), got 3"):
+        jpeg_compress(images[:2], torch.tensor([5, 30, 10]))
     drawn = jpeg_pair(images, gen(1))  # qualities in [5, 30]
     assert torch.equal(drawn.source, jpeg_pair(images, gen(1)).source)
     assert float((drawn.source - images).abs().mean()) > float(
@@ -470,13 +544,29 @@ X = toy_shapes(2, 16, seed=0)[0]
         (
             lambda: inpainting_pair(X, mask=torch.ones(2, 16, 16)),
             IVE,
-            r"mask: expected shape \(1, 16, 16\) or \(2, 1, 16, 16\), got \(2, 16, 16\)",
+            r"mask: expected shape \(1, 16, 16\), \(1, 1, 16, 16\) or \(2, 1, 16, 16\) "
+            r"\(1 = hole\), got \(2, 16, 16\)",
+        ),
+        (
+            lambda: inpainting_pair(X, mask=torch.ones(3, 1, 16, 16)),
+            IVE,
+            r"mask: expected shape \(1, 16, 16\), \(1, 1, 16, 16\) or \(2, 1, 16, 16\)",
         ),
         (
             lambda: inpainting_pair(X, mask=torch.full((1, 16, 16), 0.5)),
             IVE,
-            r"mask: expected values 0 or 1",
+            r"mask: expected a binary mask of 0 and 1 \(1 = missing\), got the value 0.5",
         ),
+        (
+            lambda: inpainting_pair(X, mask=torch.full((1, 16, 16), float("nan"))),
+            IVE,
+            r"mask: expected a binary mask of 0 and 1 \(1 = missing\), got the value nan",
+        ),
+        (
+            lambda: inpainting_pair(X, mask=center_mask(16).numpy()),
+            ITE,
+            r"mask: expected a torch.Tensor, got object of type ndarray",
+        ),  # type: ignore[arg-type]
         (
             lambda: uncropping_pair(X, mask_kind="bbox"),
             IVE,
@@ -495,6 +585,20 @@ X = toy_shapes(2, 16, seed=0)[0]
 def test_bad_input_names_the_argument(call, error: type[Exception], match: str) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(error, match=match):
         call()
+
+
+def test_toy_shapes_seed_range_is_checked() -> None:
+    """Seeds outside what torch.Generator.manual_seed takes are named, not a raw overflow."""
+    assert toy_shapes(1, 8, seed=2**64 - 1)[0].shape == (1, 3, 8, 8)
+    assert toy_shapes(1, 8, seed=-(2**63))[0].shape == (1, 3, 8, 8)
+    with pytest.raises(
+        IVE, match=r"^seed: expected an int <= 18446744073709551615, got 1180591620717411303424$"
+    ):
+        toy_shapes(1, 8, seed=2**70)
+    with pytest.raises(IVE, match=r"^seed: expected an int >= -9223372036854775808, got -9\d+$"):
+        toy_shapes(1, 8, seed=-(2**63) - 1)
+    with pytest.raises(ITE, match=r"^seed: expected an int, got 1.5"):
+        toy_shapes(1, 8, seed=1.5)  # type: ignore[arg-type]
 
 
 def test_errors_are_imgdiff_errors() -> None:

@@ -5,10 +5,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
+import pytest
+import torch
+
 from imgdiff.degradations import TASKS
-from imgdiff.demo import main
+from imgdiff.demo import DemoConfig, main, train_model
+from imgdiff.errors import InputValueError
+from imgdiff.images import image_grid, save_image_grid, to_uint8
 from imgdiff.training import load_checkpoint
 
 
@@ -40,8 +46,50 @@ def test_quick_demo_writes_grids_and_metrics(tmp_path: Path) -> None:
             assert 0 < m["psnr"] < 100
             assert -1 <= m["ssim"] <= 1
     assert load_checkpoint(tmp_path / "model.safetensors")[1]["step"] == 40
-    # --resume continues that checkpoint to the new step count instead of starting again.
-    main(["demo", "--quick", "--out", str(tmp_path), "--steps", "44", "--resume", "--no-progress"])
+    first_losses = load_checkpoint(tmp_path / "model.safetensors")[0]["losses"]
+    # --resume continues that checkpoint to the new step count instead of starting again; the
+    # step count doubles, so a warm-up derived from it (40 // 10 != 80 // 10) would be refused.
+    main(["demo", "--quick", "--out", str(tmp_path), "--steps", "80", "--resume", "--no-progress"])
     tensors, meta = load_checkpoint(tmp_path / "model.safetensors")
-    assert meta["step"] == 44
-    assert tensors["losses"].shape == (44,)
+    assert meta["step"] == 80
+    assert meta["config"]["warmup_steps"] == DemoConfig.quick().warmup_steps == 4
+    assert tensors["losses"].shape == (80,)
+    assert torch.equal(tensors["losses"][:40], first_losses)
+
+
+def test_resumed_demo_training_equals_a_longer_run(tmp_path: Path) -> None:
+    """Training 3 steps (inside the 4-step warm-up), then resuming to 10, equals training 10 steps
+    at once: the warm-up does not depend on the step count, so both runs share one learning-rate
+    schedule."""
+    quick = DemoConfig.quick()
+    short = DemoConfig(**{**asdict(quick), "train_steps": 3, "dataset_size": 32})
+    long = DemoConfig(**{**asdict(short), "train_steps": 10})
+    train_model(short, tmp_path / "resumed", progress=False)
+    resumed, _, resumed_losses = train_model(long, tmp_path / "resumed", False, resume=True)
+    full, _, full_losses = train_model(long, tmp_path / "full", progress=False)
+    assert len(resumed_losses) == 10
+    assert resumed_losses == full_losses
+    for a, b in zip(resumed.parameters(), full.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_images_refuse_non_finite_values_and_an_empty_batch(tmp_path: Path) -> None:
+    """A diverged (NaN or inf) sample is an error, not a black or white picture; so is no image."""
+    images = torch.zeros(2, 3, 4, 4)
+    assert to_uint8(images).shape == (2, 4, 4, 3)
+    assert int(to_uint8(images.clamp(-1, 1) + 5).min()) == 255  # finite values are clamped
+    for value in (float("nan"), float("inf"), float("-inf")):
+        bad = images.clone()
+        bad[1, 0, 2, 2] = value
+        with pytest.raises(
+            InputValueError, match=r"^images: expected finite values, got 1 NaN or infinite"
+        ):
+            to_uint8(bad)
+        with pytest.raises(InputValueError, match=r"^images: expected finite values"):
+            save_image_grid(bad, tmp_path / "bad.png")
+    assert not (tmp_path / "bad.png").exists()
+    with pytest.raises(
+        InputValueError, match=r"^images: expected at least one image, got shape \(0, 3, 4, 4\)"
+    ):
+        image_grid(torch.zeros(0, 3, 4, 4))
+    assert image_grid(images, nrow=1, padding=0).shape == (8, 4, 3)

@@ -49,6 +49,15 @@ def test_cond5_cross_attention() -> None:
     torch.testing.assert_close(out, out[:, :1].expand_as(out), rtol=0, atol=1e-6)
     with pytest.raises(imgdiff.InputValueError, match=r"^context: expected shape \(2, L, 8\)"):
         attn(h, torch.randn(2, 3, 5))
+    with pytest.raises(imgdiff.InputValueError, match=r"^context: expected shape \(2, L, 8\)"):
+        attn(h)  # context_dim differs from dim: there is no self-attention to fall back on
+    # without context it is self-attention: a query of the wrong width is ``h``'s fault
+    self_attn = CrossAttention(8)
+    assert self_attn(torch.randn(2, 4, 8)).shape == (2, 4, 8)
+    with pytest.raises(imgdiff.InputValueError, match=r"^h: expected shape \(B, N, 8\)"):
+        self_attn(torch.randn(2, 4, 6))
+    with pytest.raises(imgdiff.InputValueError, match=r"^h: expected a tensor with 3 dimensions"):
+        self_attn(torch.randn(2, 8))
 
 
 @pytest.mark.parametrize(
@@ -144,6 +153,55 @@ def test_unet_rejects_bad_input() -> None:
     gamma_net = UNet(UNetConfig(noise_conditioning="gamma"))
     with pytest.raises(imgdiff.InputTypeError, match=r"^t: a gamma-conditioned UNet expects"):
         gamma_net(x3, t)
+    # timesteps passed as floats are not noise levels (values read on the CPU)
+    with pytest.raises(
+        imgdiff.InputValueError,
+        match=r"^t: a gamma-conditioned UNet expects noise levels in \[0, 1\], got values from "
+        r"2\.0 to 500\.0",
+    ):
+        gamma_net(x3, torch.tensor([2.0, 500.0]))
+    for bad_gamma in (-0.5, float("nan")):
+        with pytest.raises(imgdiff.InputValueError, match=r"^t: a gamma-conditioned UNet"):
+            gamma_net(x3, torch.tensor([0.5, bad_gamma]))
+    assert gamma_net(x3, torch.tensor([0.0, 1.0])).shape == x3.shape  # both ends are levels
+    # out-of-range labels name the argument (index num_classes = 3 is the null class: valid)
+    assert net(x, t, class_labels=torch.tensor([0, 3])).shape == (2, 3, 16, 16)
+    for labels in ([0, 4], [-1, 2]):
+        with pytest.raises(
+            imgdiff.InputValueError,
+            match=r"^class_labels: expected labels in \[0, 3\] \(the last, 3, is null\), got values "
+            rf"from {min(labels)} to {max(labels)}",
+        ):
+            net(x, t, class_labels=torch.tensor(labels))
+    # palette_null is named as the UNet's keyword, not PaletteEmbedding's ``null``
+    flags = torch.tensor([True, False])
+    with pytest.raises(
+        imgdiff.InputValueError, match=r"^palette_null: expected None when palette is None"
+    ):
+        rich(x3, t, palette=None, palette_null=flags, context=torch.zeros(2, 3, 8))
+    with pytest.raises(imgdiff.InputValueError, match=r"^palette_null: expected \(2,\) bool"):
+        rich(
+            x3,
+            t,
+            palette=torch.zeros(2, 6, 3),
+            palette_null=flags[:1],
+            context=torch.zeros(2, 3, 8),
+        )
+    # configuration tuples: a bare int is refused by name, lists become tuples
+    with pytest.raises(
+        imgdiff.InputTypeError,
+        match=r"^attention_levels: expected a tuple of ints, e\.g\. \(1,\), got 2",
+    ):
+        UNetConfig(attention_levels=2)  # type: ignore[arg-type]
+    with pytest.raises(imgdiff.InputTypeError, match=r"^channel_mults: expected a tuple of ints"):
+        UNetConfig(channel_mults=2)  # type: ignore[arg-type]
+    with pytest.raises(
+        imgdiff.InputValueError, match=r"^attention_levels\[1\]: expected an int <= 1"
+    ):
+        UNetConfig(channel_mults=(1, 2), attention_levels=(0, 2))
+    listed = UNetConfig(channel_mults=[1, 2], attention_levels=[1])  # type: ignore[arg-type]
+    assert listed.channel_mults == (1, 2)
+    assert listed.attention_levels == (1,)
 
 
 def test_diffusers_unet_adapter() -> None:

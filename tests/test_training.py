@@ -147,6 +147,49 @@ def test_masked_batches_keep_the_known_region_clean() -> None:
     keep = ~mask.bool().expand_as(x0)
     assert torch.equal(seen[0][keep], x0[keep])
     assert not torch.equal(seen[0][~keep], x0[~keep])
+    # The loss ignores the known region: other values there (in x0, so in the network input and,
+    # for x0-prediction, in the target) leave it unchanged; other values in the hole do not. The
+    # 1x1 convolution makes each output pixel depend on its own input pixel only.
+    g = torch.Generator().manual_seed(1)
+    other_known = torch.where(keep, torch.rand(x0.shape, generator=g) * 2 - 1, x0)
+    other_hole = torch.where(keep, x0, torch.rand(x0.shape, generator=g) * 2 - 1)
+    for prediction in ("epsilon", "sample"):
+        losses = []
+        for images in (x0, other_known, other_hole):
+            fresh = Trainer(
+                net,
+                NoiseSchedule.linear(),
+                lambda step, g: TrainingBatch(x0),
+                TrainingConfig(steps=1, prediction=prediction, seed=5),
+                model=lambda x, t: net(x),
+            )  # the same seed: the same noise and timesteps for every call
+            losses.append(fresh.loss(TrainingBatch(images, mask=mask)).detach())
+        torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=0)
+        assert not torch.allclose(losses[2], losses[0]), prediction
+
+
+def test_a_shared_mask_is_expanded_to_the_batch() -> None:
+    """A ``(1, 1, H, W)`` mask, accepted for every sample, gives the loss of the same mask repeated
+    ``(B, 1, H, W)``, and is not modified."""
+    net = torch.nn.Conv2d(3, 3, 1)
+    x0 = torch.rand(2, 3, 8, 8) * 2 - 1
+    shared = torch.zeros(1, 1, 8, 8)
+    shared[..., 4:] = 1
+    before = shared.clone()
+    losses = []
+    for mask in (shared, shared.expand(2, 1, 8, 8).clone()):
+        trainer = Trainer(
+            net,
+            NoiseSchedule.linear(),
+            lambda step, g: TrainingBatch(x0),
+            TrainingConfig(steps=1, seed=3),
+            model=lambda x, t: net(x),
+        )
+        losses.append(trainer.loss(TrainingBatch(x0, mask=mask)).detach())
+    assert losses[0].shape == (2,)
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=0)
+    assert torch.equal(shared, before)
+    assert shared.shape == (1, 1, 8, 8)
 
 
 def test_checkpoints_are_atomic_and_validated(tmp_path: Path) -> None:
@@ -173,6 +216,10 @@ def test_config_validation() -> None:
         TrainingConfig(steps=0)
     with pytest.raises(imgdiff.InputValueError, match=r"^noise_level: expected one of"):
         TrainingConfig(steps=1, noise_level="sigma")  # type: ignore[arg-type]
+    with pytest.raises(
+        imgdiff.InputValueError, match=r"^seed: expected an int <= 18446744073709551615"
+    ):
+        TrainingConfig(steps=1, seed=2**70)  # a raw overflow in manual_seed otherwise
     with pytest.raises(imgdiff.InputTypeError, match=r"^net: expected a torch.nn.Module"):
         Trainer(
             lambda x, t: x,

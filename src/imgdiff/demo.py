@@ -46,13 +46,19 @@ __all__ = ["DemoConfig", "main", "run_demo"]
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Sizes and budgets of a demo run."""
+    """Sizes and budgets of a demo run.
+
+    ``warmup_steps`` (the linear learning-rate warm-up) does not depend on ``train_steps``: a run
+    resumed with more steps continues the same learning-rate schedule, so it equals a run that
+    was given the larger ``train_steps`` from the start (a longer ``--steps`` trains further).
+    """
 
     image_size: int = 32
     dataset_size: int = 4096
     train_steps: int = 1000
     batch_size: int = 24
     lr: float = 1e-3
+    warmup_steps: int = 100
     base_channels: int = 32
     eval_images: int = 8
     ddpm_steps: int = 200
@@ -67,6 +73,7 @@ class DemoConfig:
             image_size=16,
             dataset_size=256,
             train_steps=40,
+            warmup_steps=4,
             batch_size=8,
             base_channels=16,
             eval_images=4,
@@ -101,7 +108,9 @@ def train_model(
     """Train the multi-task model; returns the EMA network, the schedule and the losses.
 
     With ``resume``, an existing ``out/model.safetensors`` from the same configuration is
-    continued (a longer ``train_steps`` trains further); otherwise training starts afresh.
+    continued (a longer ``train_steps`` trains further: the warm-up, ``cfg.warmup_steps``, does not
+    depend on ``train_steps``, so the resumed run equals one given the longer ``train_steps`` from
+    the start); otherwise training starts afresh.
     """
     torch.manual_seed(cfg.seed)
     schedule = NoiseSchedule.linear()
@@ -119,7 +128,7 @@ def train_model(
     config = TrainingConfig(
         steps=cfg.train_steps,
         lr=cfg.lr,
-        warmup_steps=min(100, cfg.train_steps // 10),
+        warmup_steps=cfg.warmup_steps,
         noise_level="gamma",
         ema_decay=0.995,
         seed=cfg.seed,
@@ -232,13 +241,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     demo.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
     demo.add_argument(
-        "--steps", type=int, default=None, help="training steps (default: 1000; quick: 40)"
+        "--steps",
+        type=int,
+        default=None,
+        help="training steps (default: 1000; quick: 40); the warm-up stays 100 (quick: 4) steps",
     )
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     demo.add_argument(
         "--resume",
         action="store_true",
-        help="continue from OUT/model.safetensors of an earlier run with the same options",
+        help="continue from OUT/model.safetensors of an earlier run with the same options "
+        "(--steps may differ: a larger one trains further)",
     )
     args = parser.parse_args(argv)
     cfg = DemoConfig.quick() if args.quick else DemoConfig()

@@ -15,18 +15,38 @@ __all__ = ["image_grid", "save_image_grid", "to_uint8"]
 
 
 def to_uint8(images: Tensor) -> np.ndarray:
-    """``(B, C, H, W)`` in ``[-1, 1]`` (C = 1 or 3) to a uint8 array ``(B, H, W, C)``; values are clamped."""
+    """``(B, C, H, W)`` in ``[-1, 1]`` (C = 1 or 3) to a uint8 array ``(B, H, W, C)``.
+
+    Finite values outside ``[-1, 1]`` are clamped; NaN or infinite values (e.g. a diverged
+    sample) raise :class:`~imgdiff.errors.InputValueError` instead of saving as black or white.
+    """
     check_tensor("images", images, ndim=4, floating=True)
     if images.shape[1] not in (1, 3):
         raise InputValueError(f"images: expected 1 or 3 channels, got {images.shape[1]}")
-    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).numpy()
+    x = images.detach().float().cpu()
+    finite = torch.isfinite(x)
+    if not bool(finite.all()):
+        bad = x[~finite]
+        raise InputValueError(
+            f"images: expected finite values, got {bad.numel()} NaN or infinite values "
+            f"(first: {float(bad[0])}) in a tensor of shape {tuple(images.shape)}"
+        )
+    pixels = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return pixels.permute(0, 2, 3, 1).numpy()
 
 
 def image_grid(images: Tensor, *, nrow: int = 8, padding: int = 2) -> np.ndarray:
-    """Tile ``(B, C, H, W)`` images in ``[-1, 1]`` into one uint8 array ``(H', W', C)``, ``nrow`` per row."""
+    """Tile ``(B, C, H, W)`` images in ``[-1, 1]`` into one uint8 array ``(H', W', C)``, ``nrow`` per row.
+
+    ``B >= 1``; values as in :func:`to_uint8` (non-finite ones are refused).
+    """
     nrow = check_int("nrow", nrow, min=1)
     padding = check_int("padding", padding, min=0)
+    check_tensor("images", images, ndim=4, floating=True)
+    if images.shape[0] < 1:
+        raise InputValueError(
+            f"images: expected at least one image, got shape {tuple(images.shape)}"
+        )
     arr = to_uint8(images)
     B, H, W, C = arr.shape
     cols = min(nrow, B)
@@ -42,7 +62,7 @@ def image_grid(images: Tensor, *, nrow: int = 8, padding: int = 2) -> np.ndarray
 
 
 def save_image_grid(images: Tensor, path: str | Path, *, nrow: int = 8, padding: int = 2) -> Path:
-    """Write ``(B, C, H, W)`` images in ``[-1, 1]`` as one PNG grid; returns the path."""
+    """Write ``(B, C, H, W)`` images in ``[-1, 1]`` (``B >= 1``, finite) as one PNG grid; returns the path."""
     from PIL import Image
 
     grid = image_grid(images, nrow=nrow, padding=padding)

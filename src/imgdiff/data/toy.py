@@ -11,6 +11,9 @@ from imgdiff._checks import check_int
 
 __all__ = ["SHAPE_NAMES", "toy_shapes"]
 
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+"""The seeds ``torch.Generator.manual_seed`` accepts (negative ones wrap around)."""
+
 SHAPE_NAMES = ("square", "disc")
 """Class names of :func:`toy_shapes`' labels, by label index."""
 
@@ -20,11 +23,12 @@ def toy_shapes(n: int, size: int = 32, *, seed: int = 0) -> tuple[Tensor, Tensor
 
     Returns ``images`` ``(n, 3, size, size)`` float32 and ``labels`` ``(n,)`` int64 (index into
     :data:`SHAPE_NAMES`; squares and discs alternate). The same ``seed`` gives the same images on
-    every machine (all randomness comes from one CPU generator).
+    every machine (all randomness comes from one CPU generator); ``seed`` is an int in
+    ``[-2**63, 2**64 - 1]``, the range ``torch.Generator.manual_seed`` takes.
     """
     n = check_int("n", n, min=1)
     size = check_int("size", size, min=4)
-    g = torch.Generator().manual_seed(check_int("seed", seed))
+    g = torch.Generator().manual_seed(check_int("seed", seed, min=SEED_MIN, max=SEED_MAX))
     yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
     images, labels = [], []
     for i in range(n):

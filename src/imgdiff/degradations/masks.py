@@ -168,9 +168,13 @@ def four_direction_mask(
     the image by the same amount on every side. Its height fraction ``f`` is log-uniform in
     ``[1 / (2 max_side), max_side]`` and its width fraction is ``1 / (2 f)`` (same range, so
     every border is at least ``(1 - max_side) / 2`` of its side thick); the sides are rounded to
-    pixels, keeping at least one hole pixel on every side. The hole fraction is within
-    ``1 / (2 W)`` of 0.5 (0.0017 at 256²). Top and left margins are ``(H - h) // 2`` and
-    ``(W - w) // 2``.
+    pixels, keeping at least one hole pixel on every side. The known width is rounded to make the
+    area closest to ``H W / 2``, so the hole fraction is within ``h / (2 H W) < 1 / (2 W)`` of 0.5
+    unless that width has to be cut to ``W - 2`` to keep the border. At the default ``max_side``
+    that never happens for ``W >= 13`` (any ``H``), e.g. for every image with sides of at least 16
+    (0.0017 at 256²); on narrower images the hole fraction can be up to 1/11 from 0.5 (0.591 at
+    ``H, W = 11, 8``). A larger ``max_side`` needs wider images for the ``1 / (2 W)`` bound. Top
+    and left margins are ``(H - h) // 2`` and ``(W - w) // 2``.
 
     Palette's ``fourdirection`` code instead makes the hole an interior box of area ``H·W/2`` at
     a random position, which is not uncropping; imgdiff implements the frame the task describes.

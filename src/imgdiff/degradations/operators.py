@@ -7,6 +7,7 @@ These are the sources of Palette's colorization and JPEG-restoration tasks
 from __future__ import annotations
 
 import io
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
@@ -79,13 +80,14 @@ def with_luma(images: Tensor, gray: Tensor) -> Tensor:
 def check_quality(name: str, value: object) -> int:
     """A JPEG quality factor: an int in :data:`JPEG_QUALITY_RANGE`."""
     low, high = JPEG_QUALITY_RANGE
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise InputTypeError(
             f"{name}: expected an int JPEG quality in [{low}, {high}], got {describe(value)}"
         )
-    if not low <= value <= high:
-        raise InputValueError(f"{name}: expected a JPEG quality in [{low}, {high}], got {value}")
-    return value
+    q = int(value)
+    if not low <= q <= high:
+        raise InputValueError(f"{name}: expected a JPEG quality in [{low}, {high}], got {q}")
+    return q
 
 
 def check_quality_range(value: object) -> tuple[int, int]:
@@ -103,25 +105,45 @@ def check_quality_range(value: object) -> tuple[int, int]:
     return q, q
 
 
-def jpeg_compress(images: Tensor, quality: int | Sequence[int]) -> Tensor:
+def jpeg_compress(images: Tensor, quality: int | list[int] | Tensor) -> Tensor:
     """Encode every image as a JPEG file with pillow at ``quality`` and decode it again.
 
-    ``images`` ``(B, 3, H, W)`` in ``[-1, 1]``; ``quality`` is one int in ``[1, 95]`` for the
-    whole batch or a sequence with one per image. Images are quantised to uint8 first
-    (``round((x + 1) · 127.5)``); pillow's default 4:2:0 chroma subsampling applies. Returns
-    ``(B, 3, H, W)`` in ``[-1, 1]`` with the dtype and device of ``images``, values on the
-    uint8 grid ``k / 127.5 - 1``.
+    ``images`` ``(B, 3, H, W)`` in ``[-1, 1]``. ``quality`` is one int in ``[1, 95]`` for the
+    whole batch, or one per image as a **list** of ``B`` ints or a ``(B,)`` integer tensor. A
+    tuple is refused: in :func:`~imgdiff.degradations.jpeg_pair` and
+    :func:`~imgdiff.degradations.make_pairs` ``(low, high)`` is a range to draw from, so here it
+    would be ambiguous. Images are quantised to uint8 first (``round((x + 1) · 127.5)``);
+    pillow's default 4:2:0 chroma subsampling applies. Returns ``(B, 3, H, W)`` in ``[-1, 1]``
+    with the dtype and device of ``images``, values on the uint8 grid ``k / 127.5 - 1``.
     """
     x = check_images("images", images)
     B = x.shape[0]
-    if isinstance(quality, Sequence):
-        qualities = [check_quality(f"quality[{i}]", q) for i, q in enumerate(quality)]
+    value: object = quality  # checked at run time: a tuple is refused though no type allows it
+    if isinstance(value, tuple):
+        raise InputTypeError(
+            f"quality: expected an int, or a list with one quality per image, got the tuple "
+            f"{value!r}; a tuple (low, high) is a range to draw from in jpeg_pair and "
+            f"make_pairs, so for per-image qualities pass a list, e.g. {list(value)!r}"
+        )
+    if isinstance(value, Tensor):
+        if (
+            value.ndim != 1
+            or value.dtype.is_floating_point
+            or value.dtype.is_complex
+            or value.dtype == torch.bool
+        ):
+            raise InputTypeError(
+                f"quality: expected an int, a list or a (B,) integer tensor, got {describe(value)}"
+            )
+        value = [int(q) for q in value.tolist()]
+    if isinstance(value, list):
+        qualities = [check_quality(f"quality[{i}]", q) for i, q in enumerate(value)]
         if len(qualities) != B:
             raise InputValueError(
                 f"quality: expected one quality per image ({B}), got {len(qualities)}"
             )
     else:
-        qualities = [check_quality("quality", quality)] * B
+        qualities = [check_quality("quality", value)] * B
     return jpeg_round_trip(x, qualities)
 
 

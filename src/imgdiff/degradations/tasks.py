@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from imgdiff._checks import check_choice, check_int, check_tensor, describe
+from imgdiff.conditioning.masks import check_mask
 from imgdiff.degradations._common import check_images, draw_int
 from imgdiff.degradations.masks import MASK_KINDS, MaskKind, make_mask
 from imgdiff.degradations.operators import check_quality_range, jpeg_round_trip, luma
@@ -74,18 +75,21 @@ class DegradedPair:
     tasks: tuple[Task, ...]
 
 
-def _check_masks(mask: object, B: int, H: int, W: int) -> Tensor:
-    """Explicit masks: ``(1, H, W)`` (one for all) or ``(B, 1, H, W)``, values 0 or 1."""
-    m = check_tensor("mask", mask, floating=True)
+def _check_masks(mask: object, images: Tensor) -> Tensor:
+    """Explicit masks for ``images`` ``(B, 3, H, W)``: ``(1, H, W)`` or ``(1, 1, H, W)`` (one for
+    every image) or ``(B, 1, H, W)``; bool, or integer or floating 0/1 values (1 = hole), as
+    :func:`imgdiff.conditioning.check_mask` accepts. Returns ``(B, 1, H, W)`` in the images' dtype
+    (a new tensor or a view; the caller's is not modified)."""
+    B, _, H, W = images.shape
+    m = check_tensor("mask", mask)
     if m.shape == (1, H, W):
-        m = m.unsqueeze(0).expand(B, -1, -1, -1)
-    elif m.shape != (B, 1, H, W):
+        m = m.unsqueeze(0)
+    if m.shape not in ((1, 1, H, W), (B, 1, H, W)):
         raise InputValueError(
-            f"mask: expected shape (1, {H}, {W}) or ({B}, 1, {H}, {W}), got {tuple(m.shape)}"
+            f"mask: expected shape (1, {H}, {W}), (1, 1, {H}, {W}) or ({B}, 1, {H}, {W}) "
+            f"(1 = hole), got {tuple(m.shape)}"
         )
-    if not bool(((m == 0) | (m == 1)).all()):
-        raise InputValueError("mask: expected values 0 or 1 (1 = hole), got other values")
-    return m
+    return check_mask("mask", m, images).expand(B, -1, -1, -1)
 
 
 def _per_sample(gens: Generators, b: int) -> torch.Generator | None:
@@ -226,14 +230,17 @@ def inpainting_pair(
     """Inpainting pairs: the hole of a ``mask_kind`` mask is filled with ``N(0, I)`` noise.
 
     ``images`` ``(B, 3, H, W)`` in ``[-1, 1]``. Give ``mask`` to use fixed masks instead (for
-    evaluation): ``(1, H, W)`` for every image or ``(B, 1, H, W)``, values 0/1, 1 = hole.
-    ``source = images`` outside the hole (bit-exact) and noise inside.
+    evaluation): ``(1, H, W)`` or ``(1, 1, H, W)`` for every image, or ``(B, 1, H, W)``; bool, or
+    integer or floating values 0/1 (checked), 1 = hole, like the masks
+    :class:`~imgdiff.conditioning.KnownRegion` and the trainer take. ``source = images`` outside
+    the hole (bit-exact) and noise inside; the pair's ``mask`` is ``(B, 1, H, W)`` in the images'
+    dtype.
     """
     x = check_images("images", images)
-    B, _, H, W = x.shape
+    B = x.shape[0]
     gens = check_generators(generator, B)
     kind = check_choice("mask_kind", mask_kind, MASK_KINDS)
-    masks = None if mask is None else _check_masks(mask, B, H, W)
+    masks = None if mask is None else _check_masks(mask, x)
     return _build(
         x,
         _repeat("inpainting", B),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 from torch.nn.functional import scaled_dot_product_attention
 
-from imgdiff._checks import check_int
+from imgdiff._checks import check_int, check_tensor
 from imgdiff.errors import InputValueError
 
 __all__ = ["CrossAttention", "SpatialAttention"]
@@ -35,11 +35,25 @@ class CrossAttention(nn.Module):
 
     def forward(self, h: Tensor, context: Tensor | None = None) -> Tensor:
         """``h`` ``(B, N, d)``, ``context`` ``(B, L, d_c)`` or ``None`` (self-attention)."""
-        c = h if context is None else context
-        if c.shape[-1] != self.context_dim or c.shape[0] != h.shape[0]:
+        check_tensor("h", h, ndim=3, floating=True)
+        if h.shape[-1] != self.dim:
             raise InputValueError(
-                f"context: expected shape ({h.shape[0]}, L, {self.context_dim}), got {tuple(c.shape)}"
+                f"h: expected shape (B, N, {self.dim}) (dim={self.dim}), got {tuple(h.shape)}"
             )
+        if context is None:
+            if self.context_dim != self.dim:
+                raise InputValueError(
+                    f"context: expected shape ({h.shape[0]}, L, {self.context_dim}) (context_dim "
+                    f"{self.context_dim} differs from dim {self.dim}: no self-attention), got None"
+                )
+            c = h
+        else:
+            c = check_tensor("context", context, floating=True)
+            if c.ndim != 3 or c.shape[-1] != self.context_dim or c.shape[0] != h.shape[0]:
+                raise InputValueError(
+                    f"context: expected shape ({h.shape[0]}, L, {self.context_dim}), "
+                    f"got {tuple(c.shape)}"
+                )
         B, N, _ = h.shape
         q = self.to_q(h).reshape(B, N, self.heads, -1).transpose(1, 2)
         k = self.to_k(c).reshape(B, c.shape[1], self.heads, -1).transpose(1, 2)

@@ -79,15 +79,15 @@ class UNetConfig:
         check_int("in_channels", self.in_channels, min=1)
         check_int("out_channels", self.out_channels, min=1)
         check_int("base_channels", self.base_channels, min=1)
-        if not self.channel_mults or not all(
-            isinstance(m, int) and m >= 1 for m in self.channel_mults
-        ):
+        mults = _int_tuple("channel_mults", self.channel_mults, min=1)
+        if not mults:
             raise InputValueError(
                 f"channel_mults: expected a non-empty tuple of ints >= 1, got {self.channel_mults!r}"
             )
+        levels = _int_tuple("attention_levels", self.attention_levels, min=0, max=len(mults) - 1)
+        object.__setattr__(self, "channel_mults", mults)  # lists become tuples (hashable, frozen)
+        object.__setattr__(self, "attention_levels", levels)
         check_int("num_res_blocks", self.num_res_blocks, min=1)
-        for level in self.attention_levels:
-            check_int("attention_levels[i]", level, min=0, max=len(self.channel_mults) - 1)
         check_int("heads", self.heads, min=1)
         check_float("dropout", self.dropout, min=0.0, max=1.0, max_open=True)
         check_choice("noise_conditioning", self.noise_conditioning, NOISE_CONDITIONINGS)
@@ -109,6 +109,13 @@ class UNetConfig:
     def downsampling(self) -> int:
         """The factor by which the input size must be divisible."""
         return 1 << (len(self.channel_mults) - 1)
+
+
+def _int_tuple(name: str, value: object, *, min: int, max: int | None = None) -> tuple[int, ...]:
+    """``value``, a tuple or list of ints within ``[min, max]``, as a tuple of ints."""
+    if not isinstance(value, (tuple, list)):
+        raise InputTypeError(f"{name}: expected a tuple of ints, e.g. (1,), got {describe(value)}")
+    return tuple(check_int(f"{name}[{i}]", v, min=min, max=max) for i, v in enumerate(value))
 
 
 class ResBlock(nn.Module):
@@ -160,7 +167,9 @@ class UNet(nn.Module):
         palette_null: ``(B,)`` flags marking samples without a palette (CFG's null half,
             condition dropout), if configured.
         context: ``(B, L, context_dim)`` if configured.
-    Conditions the network was not configured for are refused.
+    Conditions the network was not configured for are refused. The values of gamma and of
+    ``class_labels`` are checked when they are on the CPU; on other devices reading them would
+    synchronise every call, so they are not.
     Returns ``(B, out_channels, H, W)``, or ``2 out_channels`` with a learned variance.
     """
 
@@ -307,11 +316,25 @@ class UNet(nn.Module):
             raise InputValueError(
                 f"t: expected shape ({B},) to match the batch, got {tuple(t.shape)}"
             )
-        if cfg.noise_conditioning == "gamma" and not t.dtype.is_floating_point:
-            raise InputTypeError(
-                f"t: a gamma-conditioned UNet expects noise levels in [0, 1] (floating), got dtype "
-                f"{t.dtype}; wrap it in imgdiff.conditioning.NoiseLevelConditioning to sample"
-            )
+        if cfg.noise_conditioning == "gamma":
+            if not t.dtype.is_floating_point:
+                raise InputTypeError(
+                    f"t: a gamma-conditioned UNet expects noise levels in [0, 1] (floating), got "
+                    f"dtype {t.dtype}; wrap it in imgdiff.conditioning.NoiseLevelConditioning to "
+                    "sample"
+                )
+            # values are read on the CPU only: elsewhere that would synchronise every call
+            if t.device.type == "cpu" and t.numel() and not bool(((t >= 0) & (t <= 1)).all()):
+                got = (
+                    "NaN"
+                    if bool(t.isnan().any())
+                    else f"values from {float(t.min())} to {float(t.max())}"
+                )
+                raise InputValueError(
+                    f"t: a gamma-conditioned UNet expects noise levels in [0, 1], got {got} "
+                    "(timesteps? wrap the UNet in imgdiff.conditioning.NoiseLevelConditioning to "
+                    "sample)"
+                )
         self._check_unused(
             class_labels=class_labels, palette=palette, palette_null=palette_null, context=context
         )
@@ -328,8 +351,35 @@ class UNet(nn.Module):
                     f"class_labels: expected ({B},) integer labels in [0, {cfg.num_classes}] "
                     f"(the last is null) for a class-conditional UNet, got {describe(class_labels)}"
                 )
+            # values are read on the CPU only: elsewhere that would synchronise every call
+            null = self.class_embed.num_embeddings - 1  # = num_classes, the null label
+            if (
+                class_labels.device.type == "cpu"
+                and B
+                and (int(class_labels.min()) < 0 or int(class_labels.max()) > null)
+            ):
+                raise InputValueError(
+                    f"class_labels: expected labels in [0, {null}] (the last, {null}, is null), "
+                    f"got values from {int(class_labels.min())} to {int(class_labels.max())}"
+                )
             emb = emb + self.class_embed(class_labels)
         if self.palette_embed is not None:
+            if palette_null is not None:
+                if palette is None:
+                    raise InputValueError(
+                        "palette_null: expected None when palette is None (every sample is then "
+                        f"null), got {describe(palette_null)}"
+                    )
+                n = palette.shape[0] if isinstance(palette, Tensor) else B
+                if (
+                    not isinstance(palette_null, Tensor)
+                    or palette_null.shape != (n,)
+                    or palette_null.dtype.is_complex
+                ):
+                    raise InputValueError(
+                        f"palette_null: expected ({n},) bool or 0/1 flags (nonzero = no palette; "
+                        f"one per palette), got {describe(palette_null)}"
+                    )
             emb = emb + self.palette_embed(
                 palette, palette_null, batch_size=None if palette is not None else B
             )

@@ -54,7 +54,8 @@ _MISSING = object()
 @dataclass(frozen=True, eq=False)
 class TrainingBatch:
     """One batch: clean targets ``x0`` ``(B, C, H, W)``, the model's keyword conditions, an optional
-    mask ``(B, 1, H, W)`` (1 = to generate; the rest is kept clean in ``x_t`` and not in the loss)."""
+    mask ``(B, 1, H, W)``, or ``(1, 1, H, W)`` shared by the batch (1 = to generate; the rest is
+    kept clean in ``x_t`` and not in the loss)."""
 
     x0: Tensor
     model_kwargs: Mapping[str, Any] = field(default_factory=dict)
@@ -76,7 +77,8 @@ class TrainingConfig:
         ema_decay: EMA decay of the weights.
         grad_clip: clip the gradient norm to this value (``None``: no clipping).
         checkpoint_every: also checkpoint every this many steps (0: only at the end).
-        seed: seed of the generator behind batches, noise and noise levels.
+        seed: seed of the generator behind batches, noise and noise levels (an int in
+            ``[-2**63, 2**64 - 1]``, what ``torch.Generator.manual_seed`` takes).
         log_every: steps between progress-bar loss updates (each reads the loss on the host).
         min_snr_gamma: weight each sample's loss by Min-SNR-gamma (Hang et al. 2023; 5 in the
             paper), from its ``alpha_bar_t`` or gamma (``None``: unweighted).
@@ -114,7 +116,7 @@ class TrainingConfig:
         if self.grad_clip is not None:
             check_float("grad_clip", self.grad_clip, min=0.0, min_open=True)
         check_int("checkpoint_every", self.checkpoint_every, min=0)
-        check_int("seed", self.seed)
+        check_int("seed", self.seed, min=-(2**63), max=2**64 - 1)  # what manual_seed takes
         check_int("log_every", self.log_every, min=1)
         if self.min_snr_gamma is not None:
             check_float("min_snr_gamma", self.min_snr_gamma, min=0.0, min_open=True)
@@ -266,12 +268,14 @@ class Trainer:
         return loss
 
     def _checked_mask(self, mask: Tensor | None, x0: Tensor) -> Tensor | None:
-        """The batch mask as bool; its 0/1 values are read (a host sync) on the first mask only."""
+        """The batch mask as bool ``(B, 1, H, W)``: one shared ``(1, 1, H, W)`` mask is expanded
+        to the batch (a view; the caller's tensor is left alone). Its 0/1 values are read (a
+        host sync) on the first mask only."""
         if mask is None:
             return None
         checked = check_mask("batch.mask", mask, x0, values=not self._mask_values_checked)
         self._mask_values_checked = True
-        return checked.bool()
+        return checked.bool().expand(x0.shape[0], -1, -1, -1)
 
     def _conditions(self, batch: TrainingBatch, B: int) -> dict[str, Any]:
         """``batch.model_kwargs`` with conditions dropped to the null ones at rate ``p_uncond``."""
