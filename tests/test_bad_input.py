@@ -1565,6 +1565,7 @@ def test_zero_terminal_snr_with_a_spacing_that_skips_pure_noise_warns():
         sampler.timesteps(timesteps=[16, 8, 0])
         sampler.timesteps(5, strength=0.6)
         DDIM(SCHEDULE, prediction="v").timesteps(5)
+        imgdiff.EDICT(ZSNR, prediction="v").timesteps(5)  # it must skip t = T-1: no warning
 
 
 def test_invert_epsilon_to_zero_terminal_snr_is_finite():

@@ -22,7 +22,7 @@ import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, ClassVar, Generic, TypeVar, cast
 
 import torch
 from torch import Tensor
@@ -109,6 +109,10 @@ class Sampler(ABC, Generic[StateT, CoeffT]):
     final_alpha_bar: FinalAlphaBar = "one"
     dtype: torch.dtype | None = None
     backend: Backend = "auto"
+
+    steps_from_pure_noise: ClassVar[bool] = True
+    """Whether a step can start at ``alpha_bar = 0`` (a zero-terminal-SNR ``t = T-1``); then a
+    spacing that skips that level warns (spec 1.3). EDICT's cannot, and sets it ``False``."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.schedule, NoiseSchedule):
@@ -217,7 +221,12 @@ class Sampler(ABC, Generic[StateT, CoeffT]):
             ts = inference_timesteps(
                 T, n, self.spacing, self.steps_offset, offset_name="steps_offset"
             )
-            if ts[0] != T - 1 and strength == 1.0 and self.schedule.zero_terminal_snr:
+            if (
+                self.steps_from_pure_noise
+                and ts[0] != T - 1
+                and strength == 1.0
+                and self.schedule.zero_terminal_snr
+            ):
                 warn_user(
                     f"spacing: a zero-terminal-SNR schedule starts sampling from pure noise at "
                     f"t = {T - 1}, but spacing {self.spacing!r} starts at t = {ts[0]}, so the "

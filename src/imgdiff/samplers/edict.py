@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor
@@ -77,6 +77,8 @@ class EDICT(Sampler[EDICTState, EDICTCoefficients]):
     mix: float = 0.93
     leapfrog: bool = True
     thresholding: None = None
+
+    steps_from_pure_noise: ClassVar[bool] = False  # z -> a z + b eps needs alpha_bar > 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
