@@ -87,6 +87,20 @@ def check_same_shape(name: str, value: Tensor, ref_name: str, ref: Tensor) -> No
         )
 
 
+def is_integer_dtype(dtype: torch.dtype) -> bool:
+    """Whether ``dtype`` holds integers (not floating, complex or bool): labels, timesteps."""
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
+SEED_RANGE = (-(2**63), 2**64 - 1)
+"""The seeds ``torch.Generator.manual_seed`` takes (negative ones wrap around)."""
+
+
+def check_seed(name: str, value: object) -> int:
+    """A seed for ``torch.Generator.manual_seed``: an int in :data:`SEED_RANGE`."""
+    return check_int(name, value, min=SEED_RANGE[0], max=SEED_RANGE[1])
+
+
 def check_pair(name: str, value: Tensor, ref_name: str, ref: Tensor) -> Tensor:
     """``value`` on ``ref``'s device (else a named error) and in ``ref``'s dtype (cast)."""
     if value.device != ref.device:
@@ -181,7 +195,7 @@ def check_timestep_tensor(
         return torch.full((batch,), t, dtype=torch.int64, device=device)
     if not isinstance(t, Tensor):
         raise InputTypeError(f"{name}: expected an int or an integer tensor, got {describe(t)}")
-    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+    if not is_integer_dtype(t.dtype):
         raise InputTypeError(
             f"{name}: expected an integer tensor of timesteps, got dtype {t.dtype}"
         )

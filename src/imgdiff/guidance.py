@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from imgdiff._checks import check_float, check_tensor, describe
+from imgdiff._checks import check_float, check_tensor, describe, is_integer_dtype
 from imgdiff.errors import InputTypeError, InputValueError
 
 if TYPE_CHECKING:
@@ -65,11 +65,7 @@ class ClassifierGuidance(Guidance):
                 f"classifier: expected a callable, got {describe(self.classifier)}"
             )
         check_tensor("labels", self.labels, ndim=1)
-        if self.labels.dtype.is_floating_point or self.labels.dtype in (
-            torch.bool,
-            torch.complex64,
-            torch.complex128,
-        ):
+        if not is_integer_dtype(self.labels.dtype):
             raise InputTypeError(
                 f"labels: expected integer class labels, got dtype {self.labels.dtype}"
             )

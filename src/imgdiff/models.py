@@ -8,7 +8,7 @@ its ``prediction``, never guessed.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -24,13 +24,13 @@ Model = Callable[..., Tensor]
 for a learned-variance model)."""
 
 
-def infer_model_dtype(model: object) -> torch.dtype | None:
-    """The dtype of the first floating-point parameter of the network behind ``model``, else ``None``.
+def wrapped(model: object) -> Iterator[object]:
+    """``model`` and the objects it wraps, nearest first (at most 32; networks are not entered).
 
-    Looks through the usual ways of wrapping an ``nn.Module``: imgdiff's adapters and
-    classifier-free guidance (``.model``), bound methods (``unet.forward``), ``functools.partial``,
-    closures and functions naming a module-level network (``lambda x, t: unet(x, t).sample`` in a
-    notebook, where ``unet`` is a global).
+    Follows the usual ways of wrapping an ``nn.Module``: imgdiff's adapters and classifier-free
+    guidance (``.model``), bound methods (``unet.forward``), ``functools.partial``, closures and
+    functions naming a module-level network (``lambda x, t: unet(x, t).sample`` in a notebook,
+    where ``unet`` is a global).
     """
     seen: set[int] = set()
     todo: list[object] = [model]
@@ -39,10 +39,8 @@ def infer_model_dtype(model: object) -> torch.dtype | None:
         if id(obj) in seen or obj is None:
             continue
         seen.add(id(obj))
+        yield obj
         if isinstance(obj, torch.nn.Module):
-            for p in obj.parameters():
-                if p.dtype.is_floating_point:
-                    return p.dtype
             continue
         todo.append(getattr(obj, "model", None))
         todo.append(getattr(obj, "__self__", None))  # bound method
@@ -58,6 +56,16 @@ def infer_model_dtype(model: object) -> torch.dtype | None:
                 value = namespace.get(name)
                 if isinstance(value, torch.nn.Module):
                     todo.append(value)
+
+
+def infer_model_dtype(model: object) -> torch.dtype | None:
+    """The dtype of the first floating-point parameter of the network behind ``model``, else
+    ``None``; the network is found through its wrappers as :func:`wrapped` follows them."""
+    for obj in wrapped(model):
+        if isinstance(obj, torch.nn.Module):
+            for p in obj.parameters():
+                if p.dtype.is_floating_point:
+                    return p.dtype
     return None
 
 

@@ -33,15 +33,15 @@ def _work(x: Tensor) -> Tensor:
     bfloat16 or float16 sample gets the exact answer rounded once (``alpha_bar_0 = 0.9999``
     rounds to 1 in those dtypes, where eps cannot be recovered from x0).
     """
+    check_tensor("x", x, floating=True, min_ndim=2)
     return x.to(torch.float32 if x.device.type == "mps" else torch.float64)
 
 
 def _levels(schedule: NoiseSchedule, x: Tensor, t: Tensor) -> Tensor:
-    """``alpha_bar_t`` as ``(B, 1, ..., 1)`` in ``x``'s dtype (pass the working-precision ``x``).
+    """``alpha_bar_t`` as ``(B, 1, ..., 1)`` in ``x``'s dtype (``x`` from :func:`_work`).
 
     Validates ``t`` (a host read): these oracles are test and demo models, not fast networks.
     """
-    check_tensor("x", x, floating=True, min_ndim=2)
     check_tensor("t", t, ndim=1)
     if t.shape[0] != x.shape[0]:
         raise InputValueError(
@@ -75,7 +75,6 @@ class GaussianDenoiser:
         check_choice("prediction", self.prediction, PREDICTION_TYPES)
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
-        check_tensor("x", x, floating=True, min_ndim=2)
         xw = _work(x)
         ab = _levels(self.schedule, xw, t)
         a = ab.sqrt()
@@ -109,13 +108,12 @@ class EmpiricalDenoiser:
         check_float("std", self.std, min=0.0)
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        x, out_dtype = _work(x), x.dtype  # _work checks x first
         if x.shape[1:] != self.data.shape[1:]:
             raise InputValueError(
                 f"x: expected items of shape {tuple(self.data.shape[1:])} like data, "
                 f"got {tuple(x.shape[1:])}"
             )
-        check_tensor("x", x, floating=True, min_ndim=2)
-        out_dtype, x = x.dtype, _work(x)
         ab = _levels(self.schedule, x, t)
         data = self.data.to(device=x.device, dtype=x.dtype)
         flat_x = x.reshape(x.shape[0], 1, -1)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from imgdiff._checks import check_choice, check_float, check_int, describe
+from imgdiff._checks import check_choice, check_float, check_int, describe, is_integer_dtype
 from imgdiff.errors import InputTypeError, InputValueError
 from imgdiff.schedules import NoiseSchedule, check_schedule
 
@@ -55,13 +55,10 @@ FinalAlphaBar = Literal["one", "first"]
 FINAL_ALPHA_BARS: tuple[FinalAlphaBar, ...] = get_args(FinalAlphaBar)
 
 
-def validate_timesteps(timesteps: object, num_train_timesteps: int) -> tuple[int, ...]:
-    """Check an explicit timestep list: non-empty, integers, strictly descending, in ``[0, T-1]``.
-
-    Accepts a sequence of ints or a 1-d integer tensor; returns a tuple of ints.
-    """
+def _timestep_ints(timesteps: object, num_train_timesteps: int) -> list[int]:
+    """A non-empty sequence of ints or a 1-d integer tensor, in ``[0, T-1]``, as a list of ints."""
     if isinstance(timesteps, Tensor):
-        if timesteps.dtype.is_floating_point or timesteps.dtype == torch.bool:
+        if not is_integer_dtype(timesteps.dtype):
             raise InputTypeError(
                 f"timesteps: expected a 1-d integer tensor, got {describe(timesteps)}"
             )
@@ -87,6 +84,15 @@ def validate_timesteps(timesteps: object, num_train_timesteps: int) -> tuple[int
             f"timesteps: expected values in [0, {T - 1}] (T = {T} training timesteps), "
             f"got values from {min(out)} to {max(out)}"
         )
+    return out
+
+
+def validate_timesteps(timesteps: object, num_train_timesteps: int) -> tuple[int, ...]:
+    """Check an explicit timestep list: non-empty, integers, strictly descending, in ``[0, T-1]``.
+
+    Accepts a sequence of ints or a 1-d integer tensor; returns a tuple of ints.
+    """
+    out = _timestep_ints(timesteps, num_train_timesteps)
     for a, b in itertools.pairwise(out):
         if not b < a:
             raise InputValueError(
@@ -210,17 +216,7 @@ def respaced_betas(schedule: NoiseSchedule, timesteps: Sequence[int] | Tensor) -
     these betas per step without building a new schedule.
     """
     schedule = check_schedule("schedule", schedule)
-    if isinstance(timesteps, Tensor):  # as validate_timesteps takes them
-        if (
-            timesteps.dtype.is_floating_point
-            or timesteps.dtype == torch.bool
-            or timesteps.ndim != 1
-        ):
-            raise InputTypeError(
-                f"timesteps: expected a 1-d integer tensor, got {describe(timesteps)}"
-            )
-        timesteps = timesteps.tolist()
-    kept = sorted(validate_timesteps(sorted(set(timesteps), reverse=True), len(schedule)))
+    kept = sorted(set(_timestep_ints(timesteps, len(schedule))))  # any order, duplicates dropped
     ab = schedule.alphas_cumprod[kept]
     prev = torch.cat([ab.new_ones(1), ab[:-1]])
     return 1.0 - ab / prev

@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from imgdiff._checks import describe
+from imgdiff._checks import check_tensor, check_timestep_tensor, describe, is_integer_dtype
 from imgdiff.errors import InputTypeError, InputValueError
-from imgdiff.models import Model
+from imgdiff.models import Model, wrapped
 from imgdiff.schedules import NoiseSchedule, check_schedule
 
 __all__ = ["NoiseLevelConditioning"]
@@ -52,21 +52,18 @@ class NoiseLevelConditioning:
 
     def gamma(self, t: Tensor) -> Tensor:
         """``alpha_bar_t`` ``(B,)`` for timesteps ``t`` ``(B,)``, float64 where the device has it."""
-        if not isinstance(t, Tensor) or t.dtype.is_floating_point or t.dtype.is_complex:
-            raise InputTypeError(
-                f"t: expected an integer tensor of timesteps, got {describe(t)}"
-                + (
-                    " (a gamma-conditioned network takes timesteps here, not noise levels)"
-                    if isinstance(t, Tensor) and t.dtype.is_floating_point
-                    else ""
-                )
+        t = check_tensor("t", t)
+        if t.device.type == "cpu":  # values readable without a device sync
+            t = check_timestep_tensor(
+                "t",
+                t,
+                batch=t.shape[0] if t.ndim else 1,
+                num_train_timesteps=self.schedule.num_train_timesteps,
+                device=t.device,
+                allow_final=True,
             )
-        T = self.schedule.num_train_timesteps
-        if t.device.type == "cpu" and t.numel() and (int(t.min()) < -1 or int(t.max()) >= T):
-            raise InputValueError(
-                f"t: expected timesteps in [-1, {T - 1}], "
-                f"got values from {int(t.min())} to {int(t.max())}"
-            )
+        elif not is_integer_dtype(t.dtype):
+            raise InputTypeError(f"t: expected an integer tensor of timesteps, got {describe(t)}")
         table = self._tables.get(t.device)
         if table is None:
             dtype = torch.float32 if t.device.type == "mps" else torch.float64
@@ -83,15 +80,10 @@ class NoiseLevelConditioning:
 
 
 def _noise_conditioning(net: object) -> str | None:
-    """``config.noise_conditioning`` of the network behind ``net`` and its wrappers' ``.model``
-    / ``.net`` chain (e.g. :class:`~imgdiff.conditioning.ConcatConditioning`), else ``None``."""
-    seen: set[int] = set()
-    obj: object = net
-    while obj is not None and id(obj) not in seen and len(seen) < 16:
-        seen.add(id(obj))
+    """``config.noise_conditioning`` of the network behind ``net``, through its wrappers (e.g.
+    :class:`~imgdiff.conditioning.ConcatConditioning`), else ``None``."""
+    for obj in wrapped(net):
         mode = getattr(getattr(obj, "config", None), "noise_conditioning", None)
         if isinstance(mode, str):
             return mode
-        inner = getattr(obj, "model", None)
-        obj = inner if inner is not None and inner is not obj else getattr(obj, "net", None)
     return None

@@ -7,12 +7,9 @@ import math
 import torch
 from torch import Tensor
 
-from imgdiff._checks import check_int
+from imgdiff._checks import check_int, check_seed
 
 __all__ = ["SHAPE_NAMES", "toy_shapes"]
-
-SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
-"""The seeds ``torch.Generator.manual_seed`` accepts (negative ones wrap around)."""
 
 SHAPE_NAMES = ("square", "disc")
 """Class names of :func:`toy_shapes`' labels, by label index."""
@@ -28,7 +25,7 @@ def toy_shapes(n: int, size: int = 32, *, seed: int = 0) -> tuple[Tensor, Tensor
     """
     n = check_int("n", n, min=1)
     size = check_int("size", size, min=4)
-    g = torch.Generator().manual_seed(check_int("seed", seed, min=SEED_MIN, max=SEED_MAX))
+    g = torch.Generator().manual_seed(check_seed("seed", seed))
     yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
     images, labels = [], []
     for i in range(n):

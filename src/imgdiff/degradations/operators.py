@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from imgdiff._checks import check_tensor, describe
+from imgdiff._checks import check_tensor, describe, is_integer_dtype
 from imgdiff.degradations._common import check_images
 from imgdiff.errors import InputTypeError, InputValueError
 
@@ -126,12 +126,7 @@ def jpeg_compress(images: Tensor, quality: int | list[int] | Tensor) -> Tensor:
             f"make_pairs, so for per-image qualities pass a list, e.g. {list(value)!r}"
         )
     if isinstance(value, Tensor):
-        if (
-            value.ndim != 1
-            or value.dtype.is_floating_point
-            or value.dtype.is_complex
-            or value.dtype == torch.bool
-        ):
+        if value.ndim != 1 or not is_integer_dtype(value.dtype):
             raise InputTypeError(
                 f"quality: expected an int, a list or a (B,) integer tensor, got {describe(value)}"
             )

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 from torch.nn.functional import cross_entropy
 
-from imgdiff._checks import check_float, check_int, check_tensor, describe
+from imgdiff._checks import check_float, check_int, check_tensor, describe, is_integer_dtype
 from imgdiff.errors import InputTypeError, InputValueError
 from imgdiff.losses._features import FeatureExtractor, check_layers, feature_list, select_layers
 from imgdiff.losses.unet_features import ZECON_LAYERS, EncoderNetwork, UNetEncoderFeatures
@@ -180,11 +180,7 @@ def gather_patches(feature_map: Tensor, positions: Tensor) -> Tensor:
     """
     check_tensor("feature_map", feature_map, ndim=4)
     check_tensor("positions", positions, ndim=1)
-    if (
-        positions.dtype.is_floating_point
-        or positions.dtype.is_complex
-        or positions.dtype == torch.bool
-    ):
+    if not is_integer_dtype(positions.dtype):
         raise InputTypeError(f"positions: expected an integer tensor, got dtype {positions.dtype}")
     n = feature_map.shape[2] * feature_map.shape[3]
     if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= n):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from imgdiff._checks import check_int, check_tensor
+from imgdiff._checks import check_int, check_tensor, describe
 from imgdiff.errors import InputTypeError, InputValueError
 
 __all__ = ["LAB_SCALE", "PALETTE_SIZE", "PaletteEmbedding"]
@@ -66,7 +66,12 @@ class PaletteEmbedding(nn.Module):
         self.null_embedding = nn.Parameter(torch.zeros(self.emb_dim))
 
     def forward(
-        self, palette: Tensor | None, null: Tensor | None = None, *, batch_size: int | None = None
+        self,
+        palette: Tensor | None,
+        null: Tensor | None = None,
+        *,
+        batch_size: int | None = None,
+        null_name: str = "null",
     ) -> Tensor:
         """Embed ``palette`` ``(B, 6, 3)`` Lab -> ``(B, emb_dim)``.
 
@@ -75,6 +80,7 @@ class PaletteEmbedding(nn.Module):
             null: optional ``(B,)`` flags, bool or 0/1 (nonzero = no palette), e.g. condition
                 dropout during training or the CFG null half.
             batch_size: the batch when ``palette`` is ``None``; else it must match or be ``None``.
+            null_name: what errors call ``null`` (a network passes its own keyword's name).
         """
         if palette is None:
             if batch_size is None:
@@ -83,7 +89,10 @@ class PaletteEmbedding(nn.Module):
                 )
             B = check_int("batch_size", batch_size, min=0)
             if null is not None:
-                raise InputValueError("null: expected None when palette is None (all are null)")
+                raise InputValueError(
+                    f"{null_name}: expected None when palette is None (every sample is then "
+                    f"null), got {describe(null)}"
+                )
             return self.null_embedding.expand(B, self.emb_dim)
         p = _check_palette("palette", palette, self.num_colors)
         B = p.shape[0]
@@ -95,11 +104,14 @@ class PaletteEmbedding(nn.Module):
         h: Tensor = self.mlp((p / p.new_tensor(LAB_SCALE)).reshape(B, -1).to(weight.dtype))
         if null is None:
             return h
-        flags = check_tensor("null", null, ndim=1)
+        flags = check_tensor(null_name, null, ndim=1)
         if flags.shape[0] != B:
             raise InputValueError(
-                f"null: expected shape ({B},) to match the palette's batch, got {tuple(flags.shape)}"
+                f"{null_name}: expected shape ({B},) to match the palette's batch, "
+                f"got {tuple(flags.shape)}"
             )
         if flags.dtype.is_complex:
-            raise InputTypeError(f"null: expected bool or 0/1 flags, got dtype {flags.dtype}")
+            raise InputTypeError(
+                f"{null_name}: expected bool or 0/1 flags, got dtype {flags.dtype}"
+            )
         return torch.where(flags.to(device=h.device, dtype=torch.bool)[:, None], weight, h)

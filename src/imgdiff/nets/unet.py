@@ -17,7 +17,14 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor, nn
 
-from imgdiff._checks import check_choice, check_float, check_int, check_tensor, describe
+from imgdiff._checks import (
+    check_choice,
+    check_float,
+    check_int,
+    check_tensor,
+    describe,
+    is_integer_dtype,
+)
 from imgdiff.errors import InputTypeError, InputValueError
 from imgdiff.nets.attention import SpatialAttention
 from imgdiff.nets.embeddings import TimestepEmbedding
@@ -343,9 +350,7 @@ class UNet(nn.Module):
             if (
                 not isinstance(class_labels, Tensor)
                 or class_labels.shape != (B,)
-                or class_labels.dtype.is_floating_point
-                or class_labels.dtype.is_complex
-                or class_labels.dtype == torch.bool
+                or not is_integer_dtype(class_labels.dtype)
             ):
                 raise InputValueError(
                     f"class_labels: expected ({B},) integer labels in [0, {cfg.num_classes}] "
@@ -364,24 +369,11 @@ class UNet(nn.Module):
                 )
             emb = emb + self.class_embed(class_labels)
         if self.palette_embed is not None:
-            if palette_null is not None:
-                if palette is None:
-                    raise InputValueError(
-                        "palette_null: expected None when palette is None (every sample is then "
-                        f"null), got {describe(palette_null)}"
-                    )
-                n = palette.shape[0] if isinstance(palette, Tensor) else B
-                if (
-                    not isinstance(palette_null, Tensor)
-                    or palette_null.shape != (n,)
-                    or palette_null.dtype.is_complex
-                ):
-                    raise InputValueError(
-                        f"palette_null: expected ({n},) bool or 0/1 flags (nonzero = no palette; "
-                        f"one per palette), got {describe(palette_null)}"
-                    )
             emb = emb + self.palette_embed(
-                palette, palette_null, batch_size=None if palette is not None else B
+                palette,
+                palette_null,
+                batch_size=None if palette is not None else B,
+                null_name="palette_null",
             )
         if context is not None and (
             context.ndim != 3 or context.shape[0] != B or context.shape[2] != cfg.context_dim

@@ -150,19 +150,20 @@ class DDPM(DenoisingSampler[DDPMCoefficients]):
         c = coeffs
         # the fused paths fuse the posterior mean with the noise (the posterior's formula, so not
         # for a subclass that overrides it) and check out and the noise themselves (combine,
-        # kernels.ddpm_learned_step); the torch path is the posterior and its sampling
+        # kernels.ddpm_learned_step); the torch path is the posterior and its sampling, in place
+        # into the mean only where it is our posterior's (an override may return x itself)
+        own = type(self).posterior is DDPM.posterior
         if self.output_channels_factor == 1:
             impl = fused_backend(self.backend, x, out, noise)
         else:  # out has twice x's elements: its dtype and autograd are checked here
             impl = fused_backend(self.backend, x, noise) if out.dtype == x.dtype else None
             impl = fused_for(impl, out)
-        if impl is not None and type(self).posterior is DDPM.posterior:
+        if impl is not None and own:
             fused = self._fused_update(x, out, c, noise, impl)
             if fused is not None:
                 return fused
         self._check_output(out, x, "out")  # (B, 2C, ...) with a learned variance
         check_step_noise(noise, x)
-        own = type(self).posterior is DDPM.posterior  # else the mean may be x or out itself
         return self._sample_posterior(*self.posterior(x, out, c), c, noise, own=own)
 
     def _fused_update(
@@ -239,7 +240,7 @@ class DDPM(DenoisingSampler[DDPMCoefficients]):
                     return StepOutput(mean, x0)
                 std = torch.exp(0.5 * torch.as_tensor(log_var))
                 if isinstance(mask, Tensor):  # per sample (step_at): where, not 0 * inf
-                    std = torch.where(mask > 0, std, torch.zeros((), dtype=std.dtype))
+                    std = torch.where(mask > 0, std, 0.0)
             if not own:
                 return StepOutput(mean + std * noise, x0)
             add_scaled_(mean, noise, std)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from imgdiff._checks import check_choice, check_float, check_int, check_tensor, describe
+from imgdiff._checks import check_choice, check_float, check_int, check_seed, check_tensor, describe
 from imgdiff.conditioning.dropout import drop_conditions
 from imgdiff.conditioning.masks import check_mask
 from imgdiff.errors import InputTypeError, InputValueError
@@ -116,7 +116,7 @@ class TrainingConfig:
         if self.grad_clip is not None:
             check_float("grad_clip", self.grad_clip, min=0.0, min_open=True)
         check_int("checkpoint_every", self.checkpoint_every, min=0)
-        check_int("seed", self.seed, min=-(2**63), max=2**64 - 1)  # what manual_seed takes
+        check_seed("seed", self.seed)
         check_int("log_every", self.log_every, min=1)
         if self.min_snr_gamma is not None:
             check_float("min_snr_gamma", self.min_snr_gamma, min=0.0, min_open=True)
