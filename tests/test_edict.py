@@ -240,6 +240,32 @@ def test_edit_with_the_source_condition_returns_the_input(x0: torch.Tensor) -> N
     assert float((edited - x0).abs().max()) > 0.1
 
 
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ({"guidance_rescale": 1.5}, r"guidance_rescale: .*<= 1"),
+        ({"guidance_scale": "3"}, r"guidance_scale: "),
+        ({"source": [1.0]}, r"source: expected a mapping"),
+        ({"target": {"other": torch.ones(1)}}, r"target: .*missing \['label'\]"),
+        ({"source": {}}, r"source: .*missing \['label'\]"),
+    ],
+)
+def test_edit_names_its_own_arguments(
+    x0: torch.Tensor, override: dict[str, object], match: str
+) -> None:
+    """A bad edict_edit argument is named as the caller wrote it, not as CFG's internal one."""
+    kw: dict[str, object] = {
+        "source": {"label": torch.ones(1)},
+        "target": {"label": torch.ones(1)},
+        "null": {"label": torch.zeros(1)},
+        "num_steps": 4,
+        "progress": False,
+    }
+    kw.update(override)
+    with pytest.raises(imgdiff.ImgdiffError, match=match):
+        imgdiff.edict_edit(sd_edict(), TanhModel(SHAPE[1:]), x0, **kw)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("prediction", ["sample", "v"])
 def test_exact_for_other_prediction_types(x0: torch.Tensor, prediction: str) -> None:
     """EDICT needs only a deterministic eps(z, t): x0- and v-prediction models invert exactly too."""

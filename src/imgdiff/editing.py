@@ -10,7 +10,7 @@ from torch import Tensor
 
 from imgdiff._checks import check_float, describe
 from imgdiff.conditioning.cfg import ClassifierFreeGuidance
-from imgdiff.errors import InputTypeError
+from imgdiff.errors import InputTypeError, InputValueError
 from imgdiff.models import Model
 from imgdiff.samplers.edict import EDICT
 from imgdiff.samplers.step import Callback
@@ -56,9 +56,20 @@ def edict_edit(
     """
     if not isinstance(sampler, EDICT):
         raise InputTypeError(f"sampler: expected an imgdiff.EDICT, got {describe(sampler)}")
-    guided = ClassifierFreeGuidance(
-        model, check_float("guidance_scale", guidance_scale), null, rescale=guidance_rescale
-    )
+    scale = check_float("guidance_scale", guidance_scale)
+    rescale = check_float("guidance_rescale", guidance_rescale, min=0.0, max=1.0)
+    guided = ClassifierFreeGuidance(model, scale, null, rescale=rescale)
+    for name, cond in (("source", source), ("target", target)):
+        if not isinstance(cond, Mapping):
+            raise InputTypeError(
+                f"{name}: expected a mapping of keyword conditions, got {describe(cond)}"
+            )
+        missing = set(null) - set(cond)
+        if missing:
+            raise InputValueError(
+                f"{name}: expected a conditional value for every key of null {sorted(null)}, "
+                f"missing {sorted(missing)}"
+            )
     pair = sampler.invert(
         guided,
         x0,
