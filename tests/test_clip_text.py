@@ -401,6 +401,7 @@ def test_bad_input(clip: LoadedCLIP, encoder: CLIPTextEncoder) -> None:
     cases: list[tuple[type[Exception], str, Callable[[], object]]] = [
         (IVE, "model_name: expected an open_clip architecture", lambda: load_clip("ViT-B-33")),
         (ITE, "model_name: expected a string", lambda: load_clip(3)),
+        (IVE, "seed: expected an int >= ", lambda: load_clip(TINY, seed=-(2**64))),
         (
             IVE,
             "pretrained: expected None, a path .*known tags: \\['openai'",

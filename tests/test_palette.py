@@ -278,6 +278,14 @@ def test_bad_input_messages() -> None:
         (IVE, "num_iters: expected an int >= 1", lambda: extract_palette(image, num_iters=0)),
         (IVE, "tol: expected a float >= 0", lambda: extract_palette(image, tol=-1.0)),
         (ITE, "return_weights: expected a bool", lambda: extract_palette(image, return_weights=1)),
+        (IVE, "seed: expected an int <= ", lambda: extract_palette(image, seed=2**64)),
+        (
+            IVE,
+            r"images: expected finite values, got 1 NaN",
+            lambda: extract_palette(
+                image.index_put((torch.tensor(0),) * 4, torch.tensor(float("nan")))
+            ),
+        ),
         (
             IVE,
             "images: expected 3 colour channels along dim 1",

@@ -101,6 +101,18 @@ def check_seed(name: str, value: object) -> int:
     return check_int(name, value, min=SEED_RANGE[0], max=SEED_RANGE[1])
 
 
+def check_finite(name: str, value: Tensor) -> None:
+    """Refuse NaN or infinite entries, naming how many and the first (reads the device: not for
+    sampling loops)."""
+    finite = torch.isfinite(value)
+    if not bool(finite.all()):
+        bad = value[~finite]
+        raise InputValueError(
+            f"{name}: expected finite values, got {bad.numel()} NaN or infinite values "
+            f"(first: {float(bad[0])}) in a tensor of shape {tuple(value.shape)}"
+        )
+
+
 def check_pair(name: str, value: Tensor, ref_name: str, ref: Tensor) -> Tensor:
     """``value`` on ``ref``'s device (else a named error) and in ``ref``'s dtype (cast)."""
     if value.device != ref.device:

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from imgdiff._checks import check_int, check_tensor
+from imgdiff._checks import check_finite, check_int, check_tensor
 from imgdiff.errors import InputValueError
 
 __all__ = ["image_grid", "save_image_grid", "to_uint8"]
@@ -24,13 +24,7 @@ def to_uint8(images: Tensor) -> np.ndarray:
     if images.shape[1] not in (1, 3):
         raise InputValueError(f"images: expected 1 or 3 channels, got {images.shape[1]}")
     x = images.detach().float().cpu()
-    finite = torch.isfinite(x)
-    if not bool(finite.all()):
-        bad = x[~finite]
-        raise InputValueError(
-            f"images: expected finite values, got {bad.numel()} NaN or infinite values "
-            f"(first: {float(bad[0])}) in a tensor of shape {tuple(images.shape)}"
-        )
+    check_finite("images", x)
     pixels = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return pixels.permute(0, 2, 3, 1).numpy()
 

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from imgdiff._checks import check_choice, check_int, describe
+from imgdiff._checks import check_choice, check_seed, describe
 from imgdiff.clip.weights import (
     _env_offline,
     _fetch_hf_repo,
@@ -195,7 +195,7 @@ def load_clip(
         raise InputTypeError(f"offline: expected None or a bool, got {describe(offline)}")
     precision = check_choice("precision", precision, _PRECISIONS)
     if seed is not None:
-        seed = check_int("seed", seed)
+        seed = check_seed("seed", seed)
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:

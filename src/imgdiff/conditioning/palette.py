@@ -26,7 +26,14 @@ from typing import Literal, overload
 import torch
 from torch import Tensor
 
-from imgdiff._checks import check_float, check_int, check_tensor, describe
+from imgdiff._checks import (
+    check_finite,
+    check_float,
+    check_int,
+    check_seed,
+    check_tensor,
+    describe,
+)
 from imgdiff.errors import InputTypeError, InputValueError
 from imgdiff.nets.palette_embedding import LAB_SCALE, PALETTE_SIZE, PaletteEmbedding, _check_palette
 
@@ -208,10 +215,11 @@ def extract_palette(
         max_pixels = check_int("max_pixels", max_pixels, min=1)
     num_iters = check_int("num_iters", num_iters, min=1)
     tol = check_float("tol", tol, min=0.0)
-    seed = check_int("seed", seed)
+    seed = check_seed("seed", seed)
     if not isinstance(return_weights, bool):
         raise InputTypeError(f"return_weights: expected a bool, got {describe(return_weights)}")
 
+    check_finite("images", x)
     B = x.shape[0]
     pixels = rgb_to_lab(x.detach()).to(torch.float64).flatten(2).transpose(1, 2)  # (B, N, 3)
     g = torch.Generator().manual_seed(seed)
