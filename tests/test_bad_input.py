@@ -1411,6 +1411,18 @@ SAMPLE_CASES = [
         "invert-model-returns-float",
     ),
     _case(
+        lambda: _sample(DDIM(SCHEDULE), model=lambda x, t: torch.zeros(x.shape, dtype=torch.int64)),
+        ITE,
+        r"^model: expected the model to return a floating-point tensor, got torch\.int64",
+        "sample-model-returns-int",
+    ),
+    _case(
+        lambda: _sample(DDPM(SCHEDULE), model=lambda x, t: torch.zeros(x.shape, dtype=torch.bool)),
+        ITE,
+        r"^model: expected the model to return a floating-point tensor, got torch\.bool",
+        "ddpm-model-returns-bool",
+    ),
+    _case(
         lambda: _invert(DDIM(SCHEDULE), callback="print"),
         ITE,
         r"^callback: expected a callable, got 'print'",

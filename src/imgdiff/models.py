@@ -143,4 +143,11 @@ class BoundModel:
                 f"model: expected the model to return a torch.Tensor, got {describe(out)}; wrap "
                 "networks that return objects, e.g. lambda x, t, **c: unet(x, t, **c).sample"
             )
-        return out if out.dtype == self.state_dtype else out.to(self.state_dtype)
+        if out.dtype == self.state_dtype:
+            return out
+        if not out.dtype.is_floating_point:
+            raise InputTypeError(
+                f"model: expected the model to return a floating-point tensor, got {out.dtype} "
+                f"(casting it to {self.state_dtype} would hide a network or wrapper bug)"
+            )
+        return out.to(self.state_dtype)
