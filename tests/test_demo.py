@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -13,7 +13,7 @@ import torch
 
 from imgdiff.degradations import TASKS
 from imgdiff.demo import DemoConfig, main, train_model
-from imgdiff.errors import InputValueError
+from imgdiff.errors import ImgdiffError, InputValueError
 from imgdiff.images import image_grid, save_image_grid, to_uint8
 from imgdiff.training import load_checkpoint
 
@@ -93,3 +93,34 @@ def test_images_refuse_non_finite_values_and_an_empty_batch(tmp_path: Path) -> N
     ):
         image_grid(torch.zeros(0, 3, 4, 4))
     assert image_grid(images, nrow=1, padding=0).shape == (8, 4, 3)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("image_size", 18, r"^image_size: expected a multiple of 4 .*got 18"),
+        ("image_size", 4, r"^image_size: expected an int >= 8"),
+        ("train_steps", 0, r"^train_steps: expected an int >= 1"),
+        ("ddim_steps", 2.5, r"^ddim_steps: expected an int"),
+        ("lr", 0.0, r"^lr: expected a float > 0"),
+        ("warmup_steps", -1, r"^warmup_steps: expected an int >= 0"),
+        ("prediction", "x0", r"^prediction: expected one of"),
+        ("seed", 2**64, r"^seed: expected an int <= "),
+    ],
+)
+def test_demo_config_names_bad_fields(field: str, value: object, match: str) -> None:
+    """A bad DemoConfig field is refused at construction, not deep inside training or the U-Net."""
+    with pytest.raises(ImgdiffError, match=match):
+        replace(DemoConfig.quick(), **{field: value})
+
+
+def test_demo_warmup_steps_option_and_the_short_run_note(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--warmup-steps sets the warm-up; a run ending inside its warm-up says so on stderr."""
+    args = ["demo", "--quick", "--out", str(tmp_path), "--no-progress", "--steps", "2"]
+    main(args)
+    assert "ends inside the 4-step learning-rate warm-up" in capsys.readouterr().err
+    main([*args, "--warmup-steps", "1"])
+    assert "warm-up" not in capsys.readouterr().err
+    assert load_checkpoint(tmp_path / "model.safetensors")[1]["config"]["warmup_steps"] == 1

@@ -19,22 +19,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from imgdiff._checks import SEED_RANGE, check_choice, check_float, check_int
 from imgdiff.conditioning import ConcatConditioning, KnownRegion, NoiseLevelConditioning
 from imgdiff.data import toy_shapes
 from imgdiff.degradations import TASKS, Task, make_pairs, sample_tasks, with_luma
+from imgdiff.errors import InputValueError
 from imgdiff.images import save_image_grid
 from imgdiff.metrics import psnr, ssim
 from imgdiff.nets import UNet, UNetConfig
-from imgdiff.prediction import PredictionType
+from imgdiff.prediction import PREDICTION_TYPES, PredictionType
 from imgdiff.randomness import randn
 from imgdiff.samplers import DDIM, DDPM
 from imgdiff.samplers.base import Sampler
@@ -66,6 +69,29 @@ class DemoConfig:
     prediction: PredictionType = "sample"
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        size = check_int("image_size", self.image_size, min=8)
+        if size % _SIZE_MULTIPLE:
+            raise InputValueError(
+                f"image_size: expected a multiple of {_SIZE_MULTIPLE} (the U-Net halves it "
+                f"twice), got {size}"
+            )
+        for name in (
+            "dataset_size",
+            "train_steps",
+            "batch_size",
+            "base_channels",
+            "eval_images",
+            "ddpm_steps",
+            "ddim_steps",
+        ):
+            check_int(name, getattr(self, name), min=1)
+        check_float("lr", self.lr, min=0.0, min_open=True)
+        check_int("warmup_steps", self.warmup_steps, min=0)
+        check_choice("prediction", self.prediction, PREDICTION_TYPES)
+        # held-out images use seed + 1000, the tasks seed + 0..3
+        check_int("seed", self.seed, min=SEED_RANGE[0], max=SEED_RANGE[1] - 1000)
+
     @classmethod
     def quick(cls) -> DemoConfig:
         """A seconds-long smoke run."""
@@ -80,6 +106,9 @@ class DemoConfig:
             ddpm_steps=10,
             ddim_steps=5,
         )
+
+
+_SIZE_MULTIPLE = 4  # build_model's three levels halve the image twice
 
 
 def _masks_for_training(pair_mask: Tensor, tasks: Sequence[Task]) -> Tensor:
@@ -227,7 +256,8 @@ def run_demo(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: ``python -m imgdiff demo [--out DIR] [--quick] [--steps N] [--resume]``."""
+    """Command line: ``python -m imgdiff demo [--out DIR] [--quick] [--steps N] [--warmup-steps N]
+    [--resume]``."""
     parser = argparse.ArgumentParser(prog="python -m imgdiff", description="imgdiff command line")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser(
@@ -244,7 +274,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--steps",
         type=int,
         default=None,
-        help="training steps (default: 1000; quick: 40); the warm-up stays 100 (quick: 4) steps",
+        help="training steps (default: 1000; quick: 40)",
+    )
+    demo.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=None,
+        help="steps of the linear learning-rate warm-up (default: 100; quick: 4); it does not "
+        "follow --steps, so a resumed run continues the same schedule",
     )
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     demo.add_argument(
@@ -255,8 +292,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     cfg = DemoConfig.quick() if args.quick else DemoConfig()
-    if args.steps is not None:
-        cfg = DemoConfig(**{**asdict(cfg), "train_steps": args.steps})
+    changes = {"train_steps": args.steps, "warmup_steps": args.warmup_steps}
+    cfg = replace(cfg, **{k: v for k, v in changes.items() if v is not None})
+    if cfg.train_steps <= cfg.warmup_steps:
+        print(
+            f"note: training ends inside the {cfg.warmup_steps}-step learning-rate warm-up "
+            f"(--steps {cfg.train_steps}); pass a smaller --warmup-steps for a short run",
+            file=sys.stderr,
+        )
     summary = run_demo(cfg, args.out, progress=not args.no_progress, resume=args.resume)
     print(
         f"trained {cfg.train_steps} steps in {summary['train_seconds']} s; total {summary['total_seconds']} s"
