@@ -2894,3 +2894,68 @@ def test_edict_step_rejects_a_pair_of_two_shapes(backend):
             imgdiff.InputValueError, match=r"^state: expected a pair \(x, y\) of one shape"
         ):
             step(model, pair, c, ctx, None)
+
+
+# -- tensors on another device than the sample ("meta" stands in for a GPU here): the fused CPU
+# kernels read raw pointers, so such a tensor must be named before it reaches them
+
+
+class _MetaGradient(imgdiff.Guidance):
+    def gradient(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.empty(x.shape, dtype=x.dtype, device="meta")
+
+
+def _meta_like(x: torch.Tensor, *args: object) -> torch.Tensor:
+    return torch.empty(x.shape, dtype=x.dtype, device="meta")
+
+
+@pytest.mark.parametrize("backend", backends_here())
+@pytest.mark.parametrize(
+    ("call", "pattern"),
+    [
+        pytest.param(
+            lambda b: _sample(DDIM(SCHEDULE, backend=b), model=_meta_like),
+            r"^model output: expected a tensor on the sample's device cpu, got meta",
+            id="ddim-model",
+        ),
+        pytest.param(
+            lambda b: _sample(DDPM(SCHEDULE, backend=b), model=_meta_like),
+            r"^model output: expected a tensor on the sample's device cpu, got meta",
+            id="ddpm-model",
+        ),
+        pytest.param(
+            lambda b: _sample(imgdiff.EDICT(SCHEDULE, backend=b), model=_meta_like),
+            r"^model output: expected a tensor on the sample's device cpu, got meta",
+            id="edict-model",
+        ),
+        pytest.param(
+            lambda b: _sample(
+                imgdiff.EDICT(SCHEDULE, backend=b), noise=(_randn(*SHAPE), _meta_like(_randn(*SHAPE)))
+            ),
+            r"^noise\[1\]: expected a tensor on noise\[0\]'s device cpu, got meta",
+            id="edict-pair",
+        ),
+        pytest.param(
+            lambda b: _sample(DDIM(SCHEDULE, backend=b, guidance=_MetaGradient())),
+            r"^guidance: expected a gradient on the sample's device cpu, got meta",
+            id="guidance-gradient",
+        ),
+        pytest.param(
+            lambda b: DDPM(SCHEDULE, backend=b).step_at(
+                _meta_like(_randn(*SHAPE)), _randn(*SHAPE), 5, 3
+            ),
+            r"^model_output: expected a tensor on the sample's device cpu, got meta",
+            id="step-at-output",
+        ),
+        pytest.param(
+            lambda b: DDPM(SCHEDULE, backend=b).step_at(
+                _randn(*SHAPE), _randn(*SHAPE), 5, 3, noise=_meta_like(_randn(*SHAPE))
+            ),
+            r"^noise: expected a tensor on x's device cpu, got meta",
+            id="step-at-noise",
+        ),
+    ],
+)
+def test_tensors_on_another_device_are_named(backend, call, pattern):
+    """No segfault in the CPU kernels and no raw torch error: the argument and both devices."""
+    _check(lambda: call(backend), IVE, pattern)

@@ -72,7 +72,13 @@ def infer_model_dtype(model: object) -> torch.dtype | None:
 def check_model_output(
     out: Tensor, x: Tensor, *, factor: int = 1, name: str = "model output"
 ) -> None:
-    """Check that a model output for the sample ``x`` ``(B, C, ...)`` has shape ``(B, factor C, ...)``."""
+    """Check that a model output for the sample ``x`` ``(B, C, ...)`` has shape ``(B, factor C, ...)``
+    and ``x``'s device (the fused kernels read raw pointers: another device would crash them)."""
+    if out.device != x.device:
+        raise InputValueError(
+            f"{name}: expected a tensor on the sample's device {x.device}, got {out.device}; "
+            "return the output where the sample is (or sample on the model's device)"
+        )
     if factor == 1 and out.shape == x.shape:  # the common case, checked cheaply (inner loops)
         return
     expected = (x.shape[0], x.shape[1] * factor, *x.shape[2:])

@@ -20,7 +20,13 @@ import torch
 from torch import Tensor
 
 from imgdiff import kernels
-from imgdiff._checks import check_same_shape, check_tensor, check_timestep_tensor, describe
+from imgdiff._checks import (
+    check_pair,
+    check_same_shape,
+    check_tensor,
+    check_timestep_tensor,
+    describe,
+)
 from imgdiff._ops import Scalar, add_scaled_, fusable, lincomb
 from imgdiff.errors import InputTypeError, InputValueError
 from imgdiff.guidance import Guidance, ModelGuidance
@@ -282,6 +288,10 @@ class DenoisingSampler(Sampler[Tensor, DCoeffT]):
             )
         if not grad.dtype.is_floating_point:
             raise InputTypeError(f"guidance: expected a floating-point gradient, got {grad.dtype}")
+        if grad.device != x.device:
+            raise InputValueError(
+                f"guidance: expected a gradient on the sample's device {x.device}, got {grad.device}"
+            )
         return grad if grad.dtype == x.dtype else grad.to(x.dtype)
 
     def guided_update(
@@ -378,5 +388,5 @@ class DenoisingSampler(Sampler[Tensor, DCoeffT]):
         elif noise is not None:
             check_tensor("noise", noise, floating=True)
             check_same_shape("noise", noise, "x", x)
-            noise = noise.to(dtype)
+            noise = check_pair("noise", noise, "x", x).to(dtype)
         return self.update(x.to(dtype), model_output.to(dtype), coeffs, noise)
