@@ -12,8 +12,10 @@ Python version). Where this interpreter's headers (``Python.h``) are installed t
 a CPython extension module (``cpu_module.c``: a call costs ~0.05 us), else as a plain shared
 library called through ctypes (~1.3 us a call); :func:`binding` says which. Without a working
 compiler :func:`available` is ``False``, ``backend="auto"`` uses the torch path and
-:func:`build_error` says why. ``IMGDIFF_CPU_KERNELS=0`` turns the kernels off,
-``IMGDIFF_CPU_KERNELS=ctypes`` skips the extension module. bfloat16 outputs are stored with the
+:func:`build_error` says why. ``IMGDIFF_CPU_KERNELS=0`` (or ``off``, ``false``, ``no``) turns the
+kernels off, ``IMGDIFF_CPU_KERNELS=ctypes`` skips the extension module (another value turns them
+off with a warning). ``$CC`` may carry arguments (``CC="ccache gcc"``); an unwritable cache folder
+makes :func:`available` ``False`` with the reason in :func:`build_error`. bfloat16 outputs are stored with the
 processor's AVX512-BF16 conversion where it has one (:func:`bf16_isa`;
 ``IMGDIFF_CPU_BF16_ISA=0`` turns that off).
 """
@@ -26,6 +28,7 @@ import hashlib
 import importlib.util
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -125,14 +128,20 @@ def _cache_dir() -> Path:
     return base / "imgdiff" / "kernels"
 
 
-def _compile(compiler: str, flags: tuple[str, ...], source: Path, target: Path) -> str | None:
+def _compile(
+    compiler: tuple[str, ...], flags: tuple[str, ...], source: Path, target: Path
+) -> str | None:
     """Build ``target`` atomically; the compiler's complaint on failure, else ``None``."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
-    os.close(fd)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
+        os.close(fd)
+    except OSError as exc:
+        return (
+            f"cannot write to {target.parent} ({exc}); set IMGDIFF_CACHE_DIR to a writable folder"
+        )
     try:
         done = subprocess.run(
-            [compiler, *flags, str(source), "-o", tmp],
+            [*compiler, *flags, str(source), "-o", tmp],
             capture_output=True,
             text=True,
             timeout=_BUILD_TIMEOUT_S,
@@ -158,24 +167,30 @@ _FLAG_CHAIN: tuple[tuple[str, ...], ...] = (
 )
 
 
-def _build(
-    compiler: str, source: Path, flags: tuple[str, ...], tag: str, errors: list[str]
-) -> Path | None:
-    """``source`` built with ``flags`` into the cache (once per source, compiler, flags and
-    ``tag``), or ``None`` with the reason appended to ``errors``."""
-    parts = [_SOURCE.read_bytes(), source.read_bytes(), compiler.encode(), " ".join(flags).encode()]
-    key = hashlib.sha256(b"\0".join([*parts, platform.machine().encode(), tag.encode()]))
-    stem, suffix = ("kernels", ".so") if source == _SOURCE else ("ext", _EXT_SUFFIX)
-    target = _cache_dir() / f"imgdiff_cpu_{stem}-{key.hexdigest()[:16]}{suffix}"
-    if not target.exists():
-        error = _compile(compiler, flags, source, target)
-        if error is not None:
-            errors.append(f"{compiler} {' '.join(flags)} {source.name}: {error}")
-            return None
-    return target
+@dataclass(frozen=True)
+class _Builder:
+    compiler: tuple[str, ...]  # the compiler's path, then any arguments $CC carries
+    cache: Path
+
+    def build(
+        self, source: Path, flags: tuple[str, ...], tag: str, errors: list[str]
+    ) -> Path | None:
+        """``source`` built with ``flags`` into the cache (once per source, compiler, flags and
+        ``tag``), or ``None`` with the reason appended to ``errors``."""
+        cc = " ".join(self.compiler)
+        parts = [_SOURCE.read_bytes(), source.read_bytes(), cc.encode(), " ".join(flags).encode()]
+        key = hashlib.sha256(b"\0".join([*parts, platform.machine().encode(), tag.encode()]))
+        stem, suffix = ("kernels", ".so") if source == _SOURCE else ("ext", _EXT_SUFFIX)
+        target = self.cache / f"imgdiff_cpu_{stem}-{key.hexdigest()[:16]}{suffix}"
+        if not target.exists():
+            error = _compile(self.compiler, flags, source, target)
+            if error is not None:
+                errors.append(f"{cc} {' '.join(flags)} {source.name}: {error}")
+                return None
+        return target
 
 
-def _load_extension(compiler: str, errors: list[str]) -> _Library | None:
+def _load_extension(builder: _Builder, errors: list[str]) -> _Library | None:
     """The kernels as a CPython extension module, built against this interpreter's headers."""
     include = sysconfig.get_paths().get("include")
     if not include or not (Path(include) / "Python.h").exists():
@@ -184,7 +199,7 @@ def _load_extension(compiler: str, errors: list[str]) -> _Library | None:
     tag = f"{sys.implementation.cache_tag} {_EXT_SUFFIX} {include}"
     for extra in _FLAG_CHAIN:
         flags = (*_BASE_FLAGS, *extra, f"-I{include}", f"-I{_SOURCE.parent}")
-        target = _build(compiler, _MODULE_SOURCE, flags, tag, errors)
+        target = builder.build(_MODULE_SOURCE, flags, tag, errors)
         if target is None:
             continue
         try:
@@ -203,10 +218,10 @@ def _load_extension(compiler: str, errors: list[str]) -> _Library | None:
     return None
 
 
-def _load_ctypes(compiler: str, errors: list[str]) -> _Library | None:
+def _load_ctypes(builder: _Builder, errors: list[str]) -> _Library | None:
     """The kernels as a shared library called through ctypes."""
     for extra in _FLAG_CHAIN:
-        target = _build(compiler, _SOURCE, (*_BASE_FLAGS, *extra), "ctypes", errors)
+        target = builder.build(_SOURCE, (*_BASE_FLAGS, *extra), "ctypes", errors)
         if target is None:
             continue
         try:
@@ -240,17 +255,38 @@ def _loaded() -> tuple[_Library | None, str | None]:
 def _load() -> tuple[_Library | None, str | None]:
     _NOTES.clear()
     _PENDING_WARNING.clear()
-    choice = os.environ.get("IMGDIFF_CPU_KERNELS", "").strip()
-    if choice == "0":
-        return None, "turned off by IMGDIFF_CPU_KERNELS=0"
+    raw = os.environ.get("IMGDIFF_CPU_KERNELS", "")
+    choice = raw.strip().lower()
+    if choice in _OFF:
+        return None, f"turned off by IMGDIFF_CPU_KERNELS={raw}"
+    if choice not in _ON and choice != "ctypes":
+        _PENDING_WARNING.append(
+            f"IMGDIFF_CPU_KERNELS={raw!r} is none of {sorted(_OFF)} (off), 'ctypes' or "
+            f"{sorted(_ON - {''})} (on): the CPU kernels stay off"
+        )
+        return None, f"IMGDIFF_CPU_KERNELS={raw!r} is not a known setting"
     if sys.platform == "win32":
         return None, "the CPU kernels are built with a POSIX C compiler; not on Windows"
-    compiler = shutil.which(os.environ.get("CC", "cc"))
+    cc = os.environ.get("CC", "").strip() or "cc"
+    try:
+        argv = shlex.split(cc)  # $CC may carry arguments ("ccache gcc", "gcc -m64")
+    except ValueError as exc:
+        return None, f"CC={cc!r} cannot be split into a command ({exc})"
+    compiler = shutil.which(argv[0]) if argv else None
     if compiler is None:
-        return None, f"no C compiler found (looked for {os.environ.get('CC', 'cc')!r}; set $CC)"
+        return None, f"no C compiler found (looked for {cc!r}; set $CC)"
+    try:
+        cache = _cache_dir()
+        cache.mkdir(parents=True, exist_ok=True)  # an existing read-only one may hold builds
+    except (OSError, RuntimeError) as exc:  # RuntimeError: Path.home() without a home
+        return None, (
+            f"no folder for the built kernels ({type(exc).__name__}: {exc}); set "
+            "IMGDIFF_CACHE_DIR to a writable folder"
+        )
+    builder = _Builder((compiler, *argv[1:]), cache)
     errors: list[str] = []
-    lib = None if choice == "ctypes" else _load_extension(compiler, errors)
-    lib = lib or _load_ctypes(compiler, errors)
+    lib = None if choice == "ctypes" else _load_extension(builder, errors)
+    lib = lib or _load_ctypes(builder, errors)
     if lib is None:
         return None, "; ".join(errors)
     _NOTES.extend(_shortfalls(lib, asked_ctypes=choice == "ctypes"))
@@ -274,6 +310,9 @@ def _shortfalls(lib: _Library, *, asked_ctypes: bool) -> list[str]:
         notes.append("as a plain library called through ctypes (~1.3 us a call)")
     return notes
 
+
+_OFF = frozenset({"0", "off", "false", "no"})
+_ON = frozenset({"", "1", "on", "true", "yes"})
 
 _NOTES: list[str] = []
 """What the loaded build lacks (:func:`build_notes`)."""
