@@ -418,9 +418,39 @@ def test_reference_blend_takes_mixed_dtypes_like_the_kernels(backend: str) -> No
     got = kernels.inpaint_blend(x, known, mask, known_scale=0.9, backend=backend)  # type: ignore[arg-type]
     want = torch.where(mask == 1, known.float() * 0.9, x.float()).to(torch.bfloat16)
     assert got.dtype == torch.bfloat16
-    # the kernels convert known to x's dtype first: one more bfloat16 rounding
-    atol = 0 if backend == "torch" else _tol(torch.bfloat16, want.float())
-    torch.testing.assert_close(got, want, rtol=0, atol=atol)
+    # every backend computes mixed dtypes as torch does (the kernels would round known first)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_mixed_dtypes_are_not_rounded_to_x_before_the_arithmetic(backend: str) -> None:
+    """A bfloat16 x minus a float32 y close to it: the difference survives on every backend, as
+    in torch's promoted arithmetic (the kernels rounded y to bfloat16 first: 78 % exact zeros)."""
+    device = _device(backend)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 16, 16, generator=g).to(torch.bfloat16).to(device)
+    y = (x.float().cpu() + 1e-3 * torch.randn(2, 4, 16, 16, generator=g)).to(device)
+    noise = torch.randn(2, 4, 16, 16, generator=g, dtype=torch.float64).to(device)
+    for args in ((x, 1.0, y, -1.0), (x, 1.0, y, -1.0, noise, 1e-4)):
+        got = kernels.lincomb3(*args, backend=backend)  # type: ignore[arg-type]
+        assert torch.equal(got, kernels.lincomb3(*args, backend="torch"))  # type: ignore[arg-type]
+    assert float((got == 0).float().mean()) < 0.05
+    mask = (torch.rand(2, 1, 16, 16, generator=g) > 0.5).float().to(device)
+    kw = {"known_scale": 1.0, "noise": -y, "noise_scale": 1.0}
+    got = kernels.inpaint_blend(x, x.float(), mask, **kw, backend=backend)  # type: ignore[arg-type]
+    assert torch.equal(got, kernels.inpaint_blend(x, x.float(), mask, **kw, backend="torch"))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_inpaint_blend_with_a_zero_noise_weight_reads_no_noise(backend: str) -> None:
+    """``noise_scale = 0`` leaves the noise out, as the reference does: an inf in it gives no NaN."""
+    device = _device(backend)
+    x, known = torch.randn(2, 3, 8, 8, device=device), torch.randn(2, 3, 8, 8, device=device)
+    mask = torch.ones(2, 1, 8, 8, device=device)
+    noise = torch.full_like(x, float("inf"))
+    got = kernels.inpaint_blend(x, known, mask, noise=noise, noise_scale=0.0, backend=backend)  # type: ignore[arg-type]
+    assert torch.isfinite(got).all()
+    _close(got, reference.inpaint_blend(x, known, mask, noise=noise, noise_scale=0.0))
 
 
 def test_fused_backend_answers_per_call_whatever_it_remembers() -> None:
@@ -706,6 +736,66 @@ except imgdiff.InputValueError as e:
     off = _python(code, IMGDIFF_CPU_KERNELS="0")
     assert off.returncode == 0, off.stderr
     assert "IMGDIFF_CPU_KERNELS=0" in off.stdout
+
+
+def test_cpu_kernels_settings_and_an_unusable_cache_folder(tmp_path: Path) -> None:
+    """IMGDIFF_CPU_KERNELS takes the usual off words, warns on an unknown one; a cache folder that
+    cannot be made or written leaves the kernels unavailable with the reason, and "auto" samples
+    on the torch path (it raised OSError at every call before)."""
+    code = """
+import warnings, torch, imgdiff
+from imgdiff import kernels
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    print("available:", kernels.cpu.available())
+print("warned:", [type(w.message).__name__ for w in caught], [str(w.message) for w in caught])
+print("error:", kernels.cpu.build_error())
+x = torch.randn(1, 2, 4, 4)
+assert kernels.resolve_backend("auto", x) == "torch"
+out = imgdiff.DDIM(imgdiff.NoiseSchedule.linear(50)).sample(
+    lambda x, t: torch.tanh(x), x, num_steps=3, progress=False)
+print("sampled:", tuple(out.shape))
+"""
+    for value in ("off", "FALSE", " no "):
+        done = _python(code, IMGDIFF_CPU_KERNELS=value)
+        assert done.returncode == 0, done.stderr
+        assert "available: False" in done.stdout
+        assert "warned: []" in done.stdout
+        assert f"error: turned off by IMGDIFF_CPU_KERNELS={value}" in done.stdout
+    done = _python(code, IMGDIFF_CPU_KERNELS="disable")
+    assert done.returncode == 0, done.stderr
+    assert "available: False" in done.stdout
+    assert (
+        "warned: ['PerformanceWarning'] [\"IMGDIFF_CPU_KERNELS='disable' is none of" in done.stdout
+    )
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    done = _python(code, IMGDIFF_CACHE_DIR=str(blocker / "sub"))
+    assert done.returncode == 0, done.stderr
+    assert "available: False" in done.stdout
+    assert "error: no folder for the built kernels" in done.stdout
+    assert "set IMGDIFF_CACHE_DIR to a writable folder" in done.stdout
+    assert "sampled: (1, 2, 4, 4)" in done.stdout
+
+
+def test_cpu_kernels_take_a_compiler_with_arguments(tmp_path: Path) -> None:
+    """$CC may carry arguments, as build tools allow ("ccache gcc", "gcc -m64")."""
+    import shutil
+
+    cc = shutil.which(os.environ.get("CC", "cc"))
+    if cc is None:
+        pytest.skip("needs a C compiler")
+    code = """
+import torch
+from imgdiff import kernels
+assert kernels.cpu.available(), kernels.cpu.build_error()
+x = torch.randn(2, 3, 5, 5)
+assert torch.allclose(kernels.lincomb3(x, 0.5, x, 0.25, backend="cpu"), 0.75 * x)
+print("built:", kernels.cpu.library_path())
+"""
+    done = _python(code, CC=f"{cc} -DIMGDIFF_UNUSED_TEST_MACRO=1", IMGDIFF_CACHE_DIR=str(tmp_path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"built: {tmp_path}" in done.stdout
 
 
 def test_cpu_kernels_build_without_clones_when_the_compiler_rejects_them(tmp_path: Path) -> None:

@@ -303,6 +303,13 @@ def _impl(backend: Backend, x: Tensor, *others: Tensor | None) -> Literal["torch
     return fused_for(impl, x, *others) or "torch"
 
 
+def _mixed(x: Tensor, *operands: Tensor | None) -> bool:
+    """Whether an operand of the arithmetic has another dtype than ``x``: torch then computes in
+    the promoted dtype, where the kernels would round the operand to ``x``'s dtype first (a
+    bfloat16 ``x`` minus a close float32 ``y`` would cancel to zero)."""
+    return any(t is not None and t.dtype is not x.dtype for t in operands)
+
+
 def _same(name: str, value: object, x: Tensor) -> Tensor:
     t = check_tensor(name, value, floating=True)
     if t.shape != x.shape:
@@ -350,7 +357,7 @@ def lincomb3(
         noise = _same("noise", noise, x)
     a, b, c = check_float("a", a), check_float("b", b), check_float("c", c)
     s = _seed(seed, noise)
-    impl = _impl(backend, x, y, noise)
+    impl = "torch" if _mixed(x, y, noise) else _impl(backend, x, y, noise)
     if impl != "torch":
         return fused_lincomb3(impl, x, a, y, b, noise, c, s)
     if s is not None:
@@ -395,7 +402,7 @@ def inpaint_blend(
     s = _seed(seed, noise)
     if mask.dtype == torch.bool:
         mask = mask.to(x.dtype)
-    impl = _impl(backend, x, known, mask, noise)
+    impl = "torch" if _mixed(x, known, noise) else _impl(backend, x, known, mask, noise)
     if impl != "torch":
         return fused_inpaint_blend(impl, x, known, mask, ks, noise, ns, s)
     if s is not None:
@@ -508,7 +515,8 @@ def ddpm_learned_step(
     lb, lbt = check_float("log_beta", log_beta), check_float("log_beta_tilde", log_beta_tilde)
     nm = check_float("noise_mask", noise_mask)
     # out has twice x's elements, and the kernel's offsets into it are int32
-    if out.numel() <= _MAX_NUMEL and _impl(backend, x, out, noise) == "triton":
+    fusable = out.numel() <= _MAX_NUMEL and not _mixed(x, out, noise)
+    if fusable and _impl(backend, x, out, noise) == "triton":
         from imgdiff.kernels import fused
 
         return fused.ddpm_learned_step(

@@ -260,7 +260,7 @@ def inpaint_blend(
         float(noise_scale),
         0 if seed is None else int(seed),
         MASK_MODE=mode,
-        HAS_NOISE=noise is not None,
+        HAS_NOISE=noise is not None and float(noise_scale) != 0.0,  # as the reference: skip it
         RANDOM=seed is not None,
         BLOCK=BLOCK,
     )
