@@ -113,6 +113,9 @@ def test_error_hierarchy():
     assert issubclass(ITE, TypeError)
     assert issubclass(ITE, imgdiff.ImgdiffError)
     assert not issubclass(imgdiff.ImgdiffError, (ValueError, TypeError))
+    # one category filters every imgdiff warning: warnings.filterwarnings(..., imgdiff.ImgdiffWarning)
+    for warning in (imgdiff.PrecisionWarning, imgdiff.PerformanceWarning):
+        assert issubclass(warning, imgdiff.ImgdiffWarning)
 
 
 def test_numpy_scalars_count_as_ints_and_floats():
@@ -2930,7 +2933,8 @@ def _meta_like(x: torch.Tensor, *args: object) -> torch.Tensor:
         ),
         pytest.param(
             lambda b: _sample(
-                imgdiff.EDICT(SCHEDULE, backend=b), noise=(_randn(*SHAPE), _meta_like(_randn(*SHAPE)))
+                imgdiff.EDICT(SCHEDULE, backend=b),
+                noise=(_randn(*SHAPE), _meta_like(_randn(*SHAPE))),
             ),
             r"^noise\[1\]: expected a tensor on noise\[0\]'s device cpu, got meta",
             id="edict-pair",

@@ -9,7 +9,7 @@ Ten lines to an image::
     x = sampler.sample(model, torch.randn(4, 3, 32, 32), num_steps=50)
 
 ``import imgdiff`` loads torch, numpy and nothing heavier; optional parts (diffusers, CLIP,
-LPIPS, metrics) are imported only when used.
+LPIPS) are imported only when used.
 """
 
 from imgdiff import conditioning, data, degradations, kernels, losses, metrics, nets, training
@@ -18,6 +18,7 @@ from imgdiff.editing import edict_edit
 from imgdiff.errors import (
     GraphCaptureError,
     ImgdiffError,
+    ImgdiffWarning,
     InputTypeError,
     InputValueError,
     PerformanceWarning,
@@ -72,6 +73,7 @@ __all__ = [
     "Guidance",
     "GuidanceInputs",
     "ImgdiffError",
+    "ImgdiffWarning",
     "InputTypeError",
     "InputValueError",
     "LossGuidance",

@@ -66,7 +66,7 @@ class LossTerm:
     Args:
         name: a label (the key of the values reported to ``on_terms``).
         loss: ``loss(inputs: GuidanceInputs) -> scalar`` tensor, differentiable in ``inputs.x``.
-        weight: ``lambda_k`` (ZeCon's defaults are in :class:`~imgdiff.ZeConWeights`).
+        weight: ``lambda_k`` (ZeCon's defaults are in :class:`~imgdiff.ZeConConfig`).
         input: the view of the sample: ``"blend"`` (ZeCon), ``"x0_hat"`` or ``"x_t"``.
         max_timestep: the term is active only at training timesteps ``t < max_timestep``
             (ZeCon: MSE below 700, VGG below 800); ``None``: always.

@@ -60,7 +60,7 @@ def wrapped(model: object) -> Iterator[object]:
 
 def infer_model_dtype(model: object) -> torch.dtype | None:
     """The dtype of the first floating-point parameter of the network behind ``model``, else
-    ``None``; the network is found through its wrappers as :func:`wrapped` follows them."""
+    ``None``; the network is found through its wrappers as :func:`imgdiff.models.wrapped` follows them."""
     for obj in wrapped(model):
         if isinstance(obj, torch.nn.Module):
             for p in obj.parameters():

@@ -49,6 +49,7 @@ class TextEmbedding:
 
     @property
     def batch_size(self) -> int:
+        """``B``, the number of prompts embedded."""
         return int(self.context.shape[0])
 
 

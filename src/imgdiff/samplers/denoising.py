@@ -116,6 +116,10 @@ class DenoisingSampler(Sampler[Tensor, DCoeffT]):
     Args (besides :class:`~imgdiff.samplers.Sampler`'s):
         thresholding: applied to ``x0_hat`` each step (:class:`~imgdiff.Clip`,
             :class:`~imgdiff.DynamicThreshold`), or ``None``.
+        guidance: a :class:`~imgdiff.Guidance` (:class:`~imgdiff.ClassifierGuidance`,
+            :class:`~imgdiff.LossGuidance`, ...) whose gradient steers every step, or ``None``:
+            DDIM shifts ``eps_hat`` by ``-sqrt(1 - ab_t) grad`` (Dhariwal & Nichol, Alg. 2),
+            DDPM shifts the posterior mean by ``variance * grad`` (Alg. 1).
 
     Subclasses implement :meth:`coefficients` and :meth:`update`.
     """

@@ -69,6 +69,8 @@ class TrainingConfig:
     Attributes:
         steps: optimiser steps in total (a resumed run continues up to this number).
         lr: Adam learning rate (linear warm-up over ``warmup_steps``).
+        warmup_steps: steps of the linear learning-rate warm-up from ``lr / warmup_steps`` to
+            ``lr`` (0: none); a resumed run must keep it.
         prediction: what the model is trained to output.
         norm: ``"l2"`` (Palette's default) or ``"l1"``.
         mask_normalization: see :data:`imgdiff.losses.MaskNormalization`.
