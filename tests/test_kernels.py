@@ -918,13 +918,14 @@ print("ok")
 # -- the two bindings: a CPython extension module, or ctypes ------------------------------------
 
 
-def _compiler() -> str:
+def _compiler() -> kernels.cpu._Builder:
+    """The loaded kernels' compiler and cache folder, for building one binding on its own."""
     import shutil
 
     cc = shutil.which(os.environ.get("CC", "cc"))
     if cc is None or not kernels.cpu.available():
         pytest.skip("needs a C compiler")
-    return cc
+    return kernels.cpu._Builder((cc,), kernels.cpu._cache_dir())
 
 
 def _kernel_calls(x: Tensor, y: Tensor, z: Tensor, mask: Tensor) -> list[Tensor]:
