@@ -859,7 +859,7 @@ def test_cpu_kernels_compile_cleanly_in_every_build_of_the_chain(tmp_path: Path)
     """With GCC on x86-64 Linux every build of the fallback chain compiles, the first (OpenMP,
     per-CPU clones) above all: an attribute or flag it rejects would otherwise fall back silently
     to a slower build. Warnings count as errors here."""
-    cc = _compiler()
+    cc = _compiler().compiler[0]
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     if "Free Software Foundation" not in version or "clang" in version:
         pytest.skip("needs GCC")
