@@ -19,7 +19,7 @@ import imgdiff
 from imgdiff import DDIM, DDPM, Clip, DynamicThreshold, GaussianDenoiser, NoiseSchedule
 from imgdiff.conditioning import KnownRegion
 
-from .conftest import TanhModel, TimeOnlyModel, backends_here
+from .conftest import TanhModel, TimeOnlyModel, backends_here, device_for
 
 SAMPLERS = {
     "ddim": lambda s: DDIM(s),
@@ -113,18 +113,20 @@ def test_inputs_are_not_modified(backend: str, shape: tuple[int, ...]) -> None:
     """Every entry point leaves every tensor the caller passed untouched: the sample, the model
     kwargs, step noise, pairs, masks, known images and diffusers-style model outputs, on each
     backend and at the size where outputs come from the buffer pool."""
-    if backend == "triton" and shape[-1] > 3:
+    device = device_for(backend)
+    if device == "cpu" and backend == "triton" and shape[-1] > 3:
         pytest.skip("the Triton interpreter is slow at pool sizes; its kernels are tested alone")
     assert math.prod(shape) * 4 >= imgdiff.buffers.MIN_BYTES or shape[-1] == 3
     s = NoiseSchedule.linear(100)
     g = torch.Generator().manual_seed(0)
     steps = 3
-    x = torch.randn(shape, generator=g)
-    c = 0.1 * torch.randn(shape, generator=g)
-    y = torch.randn(shape, generator=g)
-    step_noise = torch.randn(steps, *shape, generator=g)
-    out = torch.randn(shape, generator=g)
-    mask = torch.rand(shape[0], 1, *shape[2:], generator=g) > 0.5
+
+    def draw(*size: int) -> torch.Tensor:
+        return torch.randn(size, generator=g).to(device)
+
+    x, c, y, out = draw(*shape), 0.1 * draw(*shape), draw(*shape), draw(*shape)
+    step_noise = draw(steps, *shape)
+    mask = torch.rand(shape[0], 1, *shape[2:], generator=g).to(device) > 0.5
     inputs = {"x": x, "c": c, "y": y, "step_noise": step_noise, "out": out, "mask": mask}
     kept = {name: value.clone() for name, value in inputs.items()}
     kw = {"num_steps": steps, "model_kwargs": {"c": c}, "progress": False}
@@ -148,7 +150,10 @@ def test_inputs_are_not_modified(backend: str, shape: tuple[int, ...]) -> None:
     ):
         first = int(DDIM(s).timesteps(steps)[0])
         DDIM(s, backend=backend).sample(model, region.start(x, first), callback=region, **kw)
-    t, prev_t = torch.full((shape[0],), 50), torch.full((shape[0],), 30)
+    t, prev_t = (
+        torch.full((shape[0],), 50, device=device),
+        torch.full((shape[0],), 30, device=device),
+    )
     DDPM(s, backend=backend).step_at(out, x, t, prev_t, noise=step_noise[0])
     DDIM(s, eta=0.5, backend=backend).step_at(out, x, t, prev_t, noise=step_noise[0])
     for name, value in inputs.items():
@@ -344,6 +349,35 @@ def test_no_host_reads_inside_the_loop(name: str, source: str) -> None:
     assert counts[0] == counts[1]
 
 
+@pytest.mark.parametrize("backend", backends_here())
+def test_no_host_reads_inside_edict_or_known_region_loops(backend: str) -> None:
+    """EDICT inversion and generation, and DDPM with a noised KnownRegion paste, read no tensor
+    value on the host per step, on every backend (the CUDA test below checks the same with
+    torch's sync debug mode)."""
+    s = NoiseSchedule.linear()
+    model = SyncFreeModel(False)
+    device = device_for(backend)
+    x = torch.randn(2, 2, 3, 3).to(device)
+    mask = torch.zeros(1, 1, 3, 3, device=device)
+    mask[..., 1:, 1:] = 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", imgdiff.PrecisionWarning)
+        edict = imgdiff.EDICT(s, dtype=torch.float32, backend=backend)  # type: ignore[arg-type]
+    counts = []
+    for n in (5, 30):
+        g = torch.Generator(device=device).manual_seed(0)
+        region = KnownRegion(x, mask, mode="noised", schedule=s, generator=g, backend=backend)  # type: ignore[arg-type]
+        start = region.start(x, int(DDPM(s).timesteps(n)[0]))
+        with _SyncCounter() as counter:
+            pair = edict.invert(model, x, num_steps=n, progress=False)
+            edict.sample(model, pair, num_steps=n, progress=False)
+            DDPM(s, backend=backend).sample(  # type: ignore[arg-type]
+                model, start, num_steps=n, generator=g, callback=region, progress=False
+            )
+        counts.append(counter.count)
+    assert counts[0] == counts[1]
+
+
 @pytest.mark.parametrize("name", sorted(set(LOOP_CONFIGS) - {"ddim_dynamic"}))
 def test_loop_runs_on_a_device_that_forbids_host_reads(name: str) -> None:
     """On the meta device any .item() or host-table indexing raises: the whole loop still runs.
@@ -364,16 +398,20 @@ def test_loop_runs_on_a_device_that_forbids_host_reads(name: str) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("source", NOISE_SOURCES)
 @pytest.mark.parametrize("name", sorted(LOOP_CONFIGS))
-def test_no_cuda_sync_in_the_loop(name: str, source: str) -> None:  # pragma: no cover - GPU only
-    """With torch's sync debug mode set to error, a whole CUDA sampling call never synchronises.
+def test_no_cuda_sync_in_the_loop(
+    name: str, source: str, backend: str
+) -> None:  # pragma: no cover - GPU only
+    """With torch's sync debug mode set to error, a whole CUDA sampling call never synchronises,
+    on the torch path and on the Triton kernels.
 
     Noise comes from CUDA generators or a CUDA step_noise tensor (a CPU generator for a CUDA
     sample copies each step's noise, which is a synchronisation by design).
     """
     s = NoiseSchedule.linear()
-    sampler = LOOP_CONFIGS[name](s)
+    sampler = dataclasses.replace(LOOP_CONFIGS[name](s), backend=backend)
     model = SyncFreeModel(isinstance(sampler, DDPM) and sampler.output_channels_factor == 2)
     x = torch.randn(2, 3, 16, 16, device="cuda")
     kwargs = _noise_kwargs(source, sampler, 20, x)
@@ -384,6 +422,41 @@ def test_no_cuda_sync_in_the_loop(name: str, source: str) -> None:  # pragma: no
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert out.device.type == "cuda"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_no_cuda_sync_in_edict_or_known_region_loops(
+    backend: str,
+) -> None:  # pragma: no cover - GPU only
+    """EDICT (float32 state, so the kernels take it) and DDPM with a noised KnownRegion paste run
+    whole CUDA loops without a synchronisation."""
+    s = NoiseSchedule.linear()
+    model = SyncFreeModel(False)
+    x = torch.randn(2, 3, 16, 16, device="cuda")
+    mask = torch.zeros(1, 1, 16, 16, device="cuda")
+    mask[..., 4:12, 4:12] = 1
+    g = torch.Generator(device="cuda").manual_seed(0)
+    region = imgdiff.conditioning.KnownRegion(
+        x, mask, mode="noised", schedule=s, generator=g, backend=backend
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", imgdiff.PrecisionWarning)  # float32: the kernels' dtype
+        edict = imgdiff.EDICT(s, dtype=torch.float32, backend=backend)  # type: ignore[arg-type]
+    first = int(DDPM(s).timesteps(20)[0])
+    start = region.start(torch.randn_like(x), first)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        pair = edict.invert(model, x, num_steps=20, progress=False)
+        out = edict.sample(model, pair, num_steps=20, progress=False)
+        pasted = DDPM(s, backend=backend).sample(  # type: ignore[arg-type]
+            model, start, num_steps=20, generator=g, callback=region, progress=False
+        )
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out.device.type == pasted.device.type == "cuda"
 
 
 def test_import_is_light() -> None:

@@ -89,6 +89,7 @@ class KnownRegion:
     _placed: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor, Tensor]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
+    _alpha_bar: list[float] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         check_tensor("known", self.known, ndim=4, floating=True)
@@ -121,7 +122,9 @@ class KnownRegion:
         if self.mode == "clean" or timestep < 0:
             return 1.0, None, 0.0
         assert self.schedule is not None
-        ab = float(self.schedule.alphas_cumprod[timestep])  # a host table: no device read
+        if not self._alpha_bar:  # the schedule's table as Python floats, once: no tensor read
+            self._alpha_bar.extend(self.schedule.alphas_cumprod.tolist())
+        ab = self._alpha_bar[timestep]
         noise = draw_normal(like.shape, self.generator, like.device, like.dtype)
         return math.sqrt(ab), noise, math.sqrt(1.0 - ab)
 
