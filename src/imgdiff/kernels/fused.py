@@ -10,6 +10,7 @@ how the parity tests run them without a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -190,6 +191,17 @@ def _grid(numel: int) -> tuple[int]:
     return (triton.cdiv(numel, BLOCK),)
 
 
+_NO_GUARD = contextlib.nullcontext()
+
+
+def _on(x: Tensor) -> contextlib.AbstractContextManager[object]:
+    """Triton launches on the current CUDA device: for a tensor on another GPU (``cuda:1`` while
+    ``cuda:0`` is current) that device is made current for the launch."""
+    if x.is_cuda and x.get_device() != torch.cuda.current_device():
+        return torch.cuda.device(x.get_device())
+    return _NO_GUARD
+
+
 def lincomb3(
     x: Tensor,
     a: float,
@@ -209,20 +221,21 @@ def lincomb3(
     n = x if noise is None else aligned_to(noise, x, fmt)
     out = x if in_place else torch.empty_like(x)
     numel = x.numel()
-    _lincomb3_kernel[_grid(numel)](
-        x,
-        y,
-        n,
-        out,
-        numel,
-        float(a),
-        float(b),
-        float(c),
-        0 if seed is None else int(seed),
-        HAS_NOISE=noise is not None,
-        RANDOM=seed is not None,
-        BLOCK=BLOCK,
-    )
+    with _on(x):
+        _lincomb3_kernel[_grid(numel)](
+            x,
+            y,
+            n,
+            out,
+            numel,
+            float(a),
+            float(b),
+            float(c),
+            0 if seed is None else int(seed),
+            HAS_NOISE=noise is not None,
+            RANDOM=seed is not None,
+            BLOCK=BLOCK,
+        )
     return out
 
 
@@ -247,23 +260,24 @@ def inpaint_blend(
     reuse = into_noise and noise is not None and n.dtype == x.dtype
     out = n if reuse else torch.empty_like(x)
     numel = x.numel()
-    _inpaint_kernel[_grid(numel)](
-        x,
-        known,
-        m,
-        n,
-        out,
-        numel,
-        C,
-        plane,
-        float(known_scale),
-        float(noise_scale),
-        0 if seed is None else int(seed),
-        MASK_MODE=mode,
-        HAS_NOISE=noise is not None and float(noise_scale) != 0.0,  # as the reference: skip it
-        RANDOM=seed is not None,
-        BLOCK=BLOCK,
-    )
+    with _on(x):
+        _inpaint_kernel[_grid(numel)](
+            x,
+            known,
+            m,
+            n,
+            out,
+            numel,
+            C,
+            plane,
+            float(known_scale),
+            float(noise_scale),
+            0 if seed is None else int(seed),
+            MASK_MODE=mode,
+            HAS_NOISE=noise is not None and float(noise_scale) != 0.0,  # as the reference: skip it
+            RANDOM=seed is not None,
+            BLOCK=BLOCK,
+        )
     return out
 
 
@@ -273,9 +287,10 @@ def mix_pair(u: Tensor, v: Tensor, alpha: float, beta: float) -> tuple[Tensor, T
     _, u, (v,) = aligned(u, v, cast=True)
     u_out, v_out = torch.empty_like(u), torch.empty_like(u)
     numel = u.numel()
-    _edict_mix_kernel[_grid(numel)](
-        u, v, u_out, v_out, numel, float(alpha), float(beta), BLOCK=BLOCK
-    )
+    with _on(u):
+        _edict_mix_kernel[_grid(numel)](
+            u, v, u_out, v_out, numel, float(alpha), float(beta), BLOCK=BLOCK
+        )
     return u_out, v_out
 
 
@@ -296,20 +311,21 @@ def edict_substep_mix(
     _, x, (y, eps) = aligned(x, y, eps, cast=True)
     x_out, y_out = substep_mix_outputs(x, y, update_x, in_place, torch.empty_like)
     numel = x.numel()
-    _edict_substep_mix_kernel[_grid(numel)](
-        x,
-        y,
-        eps,
-        x_out,
-        y_out,
-        numel,
-        float(a),
-        float(b),
-        float(c),
-        float(p),
-        UPDATE_X=bool(update_x),
-        BLOCK=BLOCK,
-    )
+    with _on(x):
+        _edict_substep_mix_kernel[_grid(numel)](
+            x,
+            y,
+            eps,
+            x_out,
+            y_out,
+            numel,
+            float(a),
+            float(b),
+            float(c),
+            float(p),
+            UPDATE_X=bool(update_x),
+            BLOCK=BLOCK,
+        )
     return x_out, y_out
 
 
@@ -332,22 +348,23 @@ def ddpm_learned_step(
     n = noise.contiguous() if noise is not None and has_noise else x
     y = torch.empty_like(x)
     numel = x.numel()
-    _ddpm_learned_kernel[_grid(numel)](
-        x,
-        out,
-        n,
-        y,
-        numel,
-        numel // x.shape[0],
-        float(x_coef),
-        float(out_coef),
-        float(log_beta),
-        float(log_beta_tilde),
-        float(noise_mask),
-        HAS_NOISE=has_noise,
-        LEARNED_RANGE=learned_range,
-        BLOCK=BLOCK,
-    )
+    with _on(x):
+        _ddpm_learned_kernel[_grid(numel)](
+            x,
+            out,
+            n,
+            y,
+            numel,
+            numel // x.shape[0],
+            float(x_coef),
+            float(out_coef),
+            float(log_beta),
+            float(log_beta_tilde),
+            float(noise_mask),
+            HAS_NOISE=has_noise,
+            LEARNED_RANGE=learned_range,
+            BLOCK=BLOCK,
+        )
     return y
 
 
@@ -357,7 +374,8 @@ def threshold_apply(x0: Tensor, s: Tensor) -> Tensor:
     s = s.float().contiguous()
     y = torch.empty_like(x0)
     numel = x0.numel()
-    _threshold_kernel[_grid(numel)](
-        x0, s, y, numel, max(1, numel // max(1, x0.shape[0])), BLOCK=BLOCK
-    )
+    with _on(x0):
+        _threshold_kernel[_grid(numel)](
+            x0, s, y, numel, max(1, numel // max(1, x0.shape[0])), BLOCK=BLOCK
+        )
     return y
