@@ -84,3 +84,21 @@ class TimeOnlyModel:
 @pytest.fixture
 def tanh_model() -> TanhModel:
     return TanhModel((3, 4, 4))
+
+
+@pytest.fixture
+def network_attempts(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Every connection attempted while the test runs (each refused with ``OSError``): an offline
+    failure path must leave it empty, which says more than a bound on its time."""
+    import socket
+
+    attempts: list[object] = []
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        attempts.append(args[1] if len(args) > 1 else args)
+        raise OSError("network refused by the network_attempts fixture")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: refuse(None, a, **k))
+    return attempts

@@ -7,7 +7,6 @@ weights.
 from __future__ import annotations
 
 import math
-import time
 
 import pytest
 import torch
@@ -404,11 +403,10 @@ def test_bad_input(encoder: CLIPEncoder) -> None:
 
 
 def test_clip_encoder_offline_error_is_fast_and_clear(
-    tmp_path: object, monkeypatch: pytest.MonkeyPatch
+    tmp_path: object, monkeypatch: pytest.MonkeyPatch, network_attempts: list[object]
 ) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    start = time.monotonic()
     with pytest.raises(WeightsUnavailableError, match="offline") as info:
         CLIPEncoder.load("ViT-B-32", "openai", cache_dir=str(tmp_path))
-    assert time.monotonic() - start < 10
+    assert network_attempts == []  # fast because nothing was tried
     assert "cache_dir" in str(info.value)

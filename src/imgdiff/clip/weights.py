@@ -248,11 +248,18 @@ def _local_dir_checkpoint(model_name: str, folder: Path) -> str:
 
 
 def _hf_file(repo: str, filename: str, cache: str | None, *, local_only: bool) -> Path | str:
-    """The cached/downloaded path of a hub file, or the reason it could not be had."""
+    """The cached/downloaded path of a hub file, or the reason it could not be had.
+
+    ``local_only`` reads the cache alone: ``hf_hub_download(local_files_only=True)`` still builds
+    request headers, and huggingface_hub >= 1.3 fetches an agent registry from the hub for them
+    (a network connection, unless HF_HUB_OFFLINE was set before it was imported)."""
     try:
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
     except ImportError:  # pragma: no cover - open_clip depends on huggingface_hub
         return "huggingface_hub is not installed"
+    if local_only:
+        found = try_to_load_from_cache(repo, filename, cache_dir=cache)
+        return Path(found) if isinstance(found, str) else "not there"
     try:
         return Path(hf_hub_download(repo, filename, cache_dir=cache, local_files_only=local_only))
     except Exception as exc:  # huggingface_hub raises many kinds; the message is what matters
