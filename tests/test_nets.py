@@ -39,6 +39,24 @@ def test_cond6_timestep_embedding() -> None:
     )
 
 
+def test_cross_attention_equals_the_formula_per_head() -> None:
+    """Spec 8.4 written out per head from the module's own weights, with several context tokens
+    (one token makes the softmax 1 whatever the scale): softmax(Q K^T / sqrt(d_head)) V."""
+    torch.manual_seed(1)
+    heads, dim = 4, 16
+    attn = CrossAttention(dim, heads=heads, context_dim=8).double()
+    h, c = torch.randn(2, 5, dim, dtype=torch.float64), torch.randn(2, 7, 8, dtype=torch.float64)
+    q, k, v = h @ attn.to_q.weight.T, c @ attn.to_k.weight.T, c @ attn.to_v.weight.T
+    d = dim // heads
+    merged = torch.empty(2, 5, dim, dtype=torch.float64)
+    for i in range(heads):
+        sl = slice(i * d, (i + 1) * d)
+        weights = torch.softmax(q[..., sl] @ k[..., sl].transpose(1, 2) / d**0.5, dim=-1)
+        merged[..., sl] = weights @ v[..., sl]
+    want = merged @ attn.to_out.weight.T + attn.to_out.bias
+    torch.testing.assert_close(attn(h, c), want, rtol=0, atol=1e-12)
+
+
 def test_cond5_cross_attention() -> None:
     """Output (B, N, d); with one context token every query receives the same value vector."""
     torch.manual_seed(0)

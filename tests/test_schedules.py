@@ -206,8 +206,12 @@ def test_sigma_to_timestep_inverts_the_table() -> None:
     t = torch.tensor([0, 1, 10, 500, 998, 999])
     back = imgdiff.sigma_to_timestep(s.sigmas[t], s)
     torch.testing.assert_close(back, t.double(), rtol=0, atol=1e-9)
+    # between entries the interpolation is linear in log sigma (k-diffusion's sigma_to_t): the
+    # geometric mean of two neighbours is half-way, a weighted one the weight's way
     mid = imgdiff.sigma_to_timestep(torch.sqrt(s.sigmas[10] * s.sigmas[11]).reshape(1), s)
-    assert 10 < float(mid) < 11
+    assert abs(float(mid) - 10.5) < 1e-9
+    quarter = s.sigmas[10] ** 0.75 * s.sigmas[11] ** 0.25
+    assert abs(float(imgdiff.sigma_to_timestep(quarter.reshape(1), s)) - 10.25) < 1e-9
 
 
 def test_posterior_tables() -> None:
