@@ -1103,9 +1103,9 @@ def test_the_extension_module_checks_its_arguments() -> None:
     with pytest.raises(TypeError, match="lincomb3_f32: expected 9 arguments, got 2"):
         fn(1, 2)
     x = torch.zeros(4)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="an integer is required"):
         fn("not a pointer", 1.0, x.data_ptr(), 1.0, None, 0.0, x.data_ptr(), 4, 1)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="must be real number, not str"):
         fn(x.data_ptr(), "1.0", x.data_ptr(), 1.0, None, 0.0, x.data_ptr(), 4, 1)
 
 

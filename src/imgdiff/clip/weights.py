@@ -251,7 +251,7 @@ def _hf_file(repo: str, filename: str, cache: str | None, *, local_only: bool) -
     """The cached/downloaded path of a hub file, or the reason it could not be had.
 
     ``local_only`` reads the cache alone: ``hf_hub_download(local_files_only=True)`` still builds
-    request headers, and huggingface_hub >= 1.3 fetches an agent registry from the hub for them
+    request headers, and recent huggingface_hub (2.4 here) fetches an agent registry from the hub for them
     (a network connection, unless HF_HUB_OFFLINE was set before it was imported)."""
     try:
         from huggingface_hub import hf_hub_download, try_to_load_from_cache
