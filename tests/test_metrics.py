@@ -75,3 +75,67 @@ def test_bad_input() -> None:
         ssim(z, z, sigma=0.0)
     with pytest.raises(imgdiff.InputValueError, match=r"^k2: expected a float > 0"):
         ssim(z, z, k2=-0.1)
+
+
+def _ssim_oracle(x: list, y: list, low: float, high: float) -> float:
+    """Wang et al. (2004) SSIM of one image pair, one 11x11 window at a time, in float64.
+
+    ``x``, ``y``: nested lists ``[C][H][W]`` of values in ``[low, high]``, mapped to ``[0, 1]``
+    (L = 1). Gaussian weights exp(-d^2 / (2 sigma^2)), sigma 1.5, normalised to sum 1; weighted
+    (population) means, variances and covariance; valid windows only; mean over channels and
+    window positions (skimage's gaussian_weights=True, use_sample_covariance=False).
+    """
+    size, sigma = 11, 1.5
+    g = [math.exp(-((i - (size - 1) / 2) ** 2) / (2 * sigma**2)) for i in range(size)]
+    total = sum(a * b for a in g for b in g)
+    w = [[a * b / total for b in g] for a in g]
+    c1, c2 = 0.01**2, 0.03**2
+    values = []
+    for xc, yc in zip(x, y, strict=True):
+        H, W = len(xc), len(xc[0])
+        for i in range(H - size + 1):
+            for j in range(W - size + 1):
+                px = [
+                    (xc[i + u][j + v] - low) / (high - low)
+                    for u in range(size)
+                    for v in range(size)
+                ]
+                py = [
+                    (yc[i + u][j + v] - low) / (high - low)
+                    for u in range(size)
+                    for v in range(size)
+                ]
+                pw = [w[u][v] for u in range(size) for v in range(size)]
+                mx = sum(k * a for k, a in zip(pw, px, strict=True))
+                my = sum(k * b for k, b in zip(pw, py, strict=True))
+                vx = sum(k * (a - mx) ** 2 for k, a in zip(pw, px, strict=True))
+                vy = sum(k * (b - my) ** 2 for k, b in zip(pw, py, strict=True))
+                cxy = sum(k * (a - mx) * (b - my) for k, a, b in zip(pw, px, py, strict=True))
+                values.append(
+                    (2 * mx * my + c1) * (2 * cxy + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+                )
+    return sum(values) / len(values)
+
+
+@pytest.mark.parametrize("value_range", [(-1.0, 1.0), (0.0, 255.0)])
+def test_ssim_matches_a_per_window_oracle(value_range: tuple[float, float]) -> None:
+    """SSIM against an independent per-window loop (Gaussian window, C2 = 0.03^2, covariance)
+    for a noisy, contrast-scaled and shifted copy, where luminance, contrast and structure all
+    differ from 1; in float64 to 1e-10."""
+    low, high = value_range
+    g = torch.Generator().manual_seed(7)
+    x01 = torch.rand(2, 2, 15, 13, generator=g, dtype=torch.float64)
+    y01 = 0.6 * x01 + 0.15 + 0.12 * torch.randn(x01.shape, generator=g, dtype=torch.float64)
+    x, y = low + (high - low) * x01, low + (high - low) * y01.clamp(0, 1)
+    got = ssim(y, x, value_range=value_range)
+    want = torch.tensor(
+        [_ssim_oracle(y[b].tolist(), x[b].tolist(), low, high) for b in range(2)],
+        dtype=torch.float64,
+    )
+    assert float(want.min()) > 0.1  # far from the identities
+    assert float(want.max()) < 0.9
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    # float32 input is computed in float64 too.
+    torch.testing.assert_close(
+        ssim(y.float(), x.float(), value_range=value_range), want, rtol=1e-5, atol=1e-5
+    )
