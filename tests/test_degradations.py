@@ -142,12 +142,12 @@ def test_four_direction_fraction_on_every_small_size() -> None:
                 )
                 assert bool((frame[0, :, [0, -1]] == 1).all())
                 assert bool((frame[0, [0, -1]] == 1).all())
+                if height % 2 == 0 and width % 2 == 0:
+                    assert hole_fraction(one_direction_mask((height, width), gen(seed))) == 0.5
+                    assert hole_fraction(center_mask((height, width))) == 0.25
     narrow = [hole_fraction(four_direction_mask((11, 8), gen(seed))) for seed in range(40)]
     assert max(abs(f - 0.5) for f in narrow) > 1 / 16  # the 1/(2W) bound does not hold at W = 8
     assert max(narrow) == pytest.approx(65 / 110)
-    if height % 2 == 0 and width % 2 == 0:
-        assert hole_fraction(one_direction_mask((height, width), gen(seed))) == 0.5
-        assert hole_fraction(center_mask((height, width))) == 0.25
 
 
 @pytest.mark.parametrize("kind", MASK_KINDS)
@@ -351,6 +351,28 @@ def test_jpeg_compress_refuses_a_tuple_that_is_a_range_elsewhere(images: Tensor)
     assert float((drawn.source - images).abs().mean()) > float(
         (jpeg_compress(images, 95) - images).abs().mean()
     )
+
+
+def test_jpeg_pair_draws_each_quality_from_the_range() -> None:
+    """Every source of a 40-image jpeg_pair (one image repeated) is that image compressed at a
+    quality in [5, 30], and the qualities vary across the batch, covering both ends of the range;
+    with one generator per image, image b uses the quality drawn from generator b."""
+    image = toy_shapes(1, 32, seed=4)[0]
+    by_quality = {q: jpeg_compress(image, q)[0] for q in range(1, 96)}
+    batch = image.expand(40, -1, -1, -1).contiguous()
+    pair = jpeg_pair(batch, gen(11))
+    candidates = [
+        frozenset(q for q, out in by_quality.items() if torch.equal(out, source))
+        for source in pair.source
+    ]
+    assert all(c and min(c) >= 5 and max(c) <= 30 for c in candidates), candidates
+    assert len(set(candidates)) >= 8  # many distinct qualities, not one fixed value
+    assert min(min(c) for c in candidates) <= 8
+    assert max(max(c) for c in candidates) >= 27
+    per_image = jpeg_pair(batch[:6], [gen(s) for s in range(6)], quality=(5, 30))
+    drawn = [int(torch.randint(5, 31, (1,), generator=gen(s))) for s in range(6)]
+    assert len(set(drawn)) > 1
+    assert torch.equal(per_image.source, jpeg_compress(batch[:6], drawn))
 
 
 def test_uncropping_pair_uses_uncropping_masks(images: Tensor) -> None:

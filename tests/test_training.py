@@ -388,3 +388,150 @@ def test_masked_loss_refuses_non_binary_masks() -> None:
         masked_denoising_loss(x, x + 1, soft)
     hard = soft > 0.2
     torch.testing.assert_close(masked_denoising_loss(x, x + 1, hard), torch.ones(2))
+
+
+def test_ema_follows_the_recursion_over_the_online_weights() -> None:
+    """The EMA starts as a copy of the weights, takes the online weights at the first update
+    (``AveragedModel`` copies when nothing is averaged yet), then follows
+    ``ema_k = d ema_{k-1} + (1 - d) w_k`` after every optimiser step ``k``."""
+    torch.manual_seed(0)
+    decay = 0.8
+    x0 = torch.rand(4, 3, 4, 4, dtype=torch.float64) * 2 - 1
+    net = torch.nn.Conv2d(3, 3, 1).double()
+    recorded: list[list[torch.Tensor]] = []  # online weights before each step, then the last
+
+    def make(step: int, g: torch.Generator) -> TrainingBatch:
+        recorded.append([p.detach().clone() for p in net.parameters()])
+        return TrainingBatch(x0)
+
+    for steps in (1, 4):
+        recorded.clear()
+        trainer = Trainer(
+            net,
+            NoiseSchedule.linear(),
+            make,
+            TrainingConfig(steps=steps, lr=0.05, ema_decay=decay, grad_clip=None),
+            model=lambda x, t: net(x),
+        )
+        initial = [p.detach().clone() for p in trainer.ema.module.parameters()]
+        assert all(torch.equal(a, b) for a, b in zip(initial, net.parameters(), strict=True))
+        trainer.train(progress=False)
+        assert all(torch.equal(a, b) for a, b in zip(initial, recorded[0], strict=True))
+        recorded.append([p.detach().clone() for p in net.parameters()])
+        assert not torch.equal(recorded[-1][0], recorded[0][0])  # the weights did move
+        want = recorded[1]  # the first update copies w_1
+        for weights in recorded[2:]:
+            want = [decay * e + (1 - decay) * w for e, w in zip(want, weights, strict=True)]
+        got = list(trainer.ema.module.parameters())
+        for g_, w_ in zip(got, want, strict=True):
+            torch.testing.assert_close(g_.detach(), w_, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "sample", "v"])
+def test_loss_trains_the_target_of_each_prediction_type(prediction: str) -> None:
+    """The per-sample loss is mean((out - target)^2) with target eps, x0 or
+    v = sqrt(ab) eps - sqrt(1 - ab) x0 (Salimans & Ho 2022), for the trainer's own draws."""
+    s = NoiseSchedule.linear()
+    x0 = torch.rand(6, 3, 4, 4, dtype=torch.float64) * 2 - 1
+    batch = TrainingBatch(x0)
+    net = _Recorder().double()
+    got = Trainer(
+        net, s, lambda step, g: batch, TrainingConfig(steps=1, prediction=prediction)
+    ).loss(batch)  # type: ignore[arg-type]
+    noise, t = _draws(0, x0, s)
+    ab = s.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+    out = net.conv(x_t)
+    target = {
+        "epsilon": noise,
+        "sample": x0,
+        "v": ab.sqrt() * noise - (1 - ab).sqrt() * x0,
+    }[prediction]
+    want = (out - target).square().mean(dim=(1, 2, 3))
+    torch.testing.assert_close(got, want)
+    library = imgdiff.losses.denoising_loss(
+        out,
+        imgdiff.noising.training_target(s, x0, noise, t, prediction),  # type: ignore[arg-type]
+    )
+    torch.testing.assert_close(got, library)
+
+
+@pytest.mark.parametrize("prediction", ["v", "sample"])
+def test_min_snr_weights_of_v_and_x0_targets(prediction: str) -> None:
+    """Min-SNR-gamma (Hang et al. 2023): the weight is min(SNR, gamma) / (SNR + 1) for v targets
+    and min(SNR, gamma) for x0 targets, in the trainer and in min_snr_weight."""
+    s = NoiseSchedule.linear()
+    x0 = torch.rand(8, 3, 4, 4) * 2 - 1
+    batch = TrainingBatch(x0)
+    net = _Recorder()
+
+    def trainer(config: TrainingConfig) -> Trainer:
+        return Trainer(net, s, lambda step, g: batch, config)
+
+    plain = trainer(TrainingConfig(steps=1, prediction=prediction)).loss(batch)  # type: ignore[arg-type]
+    weighted = trainer(
+        TrainingConfig(steps=1, prediction=prediction, min_snr_gamma=5.0)  # type: ignore[arg-type]
+    ).loss(batch)
+    _, t = _draws(0, x0, s)
+    ab = s.alphas_cumprod[t]
+    snr = ab / (1 - ab)
+    want = snr.clamp(max=5.0) / (snr + 1) if prediction == "v" else snr.clamp(max=5.0)
+    assert float((want - 1).abs().max()) > 0.1  # the weights are not all ones
+    torch.testing.assert_close(weighted, plain * want.float())
+    torch.testing.assert_close(
+        imgdiff.losses.min_snr_weight(s, t, prediction, 5.0, dtype=torch.float64),  # type: ignore[arg-type]
+        want,
+    )
+
+
+def test_learning_rate_warms_up_linearly() -> None:
+    """Step k (from 0) runs at lr * min(1, (k + 1) / warmup_steps)."""
+    x0 = torch.rand(2, 3, 4, 4) * 2 - 1
+    net = torch.nn.Conv2d(3, 3, 1)
+    seen: list[float] = []
+    holder: list[Trainer] = []
+
+    def make(step: int, g: torch.Generator) -> TrainingBatch:
+        seen.append(holder[0].optimizer.param_groups[0]["lr"])
+        return TrainingBatch(x0)
+
+    lr, warmup = 0.01, 4
+    trainer = Trainer(
+        net,
+        NoiseSchedule.linear(),
+        make,
+        TrainingConfig(steps=7, lr=lr, warmup_steps=warmup),
+        model=lambda x, t: net(x),
+    )
+    holder.append(trainer)
+    trainer.train(progress=False)
+    want = [lr * min(1.0, (k + 1) / warmup) for k in range(7)]
+    assert seen == pytest.approx(want, rel=1e-12, abs=0)
+
+
+def test_gamma_is_uniform_inside_its_interval() -> None:
+    """u = (gamma - ab_t) / (ab_{t-1} - ab_t) is U(0, 1): mean, quartiles and KS distance."""
+    s = NoiseSchedule.linear()
+    t, gamma = sample_gamma(s, 20_000, generator=torch.Generator().manual_seed(1))
+    ab = s.alphas_cumprod
+    u = ((gamma - ab[t]) / (ab[t - 1] - ab[t])).sort().values
+    assert abs(float(u.mean()) - 0.5) < 0.01
+    q1, q3 = (float(v) for v in torch.quantile(u, torch.tensor([0.25, 0.75], dtype=u.dtype)))
+    assert abs(q1 - 0.25) < 0.015
+    assert abs(q3 - 0.75) < 0.015
+    n = u.numel()
+    ecdf_hi = torch.arange(1, n + 1, dtype=u.dtype) / n
+    ks = float(torch.maximum(ecdf_hi - u, u - (ecdf_hi - 1 / n)).max())
+    assert ks < 0.015  # 1.36 / sqrt(20 000) = 0.0096 at the 5 % level
+
+
+def test_timesteps_cover_the_whole_schedule_uniformly() -> None:
+    """10 000 draws of t ~ U{0, ..., T-1}: both ends are reached and the mean is (T-1)/2."""
+    s = NoiseSchedule.linear(100, 1e-4, 0.02)
+    t = imgdiff.training.sample_timesteps(s, 10_000, generator=torch.Generator().manual_seed(2))
+    assert t.dtype == torch.int64
+    assert int(t.min()) == 0
+    assert int(t.max()) == len(s) - 1
+    assert abs(float(t.double().mean()) - (len(s) - 1) / 2) < 1.5  # std of the mean: 0.29
+    counts = torch.bincount(t, minlength=len(s))
+    assert int(counts.min()) > 50  # ~100 each
