@@ -642,3 +642,120 @@ def test_with_luma_takes_the_measured_luminance_and_keeps_the_chroma() -> None:
         with_luma(x, gray[:, :1])
     with pytest.raises(imgdiff.InputValueError, match="images"):
         with_luma(x[:, :2], gray[:, :2])
+
+
+def test_bbox_shrinks_around_the_centre_of_a_box_inside_the_margins() -> None:
+    """The drawn box is a full box (side round(0.5 n), inside the margins) shrunk by d on *both*
+    ends, so growing it back by d = (box - side) / 2 still respects the margins."""
+    n, box, gap = 64, 32, 5  # max_box 0.5, margin 20/256 of 64 -> 5 px
+    for seed in range(150):
+        mask = bbox_mask(n, gen(seed))[0]
+        rows = torch.nonzero(mask.any(dim=1)).flatten()
+        cols = torch.nonzero(mask.any(dim=0)).flatten()
+        for lo, hi in ((int(rows[0]), int(rows[-1])), (int(cols[0]), int(cols[-1]))):
+            d, odd = divmod(box - (hi - lo + 1), 2)
+            assert odd == 0
+            assert 0 <= d <= 5
+            assert lo - d >= gap, (seed, lo, hi)
+            assert hi + d <= n - 1 - gap, (seed, lo, hi)
+
+
+@pytest.mark.parametrize("size", [(9, 11), (11, 9), (13, 13)])
+def test_one_direction_sides_mirror_each_other_on_odd_sizes(size: tuple[int, int]) -> None:
+    """right == left mirrored, bottom == top mirrored, the hole a W // 2 (H // 2) wide band."""
+    H, W = size
+    m = {s: one_direction_mask(size, side=s)[0] for s in ("left", "right", "top", "bottom")}  # type: ignore[arg-type]
+    assert torch.equal(m["right"], m["left"].flip(1))
+    assert torch.equal(m["bottom"], m["top"].flip(0))
+    assert bool((m["left"][:, : W // 2] == 1).all())
+    assert float(m["left"].sum()) == H * (W // 2)
+    assert bool((m["top"][: H // 2] == 1).all())
+    assert float(m["top"].sum()) == W * (H // 2)
+
+
+def _segment_distance(H: int, W: int, a: tuple[float, float], b: tuple[float, float]) -> Tensor:
+    """Distance of every pixel centre (x, y) = (j, i) to the segment ab, float64 (H, W)."""
+    ys, xs = torch.meshgrid(
+        torch.arange(H, dtype=torch.float64), torch.arange(W, dtype=torch.float64), indexing="ij"
+    )
+    p = torch.stack([xs, ys], dim=-1)
+    A, B = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    d = B - A
+    t = (((p - A) @ d) / d.dot(d)).clamp(0, 1) if d.dot(d) > 0 else torch.zeros(H, W)
+    return (p - A - t[..., None] * d).norm(dim=-1)
+
+
+@pytest.mark.parametrize("width", [1.0, 3.0, 4.0, 7.5])
+def test_stroke_of_width_w_covers_pixels_within_w_over_2(width: float) -> None:
+    from imgdiff.degradations.strokes import draw_polyline
+
+    H, W = 24, 30
+    # a slanted and an axis-aligned segment (pixels exactly at w / 2 from it are inside)
+    for a, b in (((4.0, 6.5), (23.0, 15.0)), ((5.0, 10.0), (15.0, 10.0))):
+        mask = torch.zeros(H, W)
+        draw_polyline(mask, [a, b], width)
+        expected = (_segment_distance(H, W, a, b) <= width / 2).float()
+        assert torch.equal(mask, expected)
+    dot = torch.zeros(H, W)
+    draw_polyline(dot, [(10.0, 12.0)], 1.0)  # width 1: the pixel itself, not its neighbours
+    assert float(dot.sum()) == 1.0
+    assert dot[12, 10] == 1.0
+
+
+def test_brush_first_segment_is_mirrored_and_thin_strokes_are_one_pixel() -> None:
+    """One stroke of one segment at exactly mean_angle (72 degrees): the first segment (k = 0,
+    even) is mirrored to 2 pi - 72 degrees, i.e. up and to the right (y decreases as x grows), so
+    the hole's x and y are negatively correlated; a width of 1 px covers about a pixel per row."""
+    negative = 0
+    for seed in range(40):
+        mask = brush_stroke_mask(
+            64,
+            gen(seed),
+            strokes=(1, 1),
+            vertices=(1, 1),
+            width=(1 / 64, 1 / 64),
+            angle_range=0.0,
+            flip=False,
+        )[0]
+        ys, xs = torch.nonzero(mask, as_tuple=True)
+        rows, cols = int(ys.max() - ys.min()) + 1, int(xs.max() - xs.min()) + 1
+        if rows < 6:
+            continue  # a short (or border-clipped) segment: mostly its round caps
+        cov = float(((xs - xs.float().mean()) * (ys - ys.float().mean())).float().mean())
+        assert cov <= 0, seed  # 0: a vertical segment, its end clipped at the right border
+        negative += cov < 0
+        assert float(mask.sum()) <= 1.6 * max(rows, cols), seed
+    assert negative >= 10
+
+
+def test_irregular_hole_range_is_open_at_both_ends() -> None:
+    """A draw whose hole fraction equals a bound of hole_range is rejected (open interval)."""
+    first = irregular_mask(64, gen(0), hole_range=(0.001, 0.999))
+    f = float(first.sum()) / 64**2
+    assert 0.02 < f < 0.9
+    above = irregular_mask(64, gen(0), hole_range=(f, 0.999))
+    below = irregular_mask(64, gen(0), hole_range=(0.001, f))
+    assert float(above.sum()) / 64**2 > f
+    assert float(below.sum()) / 64**2 < f
+
+
+def test_brush_segment_lengths_are_clipped_to_twice_the_mean() -> None:
+    """Segment lengths are N(r, r/2) clipped to [0, 2 r], r = sqrt(H^2 + W^2) / 8 (16 sqrt 2 at 128)."""
+    r = (2 * 128**2) ** 0.5 / 8
+    longest = 0.0
+    for seed in range(300):
+        mask = brush_stroke_mask(
+            128,
+            gen(seed),
+            strokes=(1, 1),
+            vertices=(1, 1),
+            width=(1 / 128, 1 / 128),
+            angle_range=0.0,
+            flip=False,
+        )[0]
+        ys, xs = torch.nonzero(mask, as_tuple=True)
+        # the segment spans the hole's bounding box, less the round caps (width 1: radius 0.5)
+        length = float(torch.hypot((xs.max() - xs.min()).float(), (ys.max() - ys.min()).float()))
+        longest = max(longest, length)
+    assert longest <= 2 * r + 1.0
+    assert longest > 1.5 * r  # the upper part of the range is reached

@@ -217,3 +217,29 @@ def test_bad_input() -> None:
         wrong_source.gradient_from_estimate(x, x * 1.0, _ctx(5, 2), 0.5)
     with pytest.raises(IVE, match="DenoisingSampler"):
         vector.gradient(torch.zeros(1, 1, 2, 2), torch.zeros(1, dtype=torch.long))
+
+
+def test_respaced_index_gate_counts_down_to_zero() -> None:
+    """gate_on="respaced_index": the clock is the position in the run counted down to 0, so
+    max_timestep=3 opens the gate for exactly the last 3 of 10 steps (ZeCon's code compares so)."""
+    reported: list[tuple[int, set[str]]] = []
+    terms = [
+        LossTerm("always", lambda v: v.x.sum()),
+        LossTerm("late", lambda v: v.x.sum(), max_timestep=3),
+    ]
+    guidance = LossGuidance(
+        terms,
+        gate_on="respaced_index",
+        on_terms=lambda ctx, values: reported.append((ctx.step_index, set(values))),
+    )
+    imgdiff.DDIM(SCHED, guidance=guidance).sample(
+        imgdiff.GaussianDenoiser(SCHED), torch.randn(1, 1, 2, 2), num_steps=10, progress=False
+    )
+    assert [i for i, _ in reported] == list(range(10))
+    for i, names in reported:
+        assert names == ({"always", "late"} if i >= 7 else {"always"})
+    # the gate reads the clock of the context it is given
+    x = torch.ones(1, 1, 2, 2, requires_grad=True)
+    for step_index, expected in ((6, 1.0), (7, 2.0)):
+        g = guidance.gradient_from_estimate(x, x * 1.0, _ctx(999, 1, step_index=step_index), 0.0)
+        torch.testing.assert_close(g, torch.full_like(x, -expected))

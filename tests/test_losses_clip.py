@@ -7,6 +7,7 @@ weights.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -410,3 +411,43 @@ def test_clip_encoder_offline_error_is_fast_and_clear(
         CLIPEncoder.load("ViT-B-32", "openai", cache_dir=str(tmp_path))
     assert network_attempts == []  # fast because nothing was tried
     assert "cache_dir" in str(info.value)
+
+
+def test_patch_directional_loss_uses_the_whole_source_image(encoder: CLIPEncoder) -> None:
+    """Spec 7.4: with patches the direction is e(patch(x)) - e(whole(y)), the source not cropped."""
+    aug = CLIPAugment(n_patch=3, patch=True, patch_min=0.1, patch_max=0.3, output_size=32)
+    loss = CLIPDirectionalLoss(encoder, "photo", "sketch", variant="zecon", augment=aug)
+    loss_none = replace(loss, reduction="none")
+    x, y = _images(2, size=48, seed=11), _images(2, size=48, seed=12)
+    value = loss_none(x, y, generator=torch.Generator().manual_seed(4))
+    x_views = aug(x, generator=torch.Generator().manual_seed(4))
+    y_views = aug(y, is_global=True)  # the whole source, repeated and pooled
+    torch.testing.assert_close(y_views, F.adaptive_avg_pool2d(y, 32).repeat(3, 1, 1, 1))
+    with torch.no_grad():
+        d_i = encoder.encode_image(x_views) - encoder.encode_image(y_views)
+    d_t = encoder.encode_text(["sketch"])[0] - encoder.encode_text(["photo"])[0]
+    per_copy = 1 - F.cosine_similarity(d_i, d_t[None], dim=-1)
+    expected = per_copy.reshape(3, 2).mean(dim=0)  # copy-major: image b's copies are rows b::B
+    torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)
+    summed = loss(x, y, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(summed, expected.sum(), rtol=1e-5, atol=1e-6)
+
+
+def test_affine_rotation_is_within_degrees() -> None:
+    """Without translation and perspective the grid is a rotation by an angle in [-degrees, degrees]."""
+    aug = CLIPAugment(n_patch=1, degrees=10.0, translate=0.0, distortion=0.0, output_size=8)
+    N, n = 200, 8
+    grid, inside = aug.sampling_grid(N, n, n, generator=torch.Generator().manual_seed(0))
+    assert bool(inside.all())
+    base = (torch.arange(n, dtype=torch.float32) + 0.5) / n * 2 - 1
+    gy, gx = torch.meshgrid(base, base, indexing="ij")
+    ref = torch.stack([gx, gy], dim=-1)
+    # a pixel centre at radius < 0.5 stays inside [-1, 1] under any rotation (no clamping)
+    i, j = 3, 5
+    p, q = ref[i, j], grid[:, i, j]
+    torch.testing.assert_close(q.norm(dim=-1), p.norm().expand(N))  # a rotation keeps radii
+    angle = torch.atan2(q[:, 1], q[:, 0]) - torch.atan2(p[1], p[0])
+    angle = torch.rad2deg(torch.remainder(angle + math.pi, 2 * math.pi) - math.pi)
+    assert float(angle.abs().max()) <= 10.0 + 1e-3
+    assert float(angle.max()) > 8.0
+    assert float(angle.min()) < -8.0

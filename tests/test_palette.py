@@ -327,3 +327,17 @@ def test_extraction_on_cuda_matches_cpu() -> None:
     torch.testing.assert_close(w_gpu.cpu(), w_cpu)
     emb = PaletteEmbedding(8).cuda()
     assert emb(gpu, torch.tensor([True, False, True], device="cuda")).device.type == "cuda"
+
+
+def test_embedding_feeds_the_mlp_the_normalised_colour_major_palette() -> None:
+    """The MLP sees ``normalize_palette(p)`` flattened colour-major (L/100, a/128, b/128 per colour)."""
+    torch.manual_seed(0)
+    emb = PaletteEmbedding(8)
+    palette = torch.rand(3, 6, 3, dtype=torch.float32) * torch.tensor([100.0, 200.0, 200.0])
+    palette[..., 1:] -= 100.0
+    flat = normalize_palette(palette).reshape(3, 18)
+    assert torch.equal(flat[:, 3:6], palette[:, 1] / torch.tensor(LAB_SCALE))
+    with torch.no_grad():
+        torch.testing.assert_close(emb(palette), emb.mlp(flat))
+        # a raw (un-normalised) palette would give another output: the scale is part of the contract
+        assert not torch.allclose(emb(palette), emb.mlp(palette.reshape(3, 18)), atol=1e-3)
