@@ -368,6 +368,9 @@ def test_text_conditioning_keys_and_cached_null(encoder: CLIPTextEncoder) -> Non
     assert set(out) == {"context", "text_embeds"}
     assert out["context"].shape == (2, 77, 32)
     assert out["text_embeds"].shape == (2, 32)
+    want = encoder.encode(PROMPTS[:2])
+    torch.testing.assert_close(out["context"], want.context, rtol=0, atol=0)
+    torch.testing.assert_close(out["text_embeds"], want.pooled, rtol=0, atol=0)
     null = cond.null()
     assert null["context"].shape == (1, 77, 32)
     torch.testing.assert_close(null["context"], encoder.encode([""]).context)
