@@ -248,3 +248,47 @@ def test_default_guidance_keeps_learned_range_ddpm_on_the_data() -> None:
         model_kwargs={"label": torch.ones(2000)},
     )
     assert abs(float(y.std()) - 0.5) < 0.05
+
+
+def test_rescale_uses_unbiased_standard_deviations_of_both() -> None:
+    """phi = 1: the result's per-sample (unbiased) std equals cond's, and rescaling is invariant to
+    a common positive scale of guided; a guided output already matching cond's std is unchanged."""
+    g = torch.Generator().manual_seed(3)
+    guided = torch.randn(2, 1, 3, 3, generator=g, dtype=torch.float64) * 4 + 1
+    cond = torch.randn(2, 1, 3, 3, generator=g, dtype=torch.float64)
+    out = rescale_guidance(guided, cond, 1.0)
+    # the unbiased std of out (correction=1) equals that of cond; so does the biased one
+    torch.testing.assert_close(out.std(dim=(1, 2, 3)), cond.std(dim=(1, 2, 3)), rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        out.std(dim=(1, 2, 3), correction=0),
+        cond.std(dim=(1, 2, 3), correction=0),
+        rtol=1e-12,
+        atol=0,
+    )
+    torch.testing.assert_close(
+        rescale_guidance(guided * 7.0, cond, 1.0), out, rtol=1e-12, atol=1e-12
+    )
+    same = cond * -1.0  # same std as cond
+    torch.testing.assert_close(rescale_guidance(same, cond, 0.4), same, rtol=1e-12, atol=1e-12)
+    # phi interpolates linearly between guided (phi = 0) and the fully rescaled output
+    torch.testing.assert_close(
+        rescale_guidance(guided, cond, 0.25), 0.25 * out + 0.75 * guided, rtol=1e-12, atol=1e-12
+    )
+
+
+def test_null_half_comes_first_in_the_doubled_batch() -> None:
+    """Spec 8.2: one forward on cat([null, cond]) split with chunk(2) in that order, so the first
+    half of the batch the model sees carries the null condition."""
+    seen: list[torch.Tensor] = []
+
+    def model(x: torch.Tensor, t: torch.Tensor, *, label: torch.Tensor) -> torch.Tensor:
+        seen.append(label.clone())
+        return x * label.reshape(-1, 1, 1, 1)
+
+    x, t, cond = _inputs()
+    null = {"label": torch.full((1,), -1.0, dtype=torch.float64)}
+    out = ClassifierFreeGuidance(model, 3.0, null)(x, t, **cond)
+    assert torch.equal(seen[0][:3], torch.full((3,), -1.0, dtype=torch.float64))
+    assert torch.equal(seen[0][3:], cond["label"])
+    want = -x + 3.0 * (x * cond["label"].reshape(-1, 1, 1, 1) + x)
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)

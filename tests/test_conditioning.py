@@ -323,3 +323,46 @@ def test_cond3_condition_dropout() -> None:
     # a float null for integer labels would be rounded, not carried exactly
     with pytest.raises(imgdiff.InputTypeError, match=r"^null\['label'\]: expected a dtype that"):
         drop_conditions(cond, {**null, "label": torch.full((1,), 0.7)}, p, batch=B)
+
+
+def test_noised_paste_at_timestep_zero_is_still_noised() -> None:
+    """Only timestep -1 is the clean level: a paste at t = 0 is sqrt(ab_0) known + sqrt(1 - ab_0) z
+    with the same noise a generator of the same seed draws, and the hole keeps x."""
+    s = NoiseSchedule.linear()
+    known = torch.full((2, 1, 4, 4), 0.8, dtype=torch.float64)
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[..., :2, :] = 1
+    for t in (0, 1, 999):
+        region = KnownRegion(
+            known,
+            mask,
+            mode="noised",
+            schedule=s,
+            generator=torch.Generator().manual_seed(7),
+            backend="torch",
+        )
+        x = torch.full_like(known, -3.0)
+        got = region.paste(x, t)
+        z = torch.randn(known.shape, generator=torch.Generator().manual_seed(7), dtype=known.dtype)
+        ab = s.alphas_cumprod[t]
+        want = torch.where(mask.bool(), x, ab.sqrt() * known + (1 - ab).sqrt() * z)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+        assert not torch.equal(got[..., 2:, :], known[..., 2:, :])
+
+
+def test_noise_level_gamma_keeps_float32_for_half_samples() -> None:
+    """A float16 sample still gets gamma in float32: alpha_bar_0 = 0.9999 would round to 1 in half."""
+    s = NoiseSchedule.linear()
+    seen: list[torch.Tensor] = []
+
+    def net(x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+        seen.append(gamma)
+        return x
+
+    NoiseLevelConditioning(net, s)(
+        torch.zeros(2, 1, 2, 2, dtype=torch.float16), torch.tensor([0, -1])
+    )
+    assert seen[0].dtype == torch.float32
+    assert float(seen[0][0]) == float(torch.tensor(float(s.alphas_cumprod[0]), dtype=torch.float32))
+    assert float(seen[0][0]) < 1.0
+    assert float(seen[0][1]) == 1.0

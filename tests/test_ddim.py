@@ -259,3 +259,60 @@ def test_final_alpha_bar_first_ends_at_alpha_bar_0() -> None:
         s, model, x, list(plan.timesteps.tolist()), 0.0, None, final=float(s.alphas_cumprod[0])
     )
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_eta_positive_draws_noise_of_variance_sigma_squared() -> None:
+    """eta > 0: the sampler draws its own noise (different generators, different samples), and
+    the spread of one step across noise draws is sigma = eta sqrt((1-ab_s)/(1-ab_t)) sqrt(1-ab_t/ab_s)."""
+    s = NoiseSchedule.linear()
+    model = TanhModel((1, 2, 2))
+    x = torch.randn(1, 1, 2, 2, dtype=torch.float64)
+    sampler = DDIM(s, eta=0.6)
+    a = sampler.sample(
+        model, x, num_steps=5, generator=torch.Generator().manual_seed(1), progress=False
+    )
+    b = sampler.sample(
+        model, x, num_steps=5, generator=torch.Generator().manual_seed(2), progress=False
+    )
+    assert not torch.equal(a, b)
+    # one step from t = 600 to 400 on a batch of copies: per-element std is sigma
+    xs = x.expand(20000, 1, 2, 2).contiguous()
+    out = model(x, torch.tensor([600])).expand(20000, 1, 2, 2).contiguous()
+    step = sampler.step_at(out, xs, 600, 400, generator=torch.Generator().manual_seed(3)).state
+    ab_t, ab_s = s.alphas_cumprod[600], s.alphas_cumprod[400]
+    sigma = 0.6 * ((1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s)).sqrt()
+    assert abs(float(step.std(dim=0).mean()) / float(sigma) - 1) < 0.03
+    mean = DDIM(s, eta=0.6).step_at(out[:1], x, 600, 400, noise=torch.zeros_like(x)).state
+    torch.testing.assert_close(step.mean(dim=0, keepdim=True), mean, rtol=0, atol=0.03)
+
+
+def test_default_eta_is_deterministic_ddim() -> None:
+    """Spec 3.1 defaults: eta = 0; and invert() refuses any eta > 0 (it breaks invertibility)."""
+    s = NoiseSchedule.linear()
+    assert DDIM(s).eta == 0.0
+    x0 = torch.randn(1, 1, 2, 2, dtype=torch.float64)
+    for eta in (0.3, 1.0):
+        with pytest.raises(ValueError, match=r"^eta: invert\(\) inverts the deterministic step"):
+            DDIM(s, eta=eta).invert(TimeOnlyModel((1, 2, 2)), x0, num_steps=5, progress=False)
+
+
+def test_dynamic_threshold_uses_the_quantile_of_absolute_values() -> None:
+    """Spec 3.3: s = quantile(|x0|, p): a sample whose large values are negative is scaled like
+    its mirror image (the threshold is odd-symmetric: T(-x) = -T(x))."""
+    a = torch.full((1, 1, 10, 10), -2.0)
+    a[0, 0, 0, :5] = torch.tensor([0.1, -0.5, 1.0, -1.5, 0.3])
+    th = DynamicThreshold(0.9, 3.0)
+    torch.testing.assert_close(th(a), a.clamp(-2, 2) / 2, rtol=0, atol=1e-7)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 3, 5, 5, generator=g) * 2.5
+    torch.testing.assert_close(th(-x), -th(x), rtol=0, atol=0)
+
+
+def test_sampler_strength_starts_from_a_less_noisy_level() -> None:
+    """strength keeps the last int(N * strength) timesteps of the plan, so the run starts lower."""
+    s = NoiseSchedule.linear()
+    sampler = DDIM(s)
+    full = sampler.timesteps(50)
+    part = sampler.timesteps(50, strength=0.3)
+    assert tuple(part) == tuple(full[-15:])
+    assert part[-1] == 0

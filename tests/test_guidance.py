@@ -217,3 +217,28 @@ def test_ddpm_guidance_runs_at_zero_terminal_snr() -> None:
     plain, guided = run(None), run(GaussianLikelihood(1.0, scale=0.5))
     assert bool(guided.isfinite().all())
     assert float(guided.mean()) > float(plain.mean())  # pulled towards the measurement 1.0
+
+
+def test_classifier_guidance_is_linear_in_its_scale() -> None:
+    """g(scale) = scale * g(1) for every sign of the scale (a negative scale pushes away from the
+    class), and g(1) is a log-softmax gradient: its mean over y ~ p(y | x) is zero."""
+    W = torch.randn(4, 6, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+
+    def classifier(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x.reshape(x.shape[0], -1)) @ W.T
+
+    x = torch.randn(3, 1, 2, 3, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    t = torch.tensor([1, 2, 3])
+    labels = torch.tensor([0, 3, 1])
+    one = ClassifierGuidance(classifier, labels).gradient(x, t)
+    for scale in (-2.0, -0.5, 0.0, 3.0):
+        got = ClassifierGuidance(classifier, labels, scale=scale).gradient(x, t)
+        torch.testing.assert_close(got, scale * one, rtol=1e-12, atol=1e-12)
+    # E_y[grad log p(y | x)] = sum_y grad p(y | x) = grad 1 = 0 (a log-softmax, not a softmax)
+    p = torch.softmax(classifier(x, t), dim=-1)
+    total = sum(
+        p[:, k].reshape(-1, 1, 1, 1)
+        * ClassifierGuidance(classifier, torch.full((3,), k)).gradient(x, t)
+        for k in range(4)
+    )
+    torch.testing.assert_close(total, torch.zeros_like(x), rtol=0, atol=1e-12)

@@ -99,3 +99,53 @@ def test_epsilon_at_zero_snr_raises_but_v_is_finite() -> None:
     x0 = x0_from_v(x_t, torch.ones_like(x_t), ab)
     assert torch.isfinite(x0).all()
     torch.testing.assert_close(x0, -torch.ones_like(x_t))  # x0 = alpha x_t - sigma v = -v
+
+
+def test_alpha_bar_outside_the_unit_interval_is_refused() -> None:
+    """alpha_bar is a variance fraction: values below 0, above 1 or NaN are named errors."""
+    x = torch.zeros(2, 1, 2, 2, dtype=torch.float64)
+    for bad in (1.0 + 1e-9, 1.2, -1e-9, float("nan")):
+        with pytest.raises(ValueError, match=r"^alpha_bar: expected values in \[0, 1\]"):
+            x0_from_v(x, x, bad)
+        with pytest.raises(ValueError, match=r"^alpha_bar: expected values in \[0, 1\]"):
+            linear_prediction_coefficients("v", torch.tensor([0.5, bad], dtype=torch.float64))
+    # the end points themselves are allowed where the conversion is defined
+    torch.testing.assert_close(x0_from_v(x + 1, x, 1.0), x + 1, rtol=0, atol=0)
+    torch.testing.assert_close(eps_from_v(x + 1, x, 0.0), x + 1, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("prediction", TYPES)
+def test_linear_coefficients_reconstruct_x_t(prediction: str) -> None:
+    """For every type, sqrt(ab) x0_hat + sqrt(1 - ab) eps_hat == x_t whatever the model output
+    (the two recovered quantities always explain the sample), and the map out -> (x0, eps) has
+    the forward process as its exact inverse."""
+    ab = torch.tensor([0.9999, 0.7, 0.3, 0.01], dtype=torch.float64)
+    c = linear_prediction_coefficients(prediction, ab)  # type: ignore[arg-type]
+    a, s = ab.sqrt(), (1 - ab).sqrt()
+    # x_t-coefficient and out-coefficient of sqrt(ab) x0 + sqrt(1-ab) eps must be 1 and 0
+    torch.testing.assert_close(a * c.x0_from_x + s * c.eps_from_x, torch.ones_like(ab))
+    torch.testing.assert_close(a * c.x0_from_out + s * c.eps_from_out, torch.zeros_like(ab))
+    # a model that outputs the training target recovers the truth
+    g = torch.Generator().manual_seed(4)
+    x0 = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    eps = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    a2, s2 = a[:, None], s[:, None]
+    x_t = a2 * x0 + s2 * eps
+    out = {"epsilon": eps, "sample": x0, "v": a2 * eps - s2 * x0}[prediction]
+    torch.testing.assert_close(c.x0_from_x[:, None] * x_t + c.x0_from_out[:, None] * out, x0)
+    torch.testing.assert_close(c.eps_from_x[:, None] * x_t + c.eps_from_out[:, None] * out, eps)
+
+
+def test_convert_prediction_matches_the_truth_for_every_pair() -> None:
+    """With x_t = sqrt(ab) x0 + sqrt(1 - ab) eps and v = sqrt(ab) eps - sqrt(1 - ab) x0, converting
+    the true quantity of any type gives the true quantity of any other (no round trip needed)."""
+    g = torch.Generator().manual_seed(5)
+    x0 = torch.randn(3, 2, 4, generator=g, dtype=torch.float64)
+    eps = torch.randn(3, 2, 4, generator=g, dtype=torch.float64)
+    ab = torch.tensor([0.95, 0.5, 0.05], dtype=torch.float64)
+    a, s = ab.sqrt().reshape(-1, 1, 1), (1 - ab).sqrt().reshape(-1, 1, 1)
+    truth = {"epsilon": eps, "sample": x0, "v": a * eps - s * x0}
+    x_t = a * x0 + s * eps
+    for source, target in itertools.product(TYPES, TYPES):
+        got = convert_prediction(truth[source], x_t, ab, source=source, target=target)  # type: ignore[arg-type]
+        torch.testing.assert_close(got, truth[target], rtol=1e-12, atol=1e-12)

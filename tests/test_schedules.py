@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import imgdiff
 from imgdiff import NoiseSchedule, inference_timesteps, karras_sigmas, respace_timesteps
-from imgdiff.timesteps import SamplingPlan, respaced_betas
+from imgdiff.timesteps import SamplingPlan, respaced_betas, truncate_for_strength
 
 SCHEDULES = {
     "linear": NoiseSchedule.linear,
@@ -272,3 +272,73 @@ def test_inference_timesteps_property(T: int, data: st.DataObject, spacing: str)
     if spacing == "linspace" and N > 1:
         assert ts[0] == T - 1
         assert ts[-1] == 0
+
+
+def test_shifted_tables_pad_with_the_spec_boundary_levels() -> None:
+    """Spec 1.2: alpha_bar_prev[t] = alpha_bar_{t-1} with alpha_bar_{-1} = 1, and
+    alpha_bar_next[t] = alpha_bar_{t+1} with alpha_bar_next[T-1] = 0 (improved-diffusion)."""
+    s = NoiseSchedule.cosine(50)
+    ab = s.alphas_cumprod
+    prev, nxt = s.alphas_cumprod_prev, s.alphas_cumprod_next
+    assert prev.shape == nxt.shape == ab.shape
+    assert float(prev[0]) == 1.0
+    assert float(nxt[-1]) == 0.0
+    assert torch.equal(prev[1:], ab[:-1])
+    assert torch.equal(nxt[:-1], ab[1:])
+
+
+def test_trailing_spacing_rounds_to_nearest() -> None:
+    """Spec 1.4 trailing: t = round(arange(T, 0, -T/N)) - 1. T=1000, N=3: 1000, 666.67, 333.33
+    round to 1000, 667, 333 (floor would give 666 for the middle one)."""
+    want = tuple(round(1000 - k * 1000 / 3) - 1 for k in range(3))
+    assert want == (999, 666, 332)
+    assert inference_timesteps(1000, 3, "trailing") == want
+    # and for every N the trailing entries are the nearest integers to T - k T / N, minus 1
+    for n in (3, 6, 7, 30, 70, 300):
+        got = inference_timesteps(1000, n, "trailing")
+        exact = [1000 - k * 1000 / n for k in range(n)]
+        assert all(abs((t + 1) - e) <= 0.5 for t, e in zip(got, exact, strict=True)), n
+
+
+def test_offset_shifts_every_spacing() -> None:
+    """imgdiff applies the offset to every spacing, not only to leading (as diffusers does)."""
+    trailing = inference_timesteps(1000, 10, "trailing")
+    assert inference_timesteps(1000, 10, "trailing", offset=-9) == tuple(t - 9 for t in trailing)
+    assert inference_timesteps(1000, 10, "trailing", offset=-9)[0] == 990
+    # linspace already spans [0, 999]: any shift leaves the range and is refused
+    for shift in (1, -1):
+        with pytest.raises(imgdiff.InputValueError, match=r"^offset: expected a shift"):
+            inference_timesteps(1000, 10, "linspace", offset=shift)
+
+
+def test_truncate_for_strength_keeps_the_least_noisy_steps() -> None:
+    """strength keeps the *last* int(N * strength) timesteps (start from a less noisy level)."""
+    ts = tuple(range(90, -1, -10))  # 90, 80, ..., 0
+    assert truncate_for_strength(ts, 1.0) == ts
+    assert truncate_for_strength(ts, 0.5) == (40, 30, 20, 10, 0)
+    assert truncate_for_strength(ts, 0.35) == (20, 10, 0)  # int(10 * 0.35) = 3
+    with pytest.raises(imgdiff.InputValueError, match=r"^strength: .* keeps int"):
+        truncate_for_strength(ts, 0.05)
+
+
+def test_inversion_plan_walks_the_generation_plan_backwards() -> None:
+    """Spec 3.4 convention B: step k of the inversion goes from the level of u[k-1] (the final
+    level for k = 0) to the level of u[k], and the model sees u[k]; every transition of the
+    generation plan appears reversed."""
+    s = NoiseSchedule.linear()
+    ts = inference_timesteps(1000, 7, "trailing")
+    for final in ("one", "first"):
+        fwd = SamplingPlan.denoising(s, ts, final)  # type: ignore[arg-type]
+        inv = SamplingPlan.inversion(s, ts, final)  # type: ignore[arg-type]
+        u = list(reversed(ts))
+        assert inv.timesteps.tolist() == u
+        assert inv.next_timesteps.tolist() == u
+        ab = s.alphas_cumprod
+        first = 1.0 if final == "one" else float(ab[0])
+        torch.testing.assert_close(inv.alpha_bar_next, ab[u], rtol=0, atol=0)
+        assert float(inv.alpha_bar[0]) == first
+        torch.testing.assert_close(inv.alpha_bar[1:], ab[u[:-1]], rtol=0, atol=0)
+        # noisier after every inversion step; the reverse of the forward transitions
+        assert bool((inv.alpha_bar_next < inv.alpha_bar).all())
+        assert torch.equal(inv.alpha_bar, fwd.alpha_bar_next.flip(0))
+        assert torch.equal(inv.alpha_bar_next, fwd.alpha_bar.flip(0))
