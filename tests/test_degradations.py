@@ -702,21 +702,26 @@ def test_stroke_of_width_w_covers_pixels_within_w_over_2(width: float) -> None:
     assert dot[12, 10] == 1.0
 
 
+def _one_thin_segment(size: int, seed: int) -> torch.Tensor:
+    """A brush mask of one stroke of one 1-px segment at exactly the mean angle, unflipped."""
+    return brush_stroke_mask(
+        size,
+        gen(seed),
+        strokes=(1, 1),
+        vertices=(1, 1),
+        width=(1 / size, 1 / size),
+        angle_range=0.0,
+        flip=False,
+    )[0]
+
+
 def test_brush_first_segment_is_mirrored_and_thin_strokes_are_one_pixel() -> None:
     """One stroke of one segment at exactly mean_angle (72 degrees): the first segment (k = 0,
     even) is mirrored to 2 pi - 72 degrees, i.e. up and to the right (y decreases as x grows), so
     the hole's x and y are negatively correlated; a width of 1 px covers about a pixel per row."""
     negative = 0
     for seed in range(40):
-        mask = brush_stroke_mask(
-            64,
-            gen(seed),
-            strokes=(1, 1),
-            vertices=(1, 1),
-            width=(1 / 64, 1 / 64),
-            angle_range=0.0,
-            flip=False,
-        )[0]
+        mask = _one_thin_segment(64, seed)
         ys, xs = torch.nonzero(mask, as_tuple=True)
         rows, cols = int(ys.max() - ys.min()) + 1, int(xs.max() - xs.min()) + 1
         if rows < 6:
@@ -744,15 +749,7 @@ def test_brush_segment_lengths_are_clipped_to_twice_the_mean() -> None:
     r = (2 * 128**2) ** 0.5 / 8
     longest = 0.0
     for seed in range(300):
-        mask = brush_stroke_mask(
-            128,
-            gen(seed),
-            strokes=(1, 1),
-            vertices=(1, 1),
-            width=(1 / 128, 1 / 128),
-            angle_range=0.0,
-            flip=False,
-        )[0]
+        mask = _one_thin_segment(128, seed)
         ys, xs = torch.nonzero(mask, as_tuple=True)
         # the segment spans the hole's bounding box, less the round caps (width 1: radius 0.5)
         length = float(torch.hypot((xs.max() - xs.min()).float(), (ys.max() - ys.min()).float()))
