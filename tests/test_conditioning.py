@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -250,15 +251,21 @@ def test_pal6_gamma_conditioning_is_schedule_independent() -> None:
         NoiseLevelConditioning(ConcatConditioning(UNet(UNetConfig())), test)
 
 
-def test_noise_level_gamma_is_alpha_bar_at() -> None:
-    """gamma(t) = schedule.alpha_bar_at(t): -1 is the clean level; bad timesteps are named."""
-    s = NoiseSchedule.linear()
+def _gamma_recorder() -> tuple[list[torch.Tensor], Callable[..., torch.Tensor]]:
+    """A gamma-conditioned stand-in network that records the gammas it is given."""
     seen: list[torch.Tensor] = []
 
     def net(x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
         seen.append(gamma)
         return x
 
+    return seen, net
+
+
+def test_noise_level_gamma_is_alpha_bar_at() -> None:
+    """gamma(t) = schedule.alpha_bar_at(t): -1 is the clean level; bad timesteps are named."""
+    s = NoiseSchedule.linear()
+    seen, net = _gamma_recorder()
     wrapped = NoiseLevelConditioning(net, s)
     t = torch.tensor([-1, 0, 500, 999])
     wrapped(torch.zeros(4, 1, 2, 2, dtype=torch.float64), t)
@@ -353,12 +360,7 @@ def test_noised_paste_at_timestep_zero_is_still_noised() -> None:
 def test_noise_level_gamma_keeps_float32_for_half_samples() -> None:
     """A float16 sample still gets gamma in float32: alpha_bar_0 = 0.9999 would round to 1 in half."""
     s = NoiseSchedule.linear()
-    seen: list[torch.Tensor] = []
-
-    def net(x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-        seen.append(gamma)
-        return x
-
+    seen, net = _gamma_recorder()
     NoiseLevelConditioning(net, s)(
         torch.zeros(2, 1, 2, 2, dtype=torch.float16), torch.tensor([0, -1])
     )

@@ -439,3 +439,18 @@ def test_vlb_term_at_t0_is_the_decoder_nll_with_edge_bins(v_raw: float) -> None:
     want = -log_p.mean(dim=(1, 2, 3)) / math.log(2)
     torch.testing.assert_close(got[:2], want[:2], rtol=2e-3, atol=0)
     assert 0.5 < float(want[:2].mean()) < 3.0
+
+
+def test_step_at_takes_noise_at_the_state_dtype_not_the_samples() -> None:
+    """A float32 sample with a float64 state: float64 noise reaches the step unrounded (it used to
+    pass through the sample's dtype first)."""
+    s = NoiseSchedule.linear()
+    sampler = DDPM(s, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 4, 4, generator=g)
+    out = torch.randn(2, 3, 4, 4, generator=g)
+    noise = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
+    got = sampler.step_at(out, x, 500, 480, noise=noise).state
+    want = sampler.step_at(out, x.double(), 500, 480, noise=noise).state
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -303,25 +303,6 @@ def _draws(
     return noise, imgdiff.training.sample_timesteps(schedule, x0.shape[0], generator=g)
 
 
-def test_min_snr_weights_the_per_sample_loss() -> None:
-    """With min_snr_gamma the per-sample loss is the plain one times min(SNR, gamma) / SNR (eps)."""
-    s = NoiseSchedule.linear()
-    x0 = torch.rand(6, 3, 4, 4) * 2 - 1
-    batch = TrainingBatch(x0)
-    net = _Recorder()
-
-    def trainer(config: TrainingConfig) -> Trainer:
-        return Trainer(net, s, lambda step, g: batch, config)
-
-    plain = trainer(TrainingConfig(steps=1)).loss(batch)
-    weighted = trainer(TrainingConfig(steps=1, min_snr_gamma=5.0)).loss(batch)
-    _, t = _draws(0, x0, s)
-    ab = s.alphas_cumprod[t]
-    snr = ab / (1 - ab)
-    want = (snr.clamp(max=5.0) / snr).float()
-    torch.testing.assert_close(weighted, plain * want)
-
-
 def test_condition_dropout_replaces_conditions_by_the_null() -> None:
     """p_uncond = 1 feeds only null conditions; 0 < p < 1 drops some; the null is required."""
     s = NoiseSchedule.linear()
@@ -456,10 +437,11 @@ def test_loss_trains_the_target_of_each_prediction_type(prediction: str) -> None
     torch.testing.assert_close(got, library)
 
 
-@pytest.mark.parametrize("prediction", ["v", "sample"])
-def test_min_snr_weights_of_v_and_x0_targets(prediction: str) -> None:
-    """Min-SNR-gamma (Hang et al. 2023): the weight is min(SNR, gamma) / (SNR + 1) for v targets
-    and min(SNR, gamma) for x0 targets, in the trainer and in min_snr_weight."""
+@pytest.mark.parametrize("prediction", ["epsilon", "v", "sample"])
+def test_min_snr_weights_the_per_sample_loss(prediction: str) -> None:
+    """Min-SNR-gamma (Hang et al. 2023): the per-sample loss is the plain one times
+    min(SNR, gamma) / SNR for eps targets, min(SNR, gamma) / (SNR + 1) for v targets and
+    min(SNR, gamma) for x0 targets, in the trainer and in min_snr_weight."""
     s = NoiseSchedule.linear()
     x0 = torch.rand(8, 3, 4, 4) * 2 - 1
     batch = TrainingBatch(x0)
@@ -475,8 +457,10 @@ def test_min_snr_weights_of_v_and_x0_targets(prediction: str) -> None:
     _, t = _draws(0, x0, s)
     ab = s.alphas_cumprod[t]
     snr = ab / (1 - ab)
-    want = snr.clamp(max=5.0) / (snr + 1) if prediction == "v" else snr.clamp(max=5.0)
-    assert float((want - 1).abs().max()) > 0.1  # the weights are not all ones
+    denominator = {"epsilon": snr, "v": snr + 1, "sample": torch.ones_like(snr)}[prediction]
+    want = snr.clamp(max=5.0) / denominator
+    if prediction != "epsilon":  # (eps weights are 1 wherever SNR < gamma: most draws)
+        assert float((want - 1).abs().max()) > 0.1  # the weights are not all ones
     torch.testing.assert_close(weighted, plain * want.float())
     torch.testing.assert_close(
         imgdiff.losses.min_snr_weight(s, t, prediction, 5.0, dtype=torch.float64),  # type: ignore[arg-type]

@@ -113,12 +113,17 @@ def check_finite(name: str, value: Tensor) -> None:
         )
 
 
-def check_pair(name: str, value: Tensor, ref_name: str, ref: Tensor) -> Tensor:
-    """``value`` on ``ref``'s device (else a named error) and in ``ref``'s dtype (cast)."""
+def check_device(name: str, value: Tensor, ref_name: str, ref: Tensor) -> None:
+    """Refuse ``value`` on another device than ``ref`` (the fused kernels read raw pointers)."""
     if value.device != ref.device:
         raise InputValueError(
             f"{name}: expected a tensor on {ref_name}'s device {ref.device}, got {value.device}"
         )
+
+
+def check_pair(name: str, value: Tensor, ref_name: str, ref: Tensor) -> Tensor:
+    """``value`` on ``ref``'s device (else a named error) and in ``ref``'s dtype (cast)."""
+    check_device(name, value, ref_name, ref)
     return value if value.dtype == ref.dtype else value.to(ref.dtype)
 
 

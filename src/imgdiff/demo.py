@@ -74,7 +74,7 @@ class DemoConfig:
         if size % _SIZE_MULTIPLE:
             raise InputValueError(
                 f"image_size: expected a multiple of {_SIZE_MULTIPLE} (the U-Net halves it "
-                f"twice), got {size}"
+                f"{len(_CHANNEL_MULTS) - 1} times), got {size}"
             )
         for name in (
             "dataset_size",
@@ -108,7 +108,8 @@ class DemoConfig:
         )
 
 
-_SIZE_MULTIPLE = 4  # build_model's three levels halve the image twice
+_CHANNEL_MULTS = (1, 2, 2)  # build_model's levels
+_SIZE_MULTIPLE = 2 ** (len(_CHANNEL_MULTS) - 1)  # each level after the first halves the image
 
 
 def _masks_for_training(pair_mask: Tensor, tasks: Sequence[Task]) -> Tensor:
@@ -124,7 +125,7 @@ def build_model(cfg: DemoConfig) -> UNet:
             in_channels=6,
             out_channels=3,
             base_channels=cfg.base_channels,
-            channel_mults=(1, 2, 2),
+            channel_mults=_CHANNEL_MULTS,
             attention_levels=(2,),
             noise_conditioning="gamma",
         )

@@ -89,7 +89,8 @@ class KnownRegion:
     _placed: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor, Tensor]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
-    _alpha_bar: list[float] = field(default_factory=list, init=False, repr=False, compare=False)
+    # the schedule's alpha_bar as Python floats ("noised" only): a paste reads no tensor
+    _alpha_bar: tuple[float, ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         check_tensor("known", self.known, ndim=4, floating=True)
@@ -101,6 +102,8 @@ class KnownRegion:
             )
         check_generators(self.generator, self.known.shape[0])
         check_choice("backend", self.backend, BACKENDS)
+        if self.schedule is not None and self.mode == "noised":
+            object.__setattr__(self, "_alpha_bar", tuple(self.schedule.alphas_cumprod.tolist()))
 
     def _on(self, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``known``, the hole mask (bool) and the known-pixel mask ``(B, 1, H, W)`` in ``like``'s
@@ -121,9 +124,6 @@ class KnownRegion:
         """``(known_scale, noise, noise_scale)`` of the paste at ``timestep`` (``-1``: clean)."""
         if self.mode == "clean" or timestep < 0:
             return 1.0, None, 0.0
-        assert self.schedule is not None
-        if not self._alpha_bar:  # the schedule's table as Python floats, once: no tensor read
-            self._alpha_bar.extend(self.schedule.alphas_cumprod.tolist())
         ab = self._alpha_bar[timestep]
         noise = draw_normal(like.shape, self.generator, like.device, like.dtype)
         return math.sqrt(ab), noise, math.sqrt(1.0 - ab)

@@ -295,19 +295,14 @@ def fused_inpaint_blend(
     )
 
 
-def _impl(backend: Backend, x: Tensor, *others: Tensor | None) -> Literal["torch", "triton", "cpu"]:
-    """``resolve_backend``; torch for empty tensors and where autograd must see the update."""
-    impl = resolve_backend(backend, x)
-    if impl == "torch" or x.numel() == 0:
-        return "torch"
-    return fused_for(impl, x, *others) or "torch"
-
-
-def _mixed(x: Tensor, *operands: Tensor | None) -> bool:
-    """Whether an operand of the arithmetic has another dtype than ``x``: torch then computes in
-    the promoted dtype, where the kernels would round the operand to ``x``'s dtype first (a
-    bfloat16 ``x`` minus a close float32 ``y`` would cancel to zero)."""
-    return any(t is not None and t.dtype is not x.dtype for t in operands)
+def _impl(
+    backend: Backend, x: Tensor, *operands: Tensor | None, aside: tuple[Tensor, ...] = ()
+) -> Literal["torch", "triton", "cpu"]:
+    """The implementation a public function runs: :func:`fused_backend`'s rule for ``x`` and the
+    ``operands`` walked over its elements (torch for another element count, another dtype, which
+    torch promotes where a kernel would round it to ``x``'s, empty tensors and autograd), and
+    autograd alone for ``aside`` (masks, per-sample thresholds, a ``2C`` output)."""
+    return fused_for(fused_backend(backend, x, *operands), *aside) or "torch"
 
 
 def _same(name: str, value: object, x: Tensor) -> Tensor:
@@ -357,7 +352,7 @@ def lincomb3(
         noise = _same("noise", noise, x)
     a, b, c = check_float("a", a), check_float("b", b), check_float("c", c)
     s = _seed(seed, noise)
-    impl = "torch" if _mixed(x, y, noise) else _impl(backend, x, y, noise)
+    impl = _impl(backend, x, y, noise)
     if impl != "torch":
         return fused_lincomb3(impl, x, a, y, b, noise, c, s)
     if s is not None:
@@ -402,7 +397,7 @@ def inpaint_blend(
     s = _seed(seed, noise)
     if mask.dtype == torch.bool:
         mask = mask.to(x.dtype)
-    impl = "torch" if _mixed(x, known, noise) else _impl(backend, x, known, mask, noise)
+    impl = _impl(backend, x, known, noise, aside=(mask,))
     if impl != "torch":
         return fused_inpaint_blend(impl, x, known, mask, ks, noise, ns, s)
     if s is not None:
@@ -514,9 +509,9 @@ def ddpm_learned_step(
     a, b = check_float("x_coef", x_coef), check_float("out_coef", out_coef)
     lb, lbt = check_float("log_beta", log_beta), check_float("log_beta_tilde", log_beta_tilde)
     nm = check_float("noise_mask", noise_mask)
-    # out has twice x's elements, and the kernel's offsets into it are int32
-    fusable = out.numel() <= _MAX_NUMEL and not _mixed(x, out, noise)
-    if fusable and _impl(backend, x, out, noise) == "triton":
+    # out has twice x's elements (the kernel's offsets into it are int32): checked here
+    fusable = out.numel() <= _MAX_NUMEL and out.dtype == x.dtype
+    if fusable and _impl(backend, x, noise, aside=(out,)) == "triton":
         from imgdiff.kernels import fused
 
         return fused.ddpm_learned_step(
@@ -537,7 +532,7 @@ def threshold_apply(x0: Tensor, s: Tensor, *, backend: Backend = "auto") -> Tens
         )
     if s.device != x0.device:
         raise InputValueError(f"s: expected a tensor on {x0.device} (x0's), got {s.device}")
-    if _impl(backend, x0, s) == "triton":
+    if _impl(backend, x0, aside=(s,)) == "triton":
         from imgdiff.kernels import fused
 
         return fused.threshold_apply(x0, s)

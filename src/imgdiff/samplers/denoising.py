@@ -21,7 +21,7 @@ from torch import Tensor
 
 from imgdiff import kernels
 from imgdiff._checks import (
-    check_pair,
+    check_device,
     check_same_shape,
     check_tensor,
     check_timestep_tensor,
@@ -392,5 +392,6 @@ class DenoisingSampler(Sampler[Tensor, DCoeffT]):
         elif noise is not None:
             check_tensor("noise", noise, floating=True)
             check_same_shape("noise", noise, "x", x)
-            noise = check_pair("noise", noise, "x", x).to(dtype)
+            check_device("noise", noise, "x", x)
+            noise = noise.to(dtype)  # straight to the state dtype, not through x's
         return self.update(x.to(dtype), model_output.to(dtype), coeffs, noise)
