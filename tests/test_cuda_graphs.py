@@ -323,6 +323,28 @@ def test_injected_noise_and_conditions_can_change_between_replays() -> None:  # 
 
 @pytest.mark.gpu
 @needs_cuda
+def test_a_pinned_input_can_be_overwritten_as_soon_as_the_call_returns() -> (
+    None
+):  # pragma: no cover
+    """The replay's copy of a page-locked ``start`` or condition must not read it late."""
+    sampler = DDPM(NoiseSchedule.linear())
+    x = torch.randn(2, 3, 8, 8, device="cuda")
+    cond = torch.randn_like(x)
+    noise = torch.randn(10, *x.shape, device="cuda")
+    graphed = sampler.capture_graph(
+        CondModel(), x, num_steps=10, step_noise=noise, model_kwargs={"cond": cond}
+    )
+    x_host, cond_host = torch.randn(x.shape).pin_memory(), torch.randn(x.shape).pin_memory()
+    expected = graphed(x_host.cuda(), model_kwargs={"cond": cond_host.cuda()})
+    torch.cuda._sleep(1_000_000_000)  # keep the stream busy so a late read would see the writes
+    out = graphed(x_host, model_kwargs={"cond": cond_host})
+    x_host.fill_(1e3)
+    cond_host.fill_(-1e3)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@needs_cuda
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_known_region_callback_is_recorded(backend: str) -> None:  # pragma: no cover - GPU only
     s = NoiseSchedule.linear()

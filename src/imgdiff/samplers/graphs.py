@@ -110,6 +110,10 @@ class CUDAGraphSampling(Generic[OutT]):
                 given a ``step_noise`` tensor (otherwise the loop draws its noise on the GPU).
             model_kwargs: new values for tensor conditions given at capture (same names, shapes
                 and dtypes); conditions left out keep their last values.
+
+        The inputs are read before the call returns (page-locked host tensors included), so
+        the caller may overwrite them at once; the result is computed asynchronously, like
+        any CUDA work.
         """
         with torch.no_grad():  # the copies into the graph's inputs must not record autograd
             return self._replay(start, step_noise, model_kwargs)
@@ -167,6 +171,12 @@ def _copy_into(name: str, value: object, buf: Tensor, *, cast: bool = False) -> 
             f"{name}: expected shape {tuple(buf.shape)} and {dtype} as at capture, "
             f"got shape {tuple(value.shape)} and dtype {value.dtype}"
         )
+    if value.device.type == "cpu" and buf.device.type != "cpu" and value.is_pinned():
+        # an asynchronous copy from page-locked memory reads it when the stream gets there, after
+        # this call has returned: a write to the caller's tensor in between would leak into the
+        # replay. Copied from pageable memory, the data is staged before the copy call returns
+        # (CUDA runtime API, "API synchronization behavior"), without waiting for the stream.
+        value = value.clone()
     buf.copy_(value, non_blocking=True)
 
 
