@@ -38,6 +38,7 @@ from imgdiff.losses import (
     discretized_gaussian_log_likelihood,
     hybrid_loss,
     min_snr_weight,
+    min_snr_weight_from_alpha_bar,
     normal_kl,
     vlb_term,
 )
@@ -2497,6 +2498,18 @@ LOSS_CASES = [
         ITE,
         r"^t: expected a torch\.Tensor, got 5 \(int\)",
         "min-snr-t-int",
+    ),
+    _case(
+        lambda: min_snr_weight_from_alpha_bar(torch.tensor([0.5, 1.5]), "sample"),
+        IVE,
+        r"^alpha_bar: expected values in \[0, 1\], got values from 0\.5 to 1\.5",
+        "min-snr-alpha-bar-above-1",
+    ),
+    _case(
+        lambda: min_snr_weight_from_alpha_bar(torch.tensor([float("nan")]), "epsilon"),
+        IVE,
+        r"^alpha_bar: expected values in \[0, 1\], got 1 NaN",
+        "min-snr-alpha-bar-nan",
     ),
     _case(
         lambda: vlb_term(

@@ -519,3 +519,117 @@ def test_timesteps_cover_the_whole_schedule_uniformly() -> None:
     assert abs(float(t.double().mean()) - (len(s) - 1) / 2) < 1.5  # std of the mean: 0.29
     counts = torch.bincount(t, minlength=len(s))
     assert int(counts.min()) > 50  # ~100 each
+
+
+class _Tied(torch.nn.Module):
+    """Two convolutions sharing one weight (tied weights, as in weight-tied embeddings)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 3, 1)
+        self.b = torch.nn.Conv2d(3, 3, 1)
+        self.b.weight = self.a.weight
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x))
+
+
+def test_networks_with_tied_weights_checkpoint_and_resume(tmp_path: Path) -> None:
+    """Shared parameters are written (safetensors refuses shared memory) and restored tied."""
+    data = torch.rand(8, 3, 4, 4) * 2 - 1
+    ck = tmp_path / "ck.safetensors"
+
+    def trainer(steps: int) -> Trainer:
+        torch.manual_seed(0)
+        return Trainer(
+            _Tied(),
+            NoiseSchedule.linear(),
+            _make_batch(data, 4),
+            TrainingConfig(steps=steps),
+            checkpoint=ck,
+        )
+
+    first = trainer(2)
+    first.train(progress=False)
+    second = trainer(3)  # resumes from step 2
+    assert second.step == 2
+    assert second.net.b.weight is second.net.a.weight  # type: ignore[union-attr]
+    torch.testing.assert_close(second.net.a.weight, first.net.a.weight, rtol=0, atol=0)  # type: ignore[union-attr]
+    second.train(progress=False)
+    assert second.step == 3
+    w = torch.randn(2, 3)
+    save_checkpoint(tmp_path / "views.safetensors", {"w": w, "row": w[0], "same": w}, {})
+    tensors, _ = load_checkpoint(tmp_path / "views.safetensors")
+    assert torch.equal(tensors["row"], w[0])
+    assert torch.equal(tensors["same"], w)
+
+
+def test_config_stores_plain_numbers(tmp_path: Path) -> None:
+    """numpy scalars become the int or float they stand for (JSON checkpoints, manual_seed)."""
+    np = pytest.importorskip("numpy")
+    cfg = TrainingConfig(
+        steps=np.int64(1), lr=np.float32(1e-3), seed=np.int64(3), grad_clip=np.float64(0.5)
+    )
+    for name, kind in (("steps", int), ("lr", float), ("seed", int), ("grad_clip", float)):
+        assert type(getattr(cfg, name)) is kind, name
+    data = torch.rand(4, 3, 4, 4) * 2 - 1
+    Trainer(
+        _Recorder(),
+        NoiseSchedule.linear(),
+        _make_batch(data, 2),
+        cfg,
+        checkpoint=tmp_path / "ck.safetensors",
+    ).train(progress=False)
+    assert load_checkpoint(tmp_path / "ck.safetensors")[1]["config"]["seed"] == 3
+
+
+def test_trainer_refuses_bad_arguments_by_name() -> None:
+    """Wrong types, a noise level the network is not conditioned on, and an x0 of another dtype."""
+    s = NoiseSchedule.linear()
+    x0 = torch.zeros(2, 3, 8, 8)
+    make = _make_batch(x0, 2)
+    with pytest.raises(imgdiff.InputTypeError, match=r"^model_kwargs: expected a mapping"):
+        TrainingBatch(x0, model_kwargs=[1])  # type: ignore[arg-type]
+    with pytest.raises(imgdiff.InputTypeError, match=r"^x0: expected a tensor"):
+        TrainingBatch("x0")  # type: ignore[arg-type]
+    with pytest.raises(imgdiff.InputTypeError, match=r"^mask: expected None or a tensor"):
+        TrainingBatch(x0, mask=3)  # type: ignore[arg-type]
+    with pytest.raises(imgdiff.InputTypeError, match=r"^checkpoint: expected None or a file path"):
+        Trainer(_Recorder(), s, make, TrainingConfig(steps=1), checkpoint=5)  # type: ignore[arg-type]
+    with pytest.raises(imgdiff.InputTypeError, match=r"^resume: expected a bool, got"):
+        Trainer(_Recorder(), s, make, TrainingConfig(steps=1), resume="no")  # type: ignore[arg-type]
+    with pytest.raises(imgdiff.InputTypeError, match=r"^generator: expected None or a torch"):
+        imgdiff.training.sample_timesteps(s, 2, generator=5)  # type: ignore[arg-type]
+    with pytest.raises(imgdiff.InputTypeError, match=r"^generator: expected None or a torch"):
+        sample_gamma(s, 2, generator=5)  # type: ignore[arg-type]
+    unet = UNet(
+        UNetConfig(
+            in_channels=3,
+            base_channels=8,
+            channel_mults=(1,),
+            num_res_blocks=1,
+            attention_levels=(),
+        )
+    )
+    with pytest.raises(imgdiff.InputValueError, match=r"^config.noise_level: expected 'timestep'"):
+        Trainer(unet, s, make, TrainingConfig(steps=1, noise_level="gamma"))
+    trainer = Trainer(_Recorder(), s, make, TrainingConfig(steps=1))
+    with pytest.raises(imgdiff.InputValueError, match=r"^batch.x0: expected dtype torch.float32"):
+        trainer.loss(TrainingBatch(x0.double()))
+
+
+def test_hybrid_loss_reads_no_device_value() -> None:
+    """The learned-variance loss runs on the meta device, where any host read raises: its
+    timesteps are checked on the CPU, where the trainer draws them."""
+    s = NoiseSchedule.linear()
+    net = _Recorder(factor=2).to("meta")
+    x0 = torch.empty(2, 3, 4, 4, device="meta")
+    trainer = Trainer(net, s, lambda step, g: TrainingBatch(x0), TrainingConfig(steps=1))
+    loss = trainer.loss(TrainingBatch(x0))
+    assert loss.device.type == "meta"
+    assert loss.shape == (2,)
+    t = torch.tensor([0, 999])
+    out = torch.empty(2, 6, 4, 4, device="meta")
+    assert imgdiff.losses.vlb_term(s, out, x0, x0, t).shape == (2,)
+    with pytest.raises(imgdiff.InputTypeError, match=r"^detach_mean: expected a bool"):
+        imgdiff.losses.vlb_term(s, out, x0, x0, t, detach_mean=1)  # type: ignore[arg-type]

@@ -101,6 +101,36 @@ def check_seed(name: str, value: object) -> int:
     return check_int(name, value, min=SEED_RANGE[0], max=SEED_RANGE[1])
 
 
+def check_bool(name: str, value: object) -> bool:
+    """A Python bool (not a truthy stand-in such as ``"no"`` or ``1``)."""
+    if not isinstance(value, bool):
+        raise InputTypeError(f"{name}: expected a bool, got {describe(value)}")
+    return value
+
+
+def check_generator(generator: object, name: str = "generator") -> torch.Generator | None:
+    """``None`` (torch's global generator) or one ``torch.Generator``."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return generator
+    raise InputTypeError(f"{name}: expected None or a torch.Generator, got {describe(generator)}")
+
+
+def check_unit_range(name: str, values: Tensor, given: object) -> None:
+    """Refuse ``values`` (``given`` as a tensor) outside ``[0, 1]`` or NaN (reads the device)."""
+    nan = torch.isnan(values)
+    if bool(((values < 0) | (values > 1) | nan).any()):
+        if not isinstance(given, Tensor) or given.ndim == 0:
+            got = f"{given}"
+        else:
+            seen = values[~nan]
+            got = f"{int(nan.sum())} NaN" if bool(nan.any()) else ""
+            if seen.numel():
+                got += (" and " if got else "") + (
+                    f"values from {float(seen.min())} to {float(seen.max())}"
+                )
+        raise InputValueError(f"{name}: expected values in [0, 1], got {got}")
+
+
 def check_finite(name: str, value: Tensor) -> None:
     """Refuse NaN or infinite entries, naming how many and the first (reads the device: not for
     sampling loops)."""

@@ -19,7 +19,14 @@ from typing import Literal, NamedTuple, get_args
 import torch
 from torch import Tensor
 
-from imgdiff._checks import check_choice, check_pair, check_same_shape, check_tensor, describe
+from imgdiff._checks import (
+    check_choice,
+    check_pair,
+    check_same_shape,
+    check_tensor,
+    check_unit_range,
+    describe,
+)
 from imgdiff._ops import per_sample
 from imgdiff.errors import InputTypeError, InputValueError
 
@@ -65,7 +72,7 @@ def linear_prediction_coefficients(
     prediction = check_choice("prediction", prediction, PREDICTION_TYPES)
     check_tensor("alpha_bar", alpha_bar)
     ab = alpha_bar.to(torch.float64)
-    _check_unit_range(ab, alpha_bar)
+    check_unit_range("alpha_bar", ab, alpha_bar)
     a = torch.sqrt(ab)
     s = torch.sqrt(1.0 - ab)
     if prediction == "epsilon":
@@ -106,19 +113,8 @@ def _alpha_bar_like(alpha_bar: object, x: Tensor) -> Tensor:
             f"alpha_bar: expected a float, a 0-d tensor or shape ({x.shape[0]},) to match the "
             f"batch, got shape {tuple(ab.shape)}"
         )
-    _check_unit_range(ab, alpha_bar)
+    check_unit_range("alpha_bar", ab, alpha_bar)
     return ab
-
-
-def _check_unit_range(ab: Tensor, given: object) -> None:
-    bad = (ab < 0) | (ab > 1) | torch.isnan(ab)
-    if bool(bad.any()):
-        got = (
-            f"{given}"
-            if not isinstance(given, Tensor) or given.ndim == 0
-            else f"values from {float(ab.min())} to {float(ab.max())}"
-        )
-        raise InputValueError(f"alpha_bar: expected values in [0, 1], got {got}")
 
 
 def _pair(name_a: str, a: object, name_b: str, b: object) -> tuple[Tensor, Tensor]:

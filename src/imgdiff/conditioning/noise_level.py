@@ -38,7 +38,7 @@ class NoiseLevelConditioning:
         if not callable(self.net):
             raise InputTypeError(f"net: expected a callable network, got {describe(self.net)}")
         check_schedule("schedule", self.schedule)
-        mode = _noise_conditioning(self.net)
+        mode = network_noise_conditioning(self.net)
         if mode is not None and mode != "gamma":
             raise InputValueError(
                 f"net: expected a network conditioned on noise levels (config.noise_conditioning "
@@ -79,7 +79,7 @@ class NoiseLevelConditioning:
         return out
 
 
-def _noise_conditioning(net: object) -> str | None:
+def network_noise_conditioning(net: object) -> str | None:
     """``config.noise_conditioning`` of the network behind ``net``, through its wrappers (e.g.
     :class:`~imgdiff.conditioning.ConcatConditioning`), else ``None``."""
     for obj in wrapped(net):

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-from imgdiff._checks import check_tensor, describe
+from imgdiff._checks import check_generator, check_tensor, describe
 from imgdiff.errors import InputTypeError, InputValueError
 
 __all__ = [
@@ -50,13 +50,6 @@ def check_size(size: object, name: str = "size") -> tuple[int, int]:
                 f"{name}: expected sides of at least {MIN_SIZE} pixels, got {size!r}"
             )
     return pair[0], pair[1]
-
-
-def check_generator(generator: object, name: str = "generator") -> torch.Generator | None:
-    """Check that ``generator`` is ``None`` (torch's global generator) or one ``torch.Generator``."""
-    if generator is None or isinstance(generator, torch.Generator):
-        return generator
-    raise InputTypeError(f"{name}: expected None or a torch.Generator, got {describe(generator)}")
 
 
 def check_images(name: str, images: object) -> Tensor:

@@ -8,8 +8,8 @@ from typing import Literal, get_args
 
 from torch import Tensor, nn
 
-from imgdiff._checks import check_same_shape, check_tensor, describe
-from imgdiff.errors import InputTypeError, InputValueError
+from imgdiff._checks import check_same_shape, check_tensor
+from imgdiff.errors import InputValueError
 
 Reduction = Literal["mean", "sum", "none"]
 REDUCTIONS: tuple[Reduction, ...] = get_args(Reduction)
@@ -22,12 +22,6 @@ def import_optional(module: str, what: str) -> ModuleType:
         raise ImportError(
             f"{what} needs lpips and torchvision: pip install 'imgdiff[perceptual]'"
         ) from exc
-
-
-def check_bool(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise InputTypeError(f"{name}: expected a bool, got {describe(value)}")
-    return value
 
 
 def check_image_pair(

@@ -13,12 +13,14 @@ import torch
 from torch import Tensor
 
 from imgdiff._checks import (
+    check_bool,
     check_choice,
     check_float,
     check_floating_dtype,
     check_same_shape,
     check_tensor,
     check_timestep_tensor,
+    check_unit_range,
 )
 from imgdiff._ops import lincomb, per_sample
 from imgdiff.errors import InputValueError
@@ -147,6 +149,7 @@ def min_snr_weight_from_alpha_bar(
     prediction = check_choice("prediction", prediction, PREDICTION_TYPES)
     gamma = check_float("gamma", gamma, min=0.0, min_open=True)
     ab = check_tensor("alpha_bar", alpha_bar, ndim=1, floating=True).to(torch.float64)
+    check_unit_range("alpha_bar", ab, alpha_bar)  # a CPU alpha_bar (the trainer's) is read freely
     snr = ab / (1.0 - ab)
     clipped = torch.clamp(snr, max=gamma)
     if prediction == "epsilon":
@@ -221,8 +224,11 @@ def vlb_term(
     and :attr:`NoiseSchedule.posterior_log_variance_clipped` (``beta_tilde_1`` at ``t = 0``, as
     improved DDPM), ``learned`` reads a log-variance. With ``detach_mean`` (default) the mean half
     is detached, so this term trains only the variance (the ``stop_gradient`` of the hybrid loss).
+    ``t`` ``(B,)`` is read where it lives: on the CPU (as the trainer passes it) that costs no
+    device sync.
     """
     schedule = check_schedule("schedule", schedule)
+    detach_mean = check_bool("detach_mean", detach_mean)
     variance = check_choice("variance", variance, ("learned", "learned_range"))
     check_tensor("x0", x0, floating=True, min_ndim=2)
     check_tensor("x_t", x_t, floating=True)
@@ -235,9 +241,15 @@ def vlb_term(
             f"model_output: expected shape {expected} (mean and variance channels), "
             f"got {tuple(model_output.shape)}"
         )
-    idx = check_timestep_tensor(
-        "t", t, batch=x0.shape[0], num_train_timesteps=len(schedule), device=x0.device
+    # values checked (and the coefficients below computed) on t's own device
+    t = check_timestep_tensor(
+        "t",
+        t,
+        batch=x0.shape[0],
+        num_train_timesteps=len(schedule),
+        device=t.device if isinstance(t, Tensor) else torch.device("cpu"),
     )
+    idx = t.to(x0.device)
     mean_out, var_out = model_output[:, :C], model_output[:, C:]
     if detach_mean:
         mean_out = mean_out.detach()
@@ -245,7 +257,7 @@ def vlb_term(
     def at(table: Tensor) -> Tensor:
         return per_sample(table.to(x0.device)[idx], x0)
 
-    ab = schedule.alpha_bar_at(idx)
+    ab = schedule.alpha_bar_at(t)
     pred = linear_prediction_coefficients(prediction, ab)
     x0_hat = lincomb(
         x_t, per_sample(pred.x0_from_x, x0), mean_out, per_sample(pred.x0_from_out, x0)

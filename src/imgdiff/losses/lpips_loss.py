@@ -14,12 +14,11 @@ from typing import Any, Literal, Self, get_args
 
 from torch import Tensor, nn
 
-from imgdiff._checks import check_choice, describe
+from imgdiff._checks import check_bool, check_choice, describe
 from imgdiff.errors import InputTypeError, InputValueError, WeightsUnavailableError
 from imgdiff.losses._perceptual_common import (
     REDUCTIONS,
     Reduction,
-    check_bool,
     check_image_pair,
     freeze,
     import_optional,

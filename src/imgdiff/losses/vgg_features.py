@@ -15,10 +15,9 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor, nn
 
-from imgdiff._checks import check_choice, check_same_shape, check_tensor, describe
+from imgdiff._checks import check_bool, check_choice, check_same_shape, check_tensor, describe
 from imgdiff.errors import InputTypeError, InputValueError, WeightsUnavailableError
 from imgdiff.losses._perceptual_common import (
-    check_bool,
     check_image,
     freeze,
 )

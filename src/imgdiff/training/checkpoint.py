@@ -36,7 +36,7 @@ def save_checkpoint(
             raise InputTypeError(f"tensors[{name!r}]: expected a tensor, got {describe(value)}")
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    contiguous = _unshared({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
     os.close(fd)
     try:
@@ -49,6 +49,18 @@ def save_checkpoint(
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(out.parent)
+    return out
+
+
+def _unshared(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Copy every tensor whose memory an earlier one shares (tied weights): safetensors refuses
+    to write shared memory, and a load then fills the tied parameter twice with equal values."""
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for name, value in tensors.items():
+        key = (value.untyped_storage().data_ptr(), value.untyped_storage().nbytes())
+        out[name] = value.clone() if key in seen else value
+        seen.add(key)
     return out
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from imgdiff._checks import check_int
+from imgdiff._checks import check_generator, check_int
 from imgdiff.schedules import NoiseSchedule, check_schedule
 
 __all__ = ["sample_gamma", "sample_timesteps"]
@@ -21,6 +21,7 @@ def sample_timesteps(
     """``t ~ Uniform{0, ..., T-1}`` per sample (DDPM Algorithm 1): int64 ``(batch,)``."""
     check_schedule("schedule", schedule)
     batch = check_int("batch", batch, min=1)
+    generator = check_generator(generator)
     t = torch.randint(0, len(schedule), (batch,), generator=generator)
     return t.to(device) if device is not None else t
 
@@ -40,6 +41,7 @@ def sample_gamma(
     """
     check_schedule("schedule", schedule)
     batch = check_int("batch", batch, min=1)
+    generator = check_generator(generator)
     ab = schedule.alphas_cumprod
     t = torch.randint(1, len(schedule), (batch,), generator=generator)
     u = torch.rand(batch, generator=generator, dtype=torch.float64)

@@ -20,9 +20,18 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from imgdiff._checks import check_choice, check_float, check_int, check_seed, check_tensor, describe
+from imgdiff._checks import (
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    check_seed,
+    check_tensor,
+    describe,
+)
 from imgdiff.conditioning.dropout import drop_conditions
 from imgdiff.conditioning.masks import check_mask
+from imgdiff.conditioning.noise_level import network_noise_conditioning
 from imgdiff.errors import InputTypeError, InputValueError
 from imgdiff.losses.denoising import (
     LOSS_NORMS,
@@ -60,6 +69,19 @@ class TrainingBatch:
     x0: Tensor
     model_kwargs: Mapping[str, Any] = field(default_factory=dict)
     mask: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.x0, Tensor):
+            raise InputTypeError(f"x0: expected a tensor (B, C, H, W), got {describe(self.x0)}")
+        if not isinstance(self.model_kwargs, Mapping):
+            raise InputTypeError(
+                f"model_kwargs: expected a mapping of condition name to value, got "
+                f"{describe(self.model_kwargs)}"
+            )
+        if self.mask is not None and not isinstance(self.mask, Tensor):
+            raise InputTypeError(
+                f"mask: expected None or a tensor (B, 1, H, W), got {describe(self.mask)}"
+            )
 
 
 @dataclass(frozen=True)
@@ -107,23 +129,33 @@ class TrainingConfig:
     vlb_weight: float = 0.001
 
     def __post_init__(self) -> None:
-        check_int("steps", self.steps, min=1)
-        check_float("lr", self.lr, min=0.0, min_open=True)
-        check_int("warmup_steps", self.warmup_steps, min=0)
-        check_choice("prediction", self.prediction, PREDICTION_TYPES)
-        check_choice("norm", self.norm, LOSS_NORMS)
-        check_choice("mask_normalization", self.mask_normalization, MASK_NORMALIZATIONS)
-        check_choice("noise_level", self.noise_level, _NOISE_LEVELS)
-        check_float("ema_decay", self.ema_decay, min=0.0, max=1.0, max_open=True)
+        # the checked values are stored: a numpy scalar becomes the int or float it stands for
+        # (the config goes into checkpoints as JSON, and the seed into torch.Generator)
+        checked: dict[str, object] = {
+            "steps": check_int("steps", self.steps, min=1),
+            "lr": check_float("lr", self.lr, min=0.0, min_open=True),
+            "warmup_steps": check_int("warmup_steps", self.warmup_steps, min=0),
+            "prediction": check_choice("prediction", self.prediction, PREDICTION_TYPES),
+            "norm": check_choice("norm", self.norm, LOSS_NORMS),
+            "mask_normalization": check_choice(
+                "mask_normalization", self.mask_normalization, MASK_NORMALIZATIONS
+            ),
+            "noise_level": check_choice("noise_level", self.noise_level, _NOISE_LEVELS),
+            "ema_decay": check_float("ema_decay", self.ema_decay, min=0.0, max=1.0, max_open=True),
+            "checkpoint_every": check_int("checkpoint_every", self.checkpoint_every, min=0),
+            "seed": check_seed("seed", self.seed),
+            "log_every": check_int("log_every", self.log_every, min=1),
+            "p_uncond": check_float("p_uncond", self.p_uncond, min=0.0, max=1.0),
+            "vlb_weight": check_float("vlb_weight", self.vlb_weight, min=0.0),
+        }
         if self.grad_clip is not None:
-            check_float("grad_clip", self.grad_clip, min=0.0, min_open=True)
-        check_int("checkpoint_every", self.checkpoint_every, min=0)
-        check_seed("seed", self.seed)
-        check_int("log_every", self.log_every, min=1)
+            checked["grad_clip"] = check_float("grad_clip", self.grad_clip, min=0.0, min_open=True)
         if self.min_snr_gamma is not None:
-            check_float("min_snr_gamma", self.min_snr_gamma, min=0.0, min_open=True)
-        check_float("p_uncond", self.p_uncond, min=0.0, max=1.0)
-        check_float("vlb_weight", self.vlb_weight, min=0.0)
+            checked["min_snr_gamma"] = check_float(
+                "min_snr_gamma", self.min_snr_gamma, min=0.0, min_open=True
+            )
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
 
 
 class Trainer:
@@ -176,6 +208,17 @@ class Trainer:
                 f"null_conditions: expected a mapping of condition name to null tensor, got "
                 f"{describe(null_conditions)}"
             )
+        if checkpoint is not None and not isinstance(checkpoint, (str, Path)):
+            raise InputTypeError(
+                f"checkpoint: expected None or a file path (str or Path), got {describe(checkpoint)}"
+            )
+        check_bool("resume", resume)
+        mode = network_noise_conditioning(model if model is not None else net)
+        if mode is not None and mode != config.noise_level:
+            raise InputValueError(
+                f"config.noise_level: expected {mode!r}, what the network is conditioned on "
+                f"(its config.noise_conditioning), got {config.noise_level!r}"
+            )
         if config.p_uncond > 0 and not null_conditions:
             raise InputValueError(
                 f"null_conditions: expected the null value of every dropped condition for "
@@ -195,6 +238,9 @@ class Trainer:
         self.losses: list[float] = []  # mean loss of every step so far (flushed from _pending)
         self._pending: list[Tensor] = []
         self._mask_values_checked = False
+        self._param_dtype = next(
+            (p.dtype for p in net.parameters() if p.dtype.is_floating_point), None
+        )
         if resume and self.checkpoint is not None and self.checkpoint.is_file():
             self.load(self.checkpoint)
 
@@ -211,6 +257,11 @@ class Trainer:
         if not isinstance(batch, TrainingBatch):
             raise InputTypeError(f"batch: expected a TrainingBatch, got {describe(batch)}")
         x0 = check_tensor("batch.x0", batch.x0, ndim=4, floating=True)
+        if self._param_dtype is not None and x0.dtype != self._param_dtype:
+            raise InputValueError(
+                f"batch.x0: expected dtype {self._param_dtype}, that of the network's parameters, "
+                f"got {x0.dtype}"
+            )
         B, C = x0.shape[:2]
         g = self.generator
         noise = torch.randn(x0.shape, generator=g, dtype=x0.dtype).to(x0.device)
@@ -265,7 +316,8 @@ class Trainer:
                     f"noise_level={cfg.noise_level!r} and "
                     f"{'a mask' if mask is not None else 'no mask'}"
                 )
-            vlb = vlb_term(self.schedule, out, x0, x_t, t.to(x0.device), prediction=cfg.prediction)
+            # t stays on the CPU: vlb_term reads its values there, with no device sync
+            vlb = vlb_term(self.schedule, out, x0, x_t, t, prediction=cfg.prediction)
             loss = loss + (cfg.vlb_weight * len(self.schedule)) * vlb.to(loss.dtype)
         return loss
 
@@ -301,8 +353,9 @@ class Trainer:
         """Run until ``config.steps``; returns the mean loss of every step of this call.
 
         :attr:`losses` keeps every step's loss since the first run (restored on resume). The
-        progress bar reads the loss on the host every ``log_every`` steps; nothing else
-        synchronises inside the loop.
+        progress bar reads the loss on the host every ``log_every`` steps; nothing else reads
+        device values on the host inside the loop (noise and noise levels are drawn on the CPU
+        generator, for reproducible resumes, and copied to the device each step).
         """
         cfg = self.config
         self.net.train()
