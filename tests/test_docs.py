@@ -1,4 +1,5 @@
-"""The documentation's code runs: every ```python block of README.md and docs/*.md, in order.
+"""The documentation's code runs and its asserts hold: every ```python block of README.md and
+docs/*.md, in order.
 
 Blocks of one file share a namespace (later blocks use earlier names). A block whose first line
 is ``# sketch: not run`` is skipped (it needs the reader's own network). Progress bars are off.
@@ -24,8 +25,10 @@ def _blocks(path: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("path", [p for p in DOCS if _blocks(p)], ids=lambda p: p.name)
-def test_doc_code_runs(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each file's python blocks execute without error (small shapes, no progress bars)."""
+def test_doc_code_runs(path: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Each file's python blocks execute without error and their asserts hold (small shapes, no
+    progress bars, in a fresh folder: a checkpoint a block writes is not resumed next run)."""
+    monkeypatch.chdir(tmp_path)
     original = imgdiff.Sampler.sample
 
     def quiet(self, *args, **kwargs):  # type: ignore[no-untyped-def]
