@@ -117,7 +117,7 @@ def test_images_refuse_non_finite_values_and_an_empty_batch(tmp_path: Path) -> N
             save_image_grid(bad, tmp_path / "bad.png")
     assert not (tmp_path / "bad.png").exists()
     with pytest.raises(
-        InputValueError, match=r"^images: expected at least one image, got shape \(0, 3, 4, 4\)"
+        InputValueError, match=r"^images: expected at least one image of at least 1x1 pixels and one channel, got shape \(0, 3, 4, 4\)"
     ):
         image_grid(torch.zeros(0, 3, 4, 4))
     assert image_grid(images, nrow=1, padding=0).shape == (8, 4, 3)

@@ -51,8 +51,10 @@ def check_tensor(
     ndim: int | None = None,
     min_ndim: int | None = None,
     floating: bool = False,
+    nonempty: bool = False,
 ) -> Tensor:
-    """Check that ``value`` is a tensor with the given rank and, if asked, a floating dtype."""
+    """Check that ``value`` is a tensor with the given rank and, if asked, a floating dtype and
+    at least one element (``nonempty``: no dimension of size 0)."""
     if not isinstance(value, Tensor):
         raise InputTypeError(f"{name}: expected a torch.Tensor, got {describe(value)}")
     if ndim is not None and value.ndim != ndim:
@@ -66,6 +68,11 @@ def check_tensor(
         )
     if floating and not value.dtype.is_floating_point:
         raise InputTypeError(f"{name}: expected a floating-point tensor, got dtype {value.dtype}")
+    if nonempty and value.numel() == 0:
+        raise InputValueError(
+            f"{name}: expected a non-empty tensor (no dimension of size 0), "
+            f"got shape {tuple(value.shape)}"
+        )
     return value
 
 
@@ -79,12 +86,14 @@ def check_kwargs(name: str, value: object) -> Mapping[str, Any] | None:
 
 
 def check_same_shape(name: str, value: Tensor, ref_name: str, ref: Tensor) -> None:
-    """Check that ``value`` has exactly the shape of ``ref`` (no broadcasting)."""
+    """Check that ``value`` has exactly the shape of ``ref`` (no broadcasting) and is on its
+    device (the two are combined elementwise; torch's own error would not name them)."""
     if value.shape != ref.shape:
         raise InputValueError(
             f"{name}: expected shape {tuple(ref.shape)} (the shape of {ref_name}), "
             f"got {tuple(value.shape)}"
         )
+    check_device(name, value, ref_name, ref)
 
 
 def is_integer_dtype(dtype: torch.dtype) -> bool:

@@ -174,7 +174,7 @@ def zecon_edit(
         raise InputTypeError(
             f"sampler: expected an imgdiff DenoisingSampler (DDPM, DDIM), got {describe(sampler)}"
         )
-    check_tensor("source", source, ndim=4, floating=True)
+    check_tensor("source", source, ndim=4, floating=True, nonempty=True)
     if source.shape[1] != 3:
         raise InputValueError(f"source: expected (B, 3, H, W) images, got {tuple(source.shape)}")
     cfg = ZeConConfig.readme() if config is None else config

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from imgdiff._checks import check_float, check_int, describe
+from imgdiff._checks import check_device, check_float, check_int, check_tensor, describe
 from imgdiff.errors import InputTypeError, InputValueError
 from imgdiff.models import Model
 
@@ -29,7 +29,8 @@ def rescale_guidance(guided: Tensor, cond: Tensor, phi: float) -> Tensor:
     """Lin et al. 2023, Sec. 3.4: ``phi guided std(cond)/std(guided) + (1 - phi) guided``.
 
     Standard deviations (unbiased, as Lin et al.) over all non-batch dimensions; ``guided`` and
-    ``cond`` have the same shape ``(B, ...)`` with at least two elements per sample.
+    ``cond`` have the same shape ``(B, ...)`` with at least two elements per sample. A sample
+    whose ``guided`` is constant (standard deviation 0, the ratio undefined) is left as it is.
     """
     check_float("phi", phi, min=0.0, max=1.0)
     for name, value in (("guided", guided), ("cond", cond)):
@@ -39,13 +40,18 @@ def rescale_guidance(guided: Tensor, cond: Tensor, phi: float) -> Tensor:
         raise InputValueError(
             f"cond: expected the shape of guided {tuple(guided.shape)}, got {tuple(cond.shape)}"
         )
+    check_device("cond", cond, "guided", guided)
     if guided.ndim < 2 or guided[0].numel() < 2:
         raise InputValueError(
             "guided: expected shape (B, ...) with at least two elements per sample (a standard "
             f"deviation per sample), got {tuple(guided.shape)}"
         )
     dims = tuple(range(1, guided.ndim))
-    ratio = cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True).clamp_min(1e-12)
+    std_guided = guided.std(dim=dims, keepdim=True)
+    flat = std_guided == 0
+    ratio = torch.where(
+        flat, 1.0, cond.std(dim=dims, keepdim=True) / torch.where(flat, 1.0, std_guided)
+    )
     return phi * guided * ratio + (1.0 - phi) * guided
 
 
@@ -117,7 +123,13 @@ class ClassifierFreeGuidance:
 
     def __call__(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
         """One batched forward of ``[null, cond]``; returns the guided output ``(B, ...)``."""
+        x = check_tensor("x", x, min_ndim=1, floating=True)
         B = x.shape[0]
+        t = check_tensor("t", t, ndim=1)
+        if t.shape[0] != B:
+            raise InputValueError(
+                f"t: expected shape ({B},) to match the batch of x, got {tuple(t.shape)}"
+            )
         missing = set(self.null) - set(cond)
         if missing:
             raise InputValueError(

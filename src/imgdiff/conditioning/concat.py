@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from imgdiff._checks import check_int, check_tensor, describe
+from imgdiff._checks import check_device, check_int, check_tensor, describe
 from imgdiff.errors import InputTypeError, InputValueError
 from imgdiff.models import Model
 
@@ -32,6 +32,11 @@ class ConcatConditioning:
     def __post_init__(self) -> None:
         if not callable(self.net):
             raise InputTypeError(f"net: expected a callable network, got {describe(self.net)}")
+        if not isinstance(self.key, str) or not self.key:
+            raise InputTypeError(
+                f"key: expected the keyword name of the condition image (a non-empty str), "
+                f"got {describe(self.key)}"
+            )
         if self.source_channels is not None:
             check_int("source_channels", self.source_channels, min=1)
 
@@ -42,6 +47,7 @@ class ConcatConditioning:
 
     def __call__(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
         """The network's output for ``(cat([source, x]), t)``, shape ``(B, C_out, H, W)``."""
+        x = check_tensor("x", x, ndim=4, floating=True)
         if self.key not in cond:
             raise InputValueError(
                 f"{self.key}: expected the condition image as keyword '{self.key}', got none"
@@ -79,6 +85,8 @@ def sd_inpaint_input(latents: Tensor, mask: Tensor, masked_image_latents: Tensor
         raise InputValueError(
             f"masked_image_latents: expected shape {(B, C, h, w)} like latents, got {tuple(masked_image_latents.shape)}"
         )
+    check_device("mask", mask, "latents", latents)
+    check_device("masked_image_latents", masked_image_latents, "latents", latents)
     return torch.cat(
         [latents, mask.to(latents.dtype), masked_image_latents.to(latents.dtype)], dim=1
     )

@@ -71,9 +71,10 @@ def check_images(name: str, images: object) -> Tensor:
             f"{name}: expected height and width of at least {MIN_SIZE} pixels, "
             f"got shape {tuple(x.shape)}"
         )
-    if not bool(torch.isfinite(x).all()):
+    values = x.detach()  # read without autograd (a tensor that requires grad warns on float())
+    if not bool(torch.isfinite(values).all()):
         raise InputValueError(f"{name}: expected finite values in [-1, 1], got NaN or inf")
-    lo, hi = float(x.min()), float(x.max())
+    lo, hi = float(values.min()), float(values.max())
     if lo < -1.0 or hi > 1.0:
         raise InputValueError(
             f"{name}: expected values in [-1, 1], got values from {lo:.4g} to {hi:.4g}"

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from imgdiff._checks import check_tensor, describe, is_integer_dtype
+from imgdiff._checks import check_device, check_tensor, describe, is_integer_dtype
 from imgdiff.degradations._common import check_images
 from imgdiff.errors import InputTypeError, InputValueError
 
@@ -74,6 +74,7 @@ def with_luma(images: Tensor, gray: Tensor) -> Tensor:
             f"gray: expected the shape of images {tuple(x.shape)} (a grayscale image replicated "
             f"to 3 channels), got {tuple(g.shape)}"
         )
+    check_device("gray", g, "images", x)
     return x + (g.to(x.dtype) - luma(x))
 
 

@@ -27,8 +27,15 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - torch's conventional alias
 from torch import Tensor
 
-from imgdiff._checks import check_float, check_int, check_tensor, describe
-from imgdiff.errors import InputTypeError, InputValueError
+from imgdiff._checks import (
+    check_float,
+    check_generator,
+    check_int,
+    check_same_shape,
+    check_tensor,
+    describe,
+)
+from imgdiff.errors import InputTypeError
 
 __all__ = ["CLIPAugment"]
 
@@ -81,11 +88,8 @@ class CLIPAugment:
         augmentation (the source side of ZeCon's patch directional loss). ``generator`` (on the
         CPU) draws the random parameters; the global generator when ``None``.
         """
-        x = check_tensor("x", x, ndim=4, floating=True)
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise InputTypeError(
-                f"generator: expected None or a torch.Generator, got {describe(generator)}"
-            )
+        x = check_tensor("x", x, ndim=4, floating=True, nonempty=True)
+        generator = check_generator(generator)
         B, _, H, W = x.shape
         S = self.output_size
         copies = x.repeat(self.n_patch, 1, 1, 1)
@@ -104,12 +108,9 @@ class CLIPAugment:
         For directional losses: the difference of the two sides then measures ``x - y``, not
         the augmentations. Returns two ``(n_patch B, C, S, S)`` tensors.
         """
-        x = check_tensor("x", x, ndim=4, floating=True)
+        x = check_tensor("x", x, ndim=4, floating=True, nonempty=True)
         y = check_tensor("y", y, ndim=4, floating=True)
-        if x.shape != y.shape:
-            raise InputValueError(
-                f"y: expected the shape of x {tuple(x.shape)}, got {tuple(y.shape)}"
-            )
+        check_same_shape("y", y, "x", x)
         B, _, H, W = x.shape
         grid, inside = self.sampling_grid(
             self.n_patch * B, H, W, generator=generator, device=x.device

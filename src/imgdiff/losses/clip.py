@@ -96,9 +96,14 @@ def directional_loss(image_direction: Tensor, text_direction: Tensor) -> Tensor:
 
 
 def diffusionclip_transform(loss: Tensor) -> Tensor:
-    """DiffusionCLIP's ``-log((2 - L_dir) / 2)`` (Kim et al. 2022): 0 when aligned, log 2 at 1."""
+    """DiffusionCLIP's ``-log((2 - L_dir) / 2)`` (Kim et al. 2022): 0 when aligned, log 2 at 1.
+
+    ``loss`` is a cosine distance, in ``[0, 2]``; it is clamped to that range first (float
+    rounding can leave ``1 - cos`` just outside it, which would give NaN), so opposite
+    directions give ``inf``.
+    """
     check_tensor("loss", loss, floating=True)
-    return -torch.log((2.0 - loss) / 2.0)
+    return -torch.log((2.0 - loss.clamp(0.0, 2.0)) / 2.0)
 
 
 def _reduce(per_image: Tensor, reduction: Reduction) -> Tensor:
@@ -122,6 +127,10 @@ def _check_images(name: str, x: Tensor) -> Tensor:
         raise InputValueError(
             f"{name}: expected a non-empty batch (B >= 1) of (B, 3, H, W) images, got "
             f"{tuple(x.shape)}"
+        )
+    if x.numel() == 0:
+        raise InputValueError(
+            f"{name}: expected images of at least 1x1 pixels, got {tuple(x.shape)}"
         )
     return x
 
@@ -161,6 +170,11 @@ class CLIPGlobalLoss:
         _check_augment(self.augment)
         _check_templates_for_texts(self.templates, target=self.target)
         emb = _text_or_embedding("target", self.target, self.encoder, self.templates)
+        if float(emb.norm()) == 0.0:
+            raise InputValueError(
+                "target: expected a non-zero embedding (every image is equally far from zero: "
+                "the loss would be a constant with no gradient), got all zeros"
+            )
         object.__setattr__(self, "target_embedding", emb)
 
     def __call__(self, x: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
@@ -237,7 +251,9 @@ class CLIPDirectionalLoss:
         _check_templates_for_texts(
             self.templates, source_text=self.source_text, target_text=self.target_text
         )
-        templates = (self.templates or IMAGENET_TEMPLATES) if nada else None
+        templates = (
+            (IMAGENET_TEMPLATES if self.templates is None else self.templates) if nada else None
+        )
         src = _text_or_embedding("source_text", self.source_text, self.encoder, templates, nada)
         tgt = _text_or_embedding("target_text", self.target_text, self.encoder, templates, nada)
         if nada:
@@ -254,6 +270,12 @@ class CLIPDirectionalLoss:
                         "text, or unit-normalise a raw embedding"
                     )
         direction = tgt - src
+        if float(direction.norm()) <= 1e-6 * max(float(src.norm()), float(tgt.norm())):
+            raise InputValueError(
+                "target_text: expected another text (or embedding) than source_text, got one "
+                "with the same embedding: the text direction is zero, so the loss would be a "
+                "constant with no gradient"
+            )
         object.__setattr__(
             self, "text_direction", F.normalize(direction, dim=-1) if nada else direction
         )

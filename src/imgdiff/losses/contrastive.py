@@ -28,7 +28,14 @@ import torch
 from torch import Tensor
 from torch.nn.functional import cross_entropy
 
-from imgdiff._checks import check_float, check_int, check_tensor, describe, is_integer_dtype
+from imgdiff._checks import (
+    check_float,
+    check_int,
+    check_same_shape,
+    check_tensor,
+    describe,
+    is_integer_dtype,
+)
 from imgdiff.errors import InputTypeError, InputValueError
 from imgdiff.losses._features import FeatureExtractor, check_layers, feature_list, select_layers
 from imgdiff.losses.unet_features import ZECON_LAYERS, EncoderNetwork, UNetEncoderFeatures
@@ -99,9 +106,9 @@ def patch_nce_loss(
             f"key: expected shape {tuple(query.shape)} (the shape of query: (B, P, C)), "
             f"got {tuple(key.shape)}"
         )
-    if query.shape[1] < 1 or query.shape[2] < 1:
+    if query.numel() == 0:
         raise InputValueError(
-            f"query: expected at least one patch and one channel (B, P, C), "
+            f"query: expected at least one image, one patch and one channel (B, P, C), "
             f"got shape {tuple(query.shape)}"
         )
     temperature = check_float("temperature", temperature, min=0.0, min_open=True)
@@ -282,12 +289,9 @@ class ZeroShotContrastiveLoss:
 
     def features(self, x: Tensor, y: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """The selected maps of ``x`` (with gradients) and ``y`` (without), checked pairwise."""
-        check_tensor("x", x, ndim=4, floating=True)
+        check_tensor("x", x, ndim=4, floating=True, nonempty=True)
         check_tensor("y", y, ndim=4, floating=True)
-        if y.shape != x.shape:
-            raise InputValueError(
-                f"y: expected shape {tuple(x.shape)} (the shape of x), got {tuple(y.shape)}"
-            )
+        check_same_shape("y", y, "x", x)
         fx = feature_list("extractor", self.extractor(x), x.shape[0])
         with torch.no_grad():
             fy = feature_list("extractor", self.extractor(y), y.shape[0])

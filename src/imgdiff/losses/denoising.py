@@ -15,6 +15,7 @@ from torch import Tensor
 from imgdiff._checks import (
     check_bool,
     check_choice,
+    check_device,
     check_float,
     check_floating_dtype,
     check_same_shape,
@@ -60,7 +61,7 @@ def denoising_loss(model_output: Tensor, target: Tensor, *, norm: LossNorm = "l2
     :func:`imgdiff.training_target` for the model's prediction type (DDPM's L_simple for eps).
     """
     norm = check_choice("norm", norm, LOSS_NORMS)
-    check_tensor("model_output", model_output, floating=True, min_ndim=1)
+    check_tensor("model_output", model_output, floating=True, min_ndim=1, nonempty=True)
     check_tensor("target", target, floating=True)
     check_same_shape("target", target, "model_output", model_output)
     diff = model_output - target
@@ -90,10 +91,11 @@ def masked_denoising_loss(
     """
     norm = check_choice("norm", norm, LOSS_NORMS)
     normalization = check_choice("normalization", normalization, MASK_NORMALIZATIONS)
-    check_tensor("model_output", model_output, floating=True, ndim=4)
+    check_tensor("model_output", model_output, floating=True, ndim=4, nonempty=True)
     check_tensor("target", target, floating=True)
     check_same_shape("target", target, "model_output", model_output)
     m = check_tensor("mask", mask, ndim=4)
+    check_device("mask", m, "model_output", model_output)
     B, C, H, W = model_output.shape
     if m.shape[0] != B or tuple(m.shape[2:]) != (H, W) or m.shape[1] not in (1, C):
         raise InputValueError(
@@ -230,10 +232,11 @@ def vlb_term(
     schedule = check_schedule("schedule", schedule)
     detach_mean = check_bool("detach_mean", detach_mean)
     variance = check_choice("variance", variance, ("learned", "learned_range"))
-    check_tensor("x0", x0, floating=True, min_ndim=2)
+    check_tensor("x0", x0, floating=True, min_ndim=2, nonempty=True)
     check_tensor("x_t", x_t, floating=True)
     check_same_shape("x_t", x_t, "x0", x0)
     check_tensor("model_output", model_output, floating=True)
+    check_device("model_output", model_output, "x0", x0)
     C = x0.shape[1]
     expected = (x0.shape[0], 2 * C, *x0.shape[2:])
     if tuple(model_output.shape) != expected:

@@ -13,7 +13,7 @@ __all__ = ["psnr", "ssim"]
 
 
 def _pair(a: object, b: object) -> tuple[Tensor, Tensor]:
-    x = check_tensor("preds", a, ndim=4, floating=True)
+    x = check_tensor("preds", a, ndim=4, floating=True, nonempty=True)
     y = check_tensor("target", b, ndim=4, floating=True)
     check_same_shape("target", y, "preds", x)
     return x, y

@@ -101,7 +101,8 @@ class PaletteEmbedding(nn.Module):
                 f"batch_size: expected {B} (the palette's batch) or None, got {batch_size}"
             )
         weight = self.null_embedding
-        h: Tensor = self.mlp((p / p.new_tensor(LAB_SCALE)).reshape(B, -1).to(weight.dtype))
+        lab = (p / p.new_tensor(LAB_SCALE)).reshape(B, 3 * self.num_colors)  # B = 0 too
+        h: Tensor = self.mlp(lab.to(weight.dtype))
         if null is None:
             return h
         flags = check_tensor(null_name, null, ndim=1)
