@@ -223,3 +223,23 @@ def test_directional_loss_refuses_an_empty_template_list(encoder: CLIPEncoder) -
         CLIPDirectionalLoss(encoder, "a photo", "a sketch", templates=[])
     with pytest.raises(IVE, match=r"^templates"):
         CLIPGlobalLoss(encoder, "a photo", templates=[])
+
+
+def test_a_learned_null_embedding_is_followed_and_trains() -> None:
+    """A null that requires grad, converted to the sample's dtype, is not cached: two backward
+    passes work and an update of the parameter reaches the next call."""
+    null = torch.nn.Parameter(torch.zeros(1, 4, dtype=torch.float64))
+
+    def net(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return x + c.sum(dim=1).reshape(-1, 1).to(x.dtype)
+
+    cfg = ClassifierFreeGuidance(net, 2.0, null={"c": null})
+    x, t, c = torch.zeros(2, 3), torch.tensor([1, 1]), torch.ones(2, 4, dtype=torch.float32)
+    for _ in range(2):
+        cfg(x, t, c=c).sum().backward()
+    assert null.grad is not None
+    torch.testing.assert_close(null.grad, torch.full((1, 4), -2.0 * 2 * 3, dtype=torch.float64))
+    with torch.no_grad():
+        null.fill_(1.0)
+    # out = out_u + 2 (out_c - out_u) with out_u = 4 (the null's sum), out_c = 4: 4
+    torch.testing.assert_close(cfg(x, t, c=c), torch.full((2, 3), 4.0))

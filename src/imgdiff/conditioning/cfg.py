@@ -188,12 +188,16 @@ class ClassifierFreeGuidance:
         return value.expand(batch, *value.shape[1:]) if value.shape[0] == 1 else value
 
     def _null(self, key: str, like: Tensor) -> Tensor:
-        """``null[key]`` on ``like``'s device and dtype, expanded to its batch (copied once)."""
+        """``null[key]`` on ``like``'s device and dtype, expanded to its batch (copied once; a
+        null that requires grad, a learned null embedding, is converted on every call so that
+        the copy follows its updates and each call has its own autograd graph)."""
         cache_key = (key, like.device, like.dtype)
         null = self._null_cache.get(cache_key)
         if null is None:
-            null = self.null[key].to(device=like.device, dtype=like.dtype)
-            self._null_cache[cache_key] = null
+            source = self.null[key]
+            null = source.to(device=like.device, dtype=like.dtype)
+            if not source.requires_grad:
+                self._null_cache[cache_key] = null
         if null.shape[0] == 1:
             return null.expand(like.shape[0], *null.shape[1:])
         if null.shape[0] != like.shape[0]:
