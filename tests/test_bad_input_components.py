@@ -11,6 +11,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 
@@ -243,3 +244,97 @@ def test_a_learned_null_embedding_is_followed_and_trains() -> None:
         null.fill_(1.0)
     # out = out_u + 2 (out_c - out_u) with out_u = 4 (the null's sum), out_c = 4: 4
     torch.testing.assert_close(cfg(x, t, c=c), torch.full((2, 3), 4.0))
+
+
+def _unet(**kw: object) -> torch.nn.Module:
+    from imgdiff.nets import UNet, UNetConfig
+
+    base = {
+        "in_channels": 3,
+        "base_channels": 8,
+        "channel_mults": (1, 2),
+        "num_res_blocks": 1,
+        "attention_levels": (),
+    }
+    return UNet(UNetConfig(**{**base, **kw}))  # type: ignore[arg-type]
+
+
+def test_unet_refuses_inputs_it_would_crash_on_or_broadcast() -> None:
+    """Empty or zero-size samples, another dtype than the weights (outside autocast), a palette
+    of another batch (batch 1 was broadcast silently), a context that is not a tensor or has no
+    tokens: each named."""
+    net = _unet()
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([1, 2])
+    with pytest.raises(IVE, match=r"^x: expected a non-empty"):
+        net(x[:0], t[:0])
+    with pytest.raises(IVE, match=r"^x: expected a non-empty"):
+        net(torch.randn(1, 3, 0, 0), t[:1])
+    with pytest.raises(ITE, match=r"^x: expected dtype torch.float32, that of the network"):
+        net(x.double(), t)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # torch casts both: allowed
+        assert net(x.bfloat16(), t).shape == x.shape
+    palette_net = _unet(palette_colors=6)
+    for batch in (1, 3):
+        with pytest.raises(IVE, match=r"^palette: expected one palette per sample, batch 2"):
+            palette_net(x, t, palette=torch.rand(batch, 6, 3))
+    text_net = _unet(context_dim=4, attention_levels=(1,))
+    with pytest.raises(ITE, match=r"^context: expected a torch.Tensor"):
+        text_net(x, t, context=[[1.0]])
+    with pytest.raises(IVE, match=r"^context: expected a non-empty"):
+        text_net(x, t, context=torch.randn(2, 0, 4))
+    with pytest.raises(ITE, match=r"^context: expected dtype torch.float32"):
+        text_net(x, t, context=torch.randn(2, 5, 4, dtype=torch.float64))
+    assert text_net(x, t, context=torch.randn(2, 5, 4)).shape == x.shape
+
+
+def test_unet_config_stores_plain_values_and_names_the_culprit() -> None:
+    import json
+
+    from imgdiff.nets import UNetConfig
+
+    cfg = UNetConfig(
+        in_channels=np.int64(3),
+        base_channels=np.int64(8),
+        dropout=np.float32(0.1),
+        attention_levels=(),
+    )
+    assert type(cfg.in_channels) is int
+    assert type(cfg.dropout) is float
+    json.dumps(cfg.__dict__ | {"channel_mults": list(cfg.channel_mults)})  # JSON-able
+    with pytest.raises(ITE, match=r"^learned_variance: expected a bool, got 'no'"):
+        UNetConfig(learned_variance="no")  # type: ignore[arg-type]
+    with pytest.raises(ITE, match=r"^scale_shift: expected a bool, got None"):
+        UNetConfig(scale_shift=None)  # type: ignore[arg-type]
+    with pytest.raises(IVE, match=r"^heads: expected a divisor .*got 4 for a level of 30"):
+        UNetConfig(base_channels=30, groups=5, heads=4, channel_mults=(1,), attention_levels=())
+    with pytest.raises(IVE, match=r"^base_channels: expected an int >= 2, got 1"):
+        UNetConfig(base_channels=1, groups=1, heads=1)
+
+
+def test_timestep_embeddings_validate_at_construction() -> None:
+    from imgdiff.nets import TimestepEmbedding, sinusoidal_embedding
+
+    with pytest.raises(IVE, match=r"^max_period: expected a float >= 1"):
+        TimestepEmbedding(8, max_period=-1)
+    with pytest.raises(IVE, match=r"^dim: expected an int >= 2, got 1"):
+        sinusoidal_embedding(torch.tensor([1.0]), 1)
+    assert sinusoidal_embedding(torch.tensor([1.0, 2.0]), 3).shape == (2, 3)
+
+
+def test_clip_encoder_half_precision_and_bad_templates(encoder: CLIPEncoder) -> None:
+    """open_clip keeps positional embeddings in float32 when it casts to fp16/bf16: the image is
+    cast to the tower's convolution dtype. Empty images and templates with other format fields
+    are named."""
+    for precision in ("fp16", "bf16"):
+        half = CLIPEncoder(load_clip("imgdiff-test-tiny", seed=0, precision=precision))  # type: ignore[arg-type]
+        emb = half.encode_image(torch.rand(2, 3, 32, 32) * 2 - 1)
+        assert emb.dtype == torch.float32
+        assert emb.shape == (2, half.embed_dim)
+        assert bool(emb.isfinite().all())
+    with pytest.raises(IVE, match=r"^images: expected a non-empty"):
+        encoder.encode_image(torch.zeros(0, 3, 32, 32))
+    with pytest.raises(IVE, match=r"^images: expected a non-empty"):
+        encoder.encode_image(torch.zeros(1, 3, 0, 5))
+    for bad in ("a {0} and {}", "a {x} and {}"):
+        with pytest.raises(IVE, match=r"^templates\[1\]: expected a template with one"):
+            encoder.text_embedding("dog", ["a photo of {}", bad])

@@ -117,7 +117,8 @@ def test_images_refuse_non_finite_values_and_an_empty_batch(tmp_path: Path) -> N
             save_image_grid(bad, tmp_path / "bad.png")
     assert not (tmp_path / "bad.png").exists()
     with pytest.raises(
-        InputValueError, match=r"^images: expected at least one image of at least 1x1 pixels and one channel, got shape \(0, 3, 4, 4\)"
+        InputValueError,
+        match=r"^images: expected at least one image of at least 1x1 pixels and one channel, got shape \(0, 3, 4, 4\)",
     ):
         image_grid(torch.zeros(0, 3, 4, 4))
     assert image_grid(images, nrow=1, padding=0).shape == (8, 4, 3)
@@ -152,3 +153,54 @@ def test_demo_warmup_steps_option_and_the_short_run_note(
     main([*args, "--warmup-steps", "1"])
     assert "warm-up" not in capsys.readouterr().err
     assert load_checkpoint(tmp_path / "model.safetensors")[1]["config"]["warmup_steps"] == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--steps", "0"], "--steps: expected an int >= 1, got 0"),
+        (["--warmup-steps", "-1"], "--warmup-steps: expected an int >= 0, got -1"),
+        (["--out", "FILE"], "--out: expected a folder, got the file"),
+    ],
+)
+def test_demo_cli_names_the_flag_without_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    (tmp_path / "FILE").touch()
+    args = [str(tmp_path / a) if a == "FILE" else a for a in args]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--quick", "--no-progress", "--out", str(tmp_path / "out"), *args])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_demo_cli_resume_with_other_options_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A checkpoint of another configuration: one line naming --resume and the way out."""
+    args = ["demo", "--quick", "--no-progress", "--out", str(tmp_path), "--steps", "1"]
+    main(args)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main([*args, "--warmup-steps", "2", "--resume"])
+    err = capsys.readouterr().err
+    assert "--resume: " in err
+    assert "run without --resume to start afresh" in err
+
+
+def test_demo_config_stores_plain_numbers_and_run_demo_checks_its_arguments(
+    tmp_path: Path,
+) -> None:
+    cfg = replace(DemoConfig.quick(), eval_images=np.int64(2), lr=np.float32(1e-3))
+    assert type(cfg.eval_images) is int
+    assert type(cfg.lr) is float
+    json.dumps(asdict(cfg))
+    from imgdiff.demo import run_demo
+    from imgdiff.errors import InputTypeError
+
+    with pytest.raises(InputTypeError, match=r"^cfg: expected an imgdiff DemoConfig"):
+        run_demo({"seed": 0}, tmp_path / "a")  # type: ignore[arg-type]
+    assert not (tmp_path / "a").exists()
+    (tmp_path / "file").touch()
+    with pytest.raises(InputValueError, match=r"^out: expected a folder, got the file"):
+        run_demo(cfg, tmp_path / "file")

@@ -29,11 +29,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from imgdiff._checks import SEED_RANGE, check_choice, check_float, check_int
+from imgdiff._checks import SEED_RANGE, check_choice, check_float, check_int, describe
 from imgdiff.conditioning import ConcatConditioning, KnownRegion, NoiseLevelConditioning
 from imgdiff.data import toy_shapes
 from imgdiff.degradations import TASKS, Task, make_pairs, sample_tasks, with_luma
-from imgdiff.errors import InputValueError
+from imgdiff.errors import ImgdiffError, InputTypeError, InputValueError
 from imgdiff.images import save_image_grid
 from imgdiff.metrics import psnr, ssim
 from imgdiff.nets import UNet, UNetConfig
@@ -42,7 +42,7 @@ from imgdiff.randomness import randn
 from imgdiff.samplers import DDIM, DDPM
 from imgdiff.samplers.base import Sampler
 from imgdiff.schedules import NoiseSchedule
-from imgdiff.training import Trainer, TrainingBatch, TrainingConfig
+from imgdiff.training import CheckpointError, Trainer, TrainingBatch, TrainingConfig
 
 __all__ = ["DemoConfig", "main", "run_demo"]
 
@@ -76,6 +76,8 @@ class DemoConfig:
                 f"image_size: expected a multiple of {_SIZE_MULTIPLE} (the U-Net halves it "
                 f"{len(_CHANNEL_MULTS) - 1} times), got {size}"
             )
+        # the checked values are stored: numpy scalars become ints and floats (metrics.json)
+        checked: dict[str, object] = {"image_size": size}
         for name in (
             "dataset_size",
             "train_steps",
@@ -85,12 +87,14 @@ class DemoConfig:
             "ddpm_steps",
             "ddim_steps",
         ):
-            check_int(name, getattr(self, name), min=1)
-        check_float("lr", self.lr, min=0.0, min_open=True)
-        check_int("warmup_steps", self.warmup_steps, min=0)
+            checked[name] = check_int(name, getattr(self, name), min=1)
+        checked["lr"] = check_float("lr", self.lr, min=0.0, min_open=True)
+        checked["warmup_steps"] = check_int("warmup_steps", self.warmup_steps, min=0)
         check_choice("prediction", self.prediction, PREDICTION_TYPES)
         # held-out images use seed + 1000, the tasks seed + 0..3
-        check_int("seed", self.seed, min=SEED_RANGE[0], max=SEED_RANGE[1] - 1000)
+        checked["seed"] = check_int("seed", self.seed, min=SEED_RANGE[0], max=SEED_RANGE[1] - 1000)
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
 
     @classmethod
     def quick(cls) -> DemoConfig:
@@ -214,9 +218,16 @@ def sample_task(
 
 
 def run_demo(
-    cfg: DemoConfig, out: Path, *, progress: bool = True, resume: bool = False
+    cfg: DemoConfig, out: str | Path, *, progress: bool = True, resume: bool = False
 ) -> dict[str, Any]:
     """Train, sample every task with DDPM and DDIM, write grids and ``metrics.json``; returns the metrics."""
+    if not isinstance(cfg, DemoConfig):
+        raise InputTypeError(f"cfg: expected an imgdiff DemoConfig, got {describe(cfg)}")
+    if not isinstance(out, (str, Path)):
+        raise InputTypeError(f"out: expected a folder path (str or Path), got {describe(out)}")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputValueError(f"out: expected a folder, got the file {out}")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     net, schedule, losses = train_model(cfg, out, progress, resume=resume)
@@ -294,14 +305,30 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cfg = DemoConfig.quick() if args.quick else DemoConfig()
     changes = {"train_steps": args.steps, "warmup_steps": args.warmup_steps}
-    cfg = replace(cfg, **{k: v for k, v in changes.items() if v is not None})
+    flags = {"train_steps": "--steps", "warmup_steps": "--warmup-steps"}
+    try:
+        cfg = replace(cfg, **{k: v for k, v in changes.items() if v is not None})
+    except ImgdiffError as exc:  # name the flag, not the config field
+        field, _, rest = str(exc).partition(": ")
+        demo.error(f"{flags.get(field, field)}: {rest}")
+    if args.out.exists() and not args.out.is_dir():
+        demo.error(f"--out: expected a folder, got the file {args.out}")
     if cfg.train_steps <= cfg.warmup_steps:
         print(
             f"note: training ends inside the {cfg.warmup_steps}-step learning-rate warm-up "
             f"(--steps {cfg.train_steps}); pass a smaller --warmup-steps for a short run",
             file=sys.stderr,
         )
-    summary = run_demo(cfg, args.out, progress=not args.no_progress, resume=args.resume)
+    try:
+        summary = run_demo(cfg, args.out, progress=not args.no_progress, resume=args.resume)
+    except CheckpointError as exc:
+        if not args.resume:
+            raise
+        first = str(exc).splitlines()[0]
+        demo.error(
+            f"--resume: {args.out}/model.safetensors cannot be continued with these options: "
+            f"{first} (run without --resume to start afresh, or pick another --out)"
+        )
     print(
         f"trained {cfg.train_steps} steps in {summary['train_seconds']} s; total {summary['total_seconds']} s"
     )

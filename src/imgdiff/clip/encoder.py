@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F  # noqa: N812 - torch's conventional alias
-from torch import Tensor
+from torch import Tensor, nn
 
 from imgdiff._checks import check_choice, check_tensor, describe
 from imgdiff.clip.model import LoadedCLIP, as_prompts, load_clip
@@ -145,7 +145,7 @@ class CLIPEncoder:
 
     def preprocess(self, images: Tensor) -> Tensor:
         """``(B, 3, H, W)`` in ``[-1, 1]`` -> ``(B, 3, S, S)`` normalised model input (differentiable)."""
-        x = check_tensor("images", images, ndim=4, floating=True)
+        x = check_tensor("images", images, ndim=4, floating=True, nonempty=True)
         if x.shape[1] != 3:
             raise InputValueError(f"images: expected 3 (RGB) channels, got shape {tuple(x.shape)}")
         if x.dtype not in (torch.float32, torch.float64):
@@ -162,9 +162,17 @@ class CLIPEncoder:
     def encode_image(self, images: Tensor) -> Tensor:
         """``(B, 3, H, W)`` in ``[-1, 1]`` -> ``(B, D)`` float32 image embeddings, differentiable."""
         x = self.preprocess(images)
-        model_dtype = next(self.clip.model.parameters()).dtype
-        emb = self.clip.model.encode_image(x.to(model_dtype))  # type: ignore[operator]
+        emb = self.clip.model.encode_image(x.to(self._visual_dtype()))  # type: ignore[operator]
         return emb.float()  # type: ignore[no-any-return]
+
+    def _visual_dtype(self) -> torch.dtype:
+        """The dtype the image tower computes in: that of its first convolution's weight (the
+        patch embedding or the ResNet stem). open_clip keeps some parameters, such as positional
+        embeddings, in float32 when it casts a model to half precision."""
+        visual: nn.Module = self.clip.model.visual  # type: ignore[assignment]
+        params = list(visual.parameters())
+        conv = next((p for p in params if p.ndim == 4), None)
+        return (conv if conv is not None else params[0]).dtype
 
     def encode_text(self, prompts: str | Sequence[str]) -> Tensor:
         """``B`` prompts -> ``(B, D)`` float32 text embeddings (no gradients)."""
@@ -192,7 +200,16 @@ class CLIPEncoder:
                     raise InputValueError(
                         f"templates[{i}]: expected exactly one '{{}}' placeholder, got {t!r}"
                     )
-            prompts = [t.format(text) for t in tmpl]
+            prompts = []
+            for i, t in enumerate(tmpl):
+                try:
+                    prompts.append(t.format(text))
+                except (ValueError, KeyError, IndexError) as exc:
+                    raise InputValueError(
+                        f"templates[{i}]: expected a template with one '{{}}' placeholder and "
+                        f"no other format fields (write a literal brace as '{{{{' or '}}}}'), got "
+                        f"{t!r} ({exc})"
+                    ) from None
         emb = self.encode_text(prompts)
         if normalize:
             emb = F.normalize(emb, dim=-1)

@@ -21,7 +21,7 @@ def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Te
     ``flip_sin_to_cos=True, downscale_freq_shift=0`` (Stable Diffusion's setting).
     """
     check_tensor("t", t, ndim=1)
-    dim = check_int("dim", dim, min=1)
+    dim = check_int("dim", dim, min=2)  # one cosine and one sine at least
     max_period = check_float("max_period", max_period, min=1.0)
     half = dim // 2
     freqs = torch.exp(
@@ -47,7 +47,7 @@ class TimestepEmbedding(nn.Module):
         super().__init__()
         self.dim = check_int("dim", dim, min=2)
         self.scale = check_float("scale", scale, min=0.0, min_open=True)
-        self.max_period = max_period
+        self.max_period = check_float("max_period", max_period, min=1.0)
         self.linear_1 = nn.Linear(dim, 4 * dim)
         self.linear_2 = nn.Linear(4 * dim, 4 * dim)
 
