@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from kernels import keep_freed_memory, write_section  # the scripts share this folder
+from kernels import keep_freed_memory, positive_int, write_section  # the scripts share this folder
 from step_overhead import _device_name as cpu_name
 
 import imgdiff
@@ -109,8 +109,10 @@ def fmt_us(seconds: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds, two shapes")
-    parser.add_argument("--rounds", type=int, help="rounds per measurement (default 7; quick 3)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument(
+        "--rounds", type=positive_int, help="rounds per measurement (default 7; quick 3)"
+    )
+    parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--write", type=Path, help="write this section into this file")
     args = parser.parse_args()
     warnings.simplefilter("ignore", imgdiff.PrecisionWarning)  # EDICT with a float32 state

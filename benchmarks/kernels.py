@@ -169,6 +169,17 @@ def interleaved_medians(
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an int >= 1 (0 or a negative count is a usage error, not a default)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {value}")
+    return value
+
+
 def keep_freed_memory() -> bool:
     """Make glibc keep freed blocks in the heap instead of unmapping them (Linux CPU runs).
 
@@ -732,14 +743,18 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer rounds, smaller shapes")
     parser.add_argument("--write", type=Path, help="write this suite's section into this file")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--rounds", type=int, help="rounds per measurement (default 21; quick 5)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument(
+        "--rounds", type=positive_int, help="rounds per measurement (default 21; quick 5)"
+    )
+    parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
     parser.add_argument(
         "--no-malloc-tune",
         action="store_true",
         help="leave glibc's malloc as it is (by default freed memory is kept in the heap)",
     )
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device: cuda was asked for, but torch sees no CUDA GPU here")
     if args.threads:
         torch.set_num_threads(args.threads)
     tuned = not args.no_malloc_tune and platform.system() == "Linux" and keep_freed_memory()

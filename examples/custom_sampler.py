@@ -17,6 +17,7 @@ Run: ``python examples/custom_sampler.py`` (a few seconds on a CPU).
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 
 import torch
@@ -128,6 +129,7 @@ def exact_gaussian_flow(
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help; no options
     schedule = imgdiff.NoiseSchedule.linear()
     m, s = 0.5, 0.3
     model = imgdiff.GaussianDenoiser(schedule, mean=m, std=s)

@@ -13,7 +13,7 @@ sequences then see very different eps and edits diverge, while reconstruction st
 3. Edit: invert with the source label, generate with the other label (strength 0.8), and write
    ``edict.png`` with rows source | EDICT reconstruction | DDIM reconstruction | edit.
 
-Run: ``python examples/edict_inversion.py [--out outputs/edict]`` (a few seconds on a CPU).
+Run: ``python examples/edict_inversion.py [--out outputs/edict]`` (about a minute on a 2-core CPU).
 To use a real model, pass your network (and its text-embedding conditions) to
 :func:`imgdiff.edict_edit` with a scaled-linear schedule, ``steps_offset=1`` and
 ``final_alpha_bar="first"``, as Stable Diffusion uses.

@@ -9,7 +9,7 @@ so what you see in the grid is a check of the sampler, not of a network. The scr
 3. DDIM-inverts two training images and reconstructs them;
 4. writes ``samples.png`` (data | DDIM | DDPM rows) to ``--out``.
 
-Run: ``python examples/quickstart.py [--out outputs/quickstart]`` (a few seconds on a CPU).
+Run: ``python examples/quickstart.py [--out outputs/quickstart]`` (some seconds on a CPU).
 """
 
 from __future__ import annotations

@@ -98,6 +98,27 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=404)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
+    # options that only mean something together, and files that must exist, are usage errors
+    if args.clip_pretrained is not None and args.clip is None:
+        parser.error("--clip-pretrained: needs --clip (the architecture the weights are for)")
+    if (args.unet is None) != (args.unet_config is None):
+        parser.error("--unet and --unet-config: give both (the weights and their UNetConfig)")
+    for flag, path in (
+        ("--image", args.image),
+        ("--unet", args.unet),
+        ("--unet-config", args.unet_config),
+    ):
+        if path is not None and not Path(path).is_file():
+            parser.error(f"{flag}: no file at {path}")
+    try:
+        net = load_unet(args.unet, args.unet_config)
+    except (OSError, ValueError, TypeError, RuntimeError, imgdiff.ImgdiffError) as exc:
+        parser.error(f"--unet/--unet-config: cannot build the UNet from them: {exc}")
+    multiple = net.config.downsampling
+    if args.size < 8 or args.size % multiple:
+        parser.error(
+            f"--size: expected a multiple of {multiple} (the UNet's), at least 8; got {args.size}"
+        )
 
     real = args.clip is not None
     if real:
@@ -105,7 +126,6 @@ def main() -> None:
     else:
         register_clip_config(TINY_CLIP, tiny_clip_config())
         clip = CLIPEncoder(load_clip(TINY_CLIP, seed=0), resize="pool")
-    net = load_unet(args.unet, args.unet_config)
     # ZeCon's VGG19 taps are post-ReLU (torchvision's in-place ReLU overwrites the stored conv
     # outputs) and its [-1, 1] images go straight into the ImageNet normalisation
     vgg = VGGFeatureLoss(
@@ -122,7 +142,12 @@ def main() -> None:
     }
     from dataclasses import replace
 
-    config = replace(preset, **(small | overrides))
+    flags = {"num_steps": "--steps", "skip": "--skip", "n_patch": "--n-patch"}
+    try:
+        config = replace(preset, **(small | overrides))
+    except imgdiff.ImgdiffError as exc:  # name the flag, not the config field
+        field, _, rest = str(exc).partition(": ")
+        parser.error(f"{flags.get(field, field)}: {rest}")
 
     source = load_source(args.image, args.size)
     schedule = imgdiff.NoiseSchedule.linear()

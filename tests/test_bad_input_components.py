@@ -338,3 +338,48 @@ def test_clip_encoder_half_precision_and_bad_templates(encoder: CLIPEncoder) -> 
     for bad in ("a {0} and {}", "a {x} and {}"):
         with pytest.raises(IVE, match=r"^templates\[1\]: expected a template with one"):
             encoder.text_embedding("dog", ["a photo of {}", bad])
+
+
+def test_attention_blocks_validate_at_construction_and_call() -> None:
+    from imgdiff.nets import CrossAttention, SpatialAttention
+
+    with pytest.raises(IVE, match=r"^groups: expected a divisor of channels 10, got 4"):
+        SpatialAttention(10, groups=4)
+    block = SpatialAttention(8, heads=2, groups=4)
+    with pytest.raises(IVE, match=r"^x: expected a tensor with 4 dimensions"):
+        block(torch.randn(2, 8, 16))
+    with pytest.raises(IVE, match=r"^x: expected 8 channels"):
+        block(torch.randn(2, 6, 4, 4))
+    with pytest.raises(ITE, match=r"^x: expected a floating-point tensor"):
+        block(torch.zeros(2, 8, 4, 4, dtype=torch.int64))
+    with pytest.raises(IVE, match=r"^context: this block has no cross-attention"):
+        block(torch.randn(2, 8, 4, 4), torch.randn(2, 3, 8))  # was silently ignored
+    with pytest.raises(IVE, match=r"^x: expected a non-empty"):
+        block(torch.randn(0, 8, 4, 4))
+    with pytest.raises(IVE, match=r"^h: expected a non-empty"):
+        CrossAttention(8, heads=2)(torch.randn(0, 3, 8))
+
+
+def test_diffusers_adapter_checks_the_context() -> None:
+    diffusers = pytest.importorskip("diffusers")
+    from imgdiff.nets import DiffusersUNet
+
+    torch.manual_seed(0)
+    cond = diffusers.UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=12,
+        norm_num_groups=8,
+        layers_per_block=1,
+        attention_head_dim=8,
+    )
+    text = DiffusersUNet(cond)
+    z, t = torch.randn(2, 4, 8, 8), torch.tensor([5, 9])
+    for bad in (torch.randn(2, 3, 8), torch.randn(1, 5, 12)):
+        with pytest.raises(IVE, match=r"^context: expected shape \(2, L, 12\)"):
+            text(z, t, context=bad)
+    with pytest.raises(IVE, match=r"^context: expected a tensor on x's device cpu, got meta"):
+        text(z, t, context=torch.randn(2, 5, 12, device=META))
+    assert text(z, t, context=torch.randn(2, 5, 12)).shape == z.shape

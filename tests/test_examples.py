@@ -121,3 +121,40 @@ def test_edict_example_runs(tmp_path: Path) -> None:
         to_target, to_source = (float(v) for v in numbers)
         assert to_target < to_source, ln
     assert (tmp_path / "edict.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--clip-pretrained", "openai"], "--clip-pretrained: needs --clip"),
+        (["--unet-config", "c.json"], "--unet and --unet-config: give both"),
+        (["--image", "missing.png"], "--image: no file at missing.png"),
+        (["--size", "30"], "--size: expected a multiple of 4"),
+        (["--skip", "20"], "--skip: expected fewer than num_steps"),
+    ],
+)
+def test_zecon_example_reports_usage_errors(tmp_path: Path, args: list[str], message: str) -> None:
+    """Options that were ignored (--clip-pretrained alone) or failed late with a traceback are
+    usage errors naming the flag (exit status 2), before any model is built."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "zecon_style_transfer.py"), *args],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert out.returncode == 2, out.stderr
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_custom_sampler_example_has_a_help() -> None:
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "custom_sampler.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0
+    assert "usage:" in out.stdout
+    assert "EulerVE" not in out.stdout  # it printed the help, it did not run the samplers

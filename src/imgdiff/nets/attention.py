@@ -35,7 +35,7 @@ class CrossAttention(nn.Module):
 
     def forward(self, h: Tensor, context: Tensor | None = None) -> Tensor:
         """``h`` ``(B, N, d)``, ``context`` ``(B, L, d_c)`` or ``None`` (self-attention)."""
-        check_tensor("h", h, ndim=3, floating=True)
+        check_tensor("h", h, ndim=3, floating=True, nonempty=True)
         if h.shape[-1] != self.dim:
             raise InputValueError(
                 f"h: expected shape (B, N, {self.dim}) (dim={self.dim}), got {tuple(h.shape)}"
@@ -48,7 +48,7 @@ class CrossAttention(nn.Module):
                 )
             c = h
         else:
-            c = check_tensor("context", context, floating=True)
+            c = check_tensor("context", context, floating=True, nonempty=True)
             if c.ndim != 3 or c.shape[-1] != self.context_dim or c.shape[0] != h.shape[0]:
                 raise InputValueError(
                     f"context: expected shape ({h.shape[0]}, L, {self.context_dim}), "
@@ -73,6 +73,13 @@ class SpatialAttention(nn.Module):
         self, channels: int, *, heads: int = 4, context_dim: int | None = None, groups: int = 8
     ) -> None:
         super().__init__()
+        channels = check_int("channels", channels, min=1)
+        groups = check_int("groups", groups, min=1)
+        if channels % groups:
+            raise InputValueError(
+                f"groups: expected a divisor of channels {channels}, got {groups}"
+            )
+        self.channels = channels
         self.norm = nn.GroupNorm(groups, channels)
         self.attn = CrossAttention(channels, heads=heads)
         self.cross: CrossAttention | None = None
@@ -82,7 +89,18 @@ class SpatialAttention(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """``(B, C, H, W)`` -> ``(B, C, H, W)``; ``context`` ``(B, L, d_c)`` when configured."""
+        check_tensor("x", x, ndim=4, floating=True, nonempty=True)
         B, C, H, W = x.shape
+        if self.channels != C:
+            raise InputValueError(
+                f"x: expected {self.channels} channels (B, {self.channels}, H, W), got shape "
+                f"{tuple(x.shape)}"
+            )
+        if self.cross is None and context is not None:
+            raise InputValueError(
+                "context: this block has no cross-attention (built without context_dim); "
+                "expected None, got a context"
+            )
         tokens = x.reshape(B, C, H * W).transpose(1, 2)  # (B, N, C)
         tokens = tokens + self.attn(self.norm(x).reshape(B, C, H * W).transpose(1, 2))
         if self.cross is not None:

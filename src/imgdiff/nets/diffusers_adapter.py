@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from imgdiff._checks import describe
+from imgdiff._checks import check_device, check_tensor, describe
 from imgdiff.errors import InputTypeError, InputValueError
 
 __all__ = ["DiffusersUNet"]
@@ -41,11 +41,7 @@ class DiffusersUNet:
     def takes_context(self) -> bool:
         """Whether the UNet has cross-attention (its config names a ``cross_attention_dim``, as
         ``UNet2DConditionModel``'s and its subclasses' do)."""
-        config = getattr(self.unet, "config", None)
-        dim = config.get("cross_attention_dim") if isinstance(config, dict) else None
-        if dim is None:
-            dim = getattr(config, "cross_attention_dim", None)
-        return dim is not None
+        return _cross_attention_dim(self.unet) is not None
 
     def __call__(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
         """The UNet's ``.sample`` at ``(x, t)``."""
@@ -56,11 +52,12 @@ class DiffusersUNet:
                     f"context: expected (B, L, d) text embeddings for a {type(self.unet).__name__} "
                     "with cross-attention, got None"
                 )
-            cond["encoder_hidden_states"] = context
+            cond["encoder_hidden_states"] = _checked_context(context, x, self.unet)
         elif context is not None:
             raise InputValueError(
                 f"context: {type(self.unet).__name__} has no cross-attention; got a context"
             )
+        check_tensor("x", x, min_ndim=2, floating=True)
         out = self.unet(x, t, **cond)
         sample = getattr(out, "sample", out)
         if not isinstance(sample, Tensor):
@@ -68,3 +65,26 @@ class DiffusersUNet:
                 f"unet output: expected a tensor or an object with .sample, got {describe(out)}"
             )
         return sample
+
+
+def _cross_attention_dim(unet: nn.Module) -> object:
+    """``config.cross_attention_dim`` of a diffusers UNet (an int, or a tuple per block), if any."""
+    config = getattr(unet, "config", None)
+    dim = config.get("cross_attention_dim") if isinstance(config, dict) else None
+    if dim is None:
+        dim = getattr(config, "cross_attention_dim", None)
+    return dim
+
+
+def _checked_context(context: object, x: Tensor, unet: nn.Module) -> Tensor:
+    """``context`` as ``(B, L, d)`` text embeddings for ``x``'s batch, on its device."""
+    c = check_tensor("context", context, ndim=3, floating=True, nonempty=True)
+    dim = _cross_attention_dim(unet)
+    width = dim if isinstance(dim, int) else None  # a tuple: per-block widths, checked by diffusers
+    if c.shape[0] != x.shape[0] or (width is not None and c.shape[2] != width):
+        raise InputValueError(
+            f"context: expected shape ({x.shape[0]}, L, {width if width is not None else 'd'}) "
+            f"(x's batch, the UNet's cross_attention_dim), got {tuple(c.shape)}"
+        )
+    check_device("context", c, "x", x)
+    return c
