@@ -383,3 +383,11 @@ def test_diffusers_adapter_checks_the_context() -> None:
     with pytest.raises(IVE, match=r"^context: expected a tensor on x's device cpu, got meta"):
         text(z, t, context=torch.randn(2, 5, 12, device=META))
     assert text(z, t, context=torch.randn(2, 5, 12)).shape == z.shape
+
+
+def test_unet_refuses_bool_and_complex_timesteps() -> None:
+    net = _unet()
+    x = torch.randn(2, 3, 8, 8)
+    for t in (torch.tensor([True, False]), torch.tensor([1 + 0j, 2 + 0j])):
+        with pytest.raises(ITE, match=r"^t: expected real timesteps or noise levels"):
+            net(x, t)

@@ -344,6 +344,8 @@ class UNet(nn.Module):
             raise InputValueError(
                 f"t: expected shape ({B},) to match the batch, got {tuple(t.shape)}"
             )
+        if t.dtype.is_complex or t.dtype == torch.bool:
+            raise InputTypeError(f"t: expected real timesteps or noise levels, got dtype {t.dtype}")
         if cfg.noise_conditioning == "gamma":
             if not t.dtype.is_floating_point:
                 raise InputTypeError(
