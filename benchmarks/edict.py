@@ -119,12 +119,15 @@ def main() -> None:
     times: dict[str, list[float]] = {"EDICT float64": [], "EDICT float32": [], "DDIM float32": []}
     errors: dict[str, float] = {}
     calls: dict[str, int] = {}
+    runs = (
+        ("EDICT float64", edict64, x0),
+        ("EDICT float32", edict32, x0.float()),
+        ("DDIM float32", ddim, x0.float()),
+    )
+    for _, sampler, x in runs:  # warm-up: first calls pay for allocations and lazy set-up
+        round_trip(sampler, model, x, 2)
     for _ in range(repeats):  # interleaved
-        for name, sampler, x in (
-            ("EDICT float64", edict64, x0),
-            ("EDICT float32", edict32, x0.float()),
-            ("DDIM float32", ddim, x0.float()),
-        ):
+        for name, sampler, x in runs:
             sec, err, c = round_trip(sampler, model, x, n)
             times[name].append(sec)
             errors[name], calls[name] = err, c
@@ -152,8 +155,10 @@ def main() -> None:
         f"steps): max reconstruction error {spec['float64']:.1e} with a float64 state and model, "
         f"{spec['float32']:.1e} with float32.",
         "",
-        "EDICT costs two model calls per step where DDIM costs one, so about twice the time; the "
-        "sampler's own arithmetic is negligible beside the UNet. Its reconstruction is exact to the "
+        "EDICT costs two model calls per step where DDIM costs one, so about twice the time "
+        f"(measured here: {med['EDICT float64'] / med['DDIM float32']:.2f}x with a float64 state, "
+        f"{med['EDICT float32'] / med['DDIM float32']:.2f}x with float32); the sampler's own "
+        "arithmetic is small beside the UNet. Its reconstruction is exact to the "
         "state's rounding, DDIM's is not (first-order error of its `eps(x_t) ~ eps(x_{t-1})` "
         "approximation, here with a random network).",
         "",
