@@ -702,3 +702,29 @@ def test_generation_steps_follow_the_paper_by_hand() -> None:
         y = p * y_i + (1 - p) * x
     torch.testing.assert_close(got[0], x, rtol=0, atol=1e-12)
     torch.testing.assert_close(got[1], y, rtol=0, atol=1e-12)
+
+
+def test_edit_passes_guidance_rescale_to_both_passes() -> None:
+    """edict_edit(guidance_rescale=phi) is EDICT inversion then generation through
+    ClassifierFreeGuidance(model, w, null, rescale=phi); phi changes the edit."""
+
+    def conditional(x: torch.Tensor, t: torch.Tensor, *, label: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(
+            x * 0.5
+            + label.to(x.dtype).reshape(-1, 1, 1, 1)
+            * (1 + t.to(x.dtype).reshape(-1, 1, 1, 1) / 1000)
+        )
+
+    x0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    sampler = EDICT(NoiseSchedule.scaled_linear(), steps_offset=1, final_alpha_bar="first")
+    null, src, tgt = {"label": torch.zeros(1)}, {"label": torch.ones(1)}, {"label": -torch.ones(1)}
+    kw = {"num_steps": 10, "strength": 0.8, "progress": False}
+    got = imgdiff.edict_edit(
+        sampler, conditional, x0, source=src, target=tgt, null=null, guidance_rescale=0.7, **kw
+    )
+    guided = ClassifierFreeGuidance(conditional, 3.0, null, rescale=0.7)  # 3: the default scale
+    pair = sampler.invert(guided, x0, model_kwargs=src, **kw)
+    want = sampler.sample(guided, pair, model_kwargs=tgt, **kw)
+    torch.testing.assert_close(got, want)
+    plain = imgdiff.edict_edit(sampler, conditional, x0, source=src, target=tgt, null=null, **kw)
+    assert float((got - plain).abs().max()) > 1e-6

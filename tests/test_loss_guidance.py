@@ -243,3 +243,78 @@ def test_respaced_index_gate_counts_down_to_zero() -> None:
     for step_index, expected in ((6, 1.0), (7, 2.0)):
         g = guidance.gradient_from_estimate(x, x * 1.0, _ctx(999, 1, step_index=step_index), 0.0)
         torch.testing.assert_close(g, torch.full_like(x, -expected))
+
+
+def _seen_views(sigma: float | Tensor, inputs: tuple[str, ...]) -> dict[str, GuidanceInputs]:
+    """The inputs each term of ``inputs`` sees at one step, with a seeded generator."""
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    src = torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    seen: dict[str, GuidanceInputs] = {}
+
+    def spy(name: str) -> LossTerm:
+        def loss(v: GuidanceInputs) -> Tensor:
+            seen[name] = v
+            return v.x.sum()
+
+        return LossTerm(name, loss, input=name)  # type: ignore[arg-type]
+
+    guidance = LossGuidance(
+        [spy(name) for name in inputs], source=src, generator=torch.Generator().manual_seed(7)
+    )
+    xg = x.clone().requires_grad_(True)
+    guidance.gradient_from_estimate(xg, 0.5 * xg, _ctx(300, 2), sigma)
+    return seen
+
+
+def test_a_tensor_sigma_gives_the_views_of_the_float() -> None:
+    """``sigma`` may come as a tensor: ``y_t = sqrt(1 - sigma^2) x_src + sigma noise`` and the
+    blends are those of the same float."""
+    by_float = _seen_views(0.4, ("blend", "x_t"))
+    by_tensor = _seen_views(torch.tensor(0.4, dtype=torch.float64), ("blend", "x_t"))
+    for name in ("blend", "x_t"):
+        torch.testing.assert_close(by_tensor[name].x, by_float[name].x)
+        torch.testing.assert_close(by_tensor[name].source, by_float[name].source)
+    noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    src = torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(by_tensor["x_t"].source, math.sqrt(1 - 0.16) * src + 0.4 * noise)
+
+
+def test_an_x_t_term_alone_sees_the_noised_source() -> None:
+    """A term on ``x_t`` gets the source's ``y_t`` even when no term asks for the blend."""
+    seen = _seen_views(0.4, ("x_t",))["x_t"]
+    assert seen.source is not None
+    noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    src = torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(seen.source, math.sqrt(1 - 0.16) * src + 0.4 * noise)
+
+
+def test_a_zero_weight_term_is_neither_evaluated_nor_reported() -> None:
+    """Weight 0 switches a term off: its loss is not called and ``on_terms`` does not list it."""
+
+    def broken(v: GuidanceInputs) -> Tensor:
+        raise AssertionError("a zero-weight term was evaluated")
+
+    assert not LossTerm("off", broken, weight=0.0).active(0)
+    reported: list[set[str]] = []
+    guidance = LossGuidance(
+        [LossTerm("on", lambda v: v.x.sum()), LossTerm("off", broken, weight=0.0)],
+        on_terms=lambda ctx, values: reported.append(set(values)),
+    )
+    x = torch.ones(1, 1, 2, 2, requires_grad=True)
+    g = guidance.gradient_from_estimate(x, x * 1.0, _ctx(10, 1), 0.0)
+    assert reported == [{"on"}]
+    torch.testing.assert_close(g, -torch.ones_like(x))
+
+
+def test_reported_values_are_detached() -> None:
+    """``on_terms`` gets detached values: keeping them holds no graph."""
+    values: list[dict[str, Tensor]] = []
+    guidance = LossGuidance(
+        [LossTerm("sq", lambda v: v.x.pow(2).sum(), weight=2.0)],
+        on_terms=lambda ctx, v: values.append(v),
+    )
+    x = torch.full((1, 1, 2, 2), 3.0, requires_grad=True)
+    guidance.gradient_from_estimate(x, x * 1.0, _ctx(10, 1), 0.5)
+    assert not values[0]["sq"].requires_grad
+    assert values[0]["sq"].grad_fn is None
+    assert values[0]["sq"].item() == pytest.approx(72.0)

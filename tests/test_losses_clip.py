@@ -451,3 +451,167 @@ def test_affine_rotation_is_within_degrees() -> None:
     assert float(angle.abs().max()) <= 10.0 + 1e-3
     assert float(angle.max()) > 8.0
     assert float(angle.min()) < -8.0
+
+
+def test_embedding_shapes_are_refused_unless_equal_or_a_trailing_part() -> None:
+    """``b`` is ``a``'s shape or a trailing part of it (one embedding for all rows): a ``(1, D)``
+    row is not broadcast, and other batch shapes are refused by name."""
+    a = torch.randn(3, 8)
+    for bad in (torch.randn(1, 8), torch.randn(2, 8), torch.randn(3, 1, 8)):
+        for dist in (spherical_distance, cosine_distance):
+            with pytest.raises(IVE, match=r"b: expected shape \(3, 8\) or a trailing part"):
+                dist(a, bad)
+        with pytest.raises(IVE, match=r"text_direction: expected shape \(3, 8\)"):
+            directional_loss(a, bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_spherical_distance_gradient_is_finite_at_opposite_directions(dtype: torch.dtype) -> None:
+    """Opposite directions: ``pi^2 / 2`` with a finite gradient (arcsin clamped at 1; its
+    derivative is infinite there)."""
+    g = torch.Generator().manual_seed(20)
+    a = torch.randn(64, 16, generator=g, dtype=dtype).requires_grad_(True)
+    d = spherical_distance(a, -3.0 * a.detach())
+    atol = 5e-3 if dtype == torch.float32 else 1e-6  # float32 chords lose ~sqrt(eps) here
+    torch.testing.assert_close(d, torch.full_like(d, math.pi**2 / 2), rtol=0.0, atol=atol)
+    d.sum().backward()
+    assert a.grad is not None
+    assert torch.isfinite(a.grad).all()
+
+
+def test_nada_refuses_a_given_embedding_just_above_unit_norm(encoder: CLIPEncoder) -> None:
+    """NADA's text embeddings are means of unit vectors (norm <= 1): a given embedding of norm 1
+    or less is taken, one of norm 1.01 is refused."""
+    src, tgt = F.normalize(encoder.encode_text(["dog", "cat"]), dim=-1)
+    CLIPDirectionalLoss(encoder, src, tgt)
+    CLIPDirectionalLoss(encoder, 0.5 * src, tgt)
+    with pytest.raises(IVE, match="target_text: for variant='nada' expected the mean of unit"):
+        CLIPDirectionalLoss(encoder, src, 1.01 * tgt)
+
+
+def test_nada_guard_gradient_holds_the_source_embedding_constant(encoder: CLIPEncoder) -> None:
+    """At ``x == y`` NADA's ``Delta_I = e^(x + 1e-6) - e^(y)`` with ``e^(y)`` a constant: the
+    gradient is that of the formula written out with the source side detached."""
+    loss = CLIPDirectionalLoss(encoder, "photo", "sketch", templates=["a {}."])
+    y = _images(2, seed=21)
+    x = y.clone().requires_grad_(True)
+    loss(x, y).backward()
+    ref = y.clone().requires_grad_(True)
+    u_y = F.normalize(encoder.encode_image(ref), dim=-1).detach()  # the autograd evaluation
+    d_i = F.normalize(encoder.encode_image(ref + 1e-6), dim=-1) - u_y
+    (1 - F.cosine_similarity(d_i, loss.text_direction[None], dim=-1)).sum().backward()
+    assert x.grad is not None
+    assert ref.grad is not None
+    scale = float(ref.grad.abs().max())
+    assert scale > 0
+    torch.testing.assert_close(x.grad, ref.grad, rtol=1e-3, atol=1e-3 * scale)
+
+
+def test_directional_loss_without_patches_refuses_a_source_of_another_size(
+    encoder: CLIPEncoder,
+) -> None:
+    """Without patches the direction compares ``x`` and ``y`` view for view, so the source must
+    have the edited image's shape (the encoder would otherwise resize both silently)."""
+    x, y = _images(2, size=32), _images(2, size=48)
+    for augment in (None, CLIPAugment(n_patch=2, output_size=32)):
+        loss = CLIPDirectionalLoss(encoder, "photo", "sketch", augment=augment)
+        with pytest.raises(IVE, match=r"y: expected shape \(2, 3, 32, 32\)"):
+            loss(x, y)
+
+
+def test_nada_guard_leaves_a_partly_edited_image_alone(encoder: CLIPEncoder) -> None:
+    """The guard is for views equal in every pixel: an image edited in one region only is an
+    edit, and gets the unguarded value."""
+    guarded = CLIPDirectionalLoss(encoder, "photo", "sketch", templates=["a {}."], reduction="none")
+    plain = replace(guarded, zero_direction_guard=False)
+    y = _images(2, seed=22)
+    x = y.clone()
+    x[:, :, :8] += 0.3  # the top quarter edited, the rest equal to the source
+    torch.testing.assert_close(guarded(x, y), plain(x, y))
+
+
+def _pixel_centres(h: int, w: int) -> torch.Tensor:
+    ys = (torch.arange(h, dtype=torch.float32) + 0.5) / h * 2 - 1
+    xs = (torch.arange(w, dtype=torch.float32) + 0.5) / w * 2 - 1
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([gx, gy], dim=-1)  # (h, w, 2) in grid_sample's (x, y) order
+
+
+def test_affine_translation_is_up_to_translate_of_the_size() -> None:
+    """Without rotation and perspective the grid is a shift by up to ``translate`` of the image
+    size per axis, i.e. ``2 translate`` in [-1, 1] coordinates, both ways."""
+    aug = CLIPAugment(n_patch=1, degrees=0.0, translate=0.1, distortion=0.0, output_size=8)
+    grid, inside = aug.sampling_grid(400, 8, 8, generator=torch.Generator().manual_seed(23))
+    assert bool(inside.all())
+    # a pixel near the centre is never clamped: its displacement is the shift
+    shift = grid[:, 3, 4] - _pixel_centres(8, 8)[3, 4]
+    torch.testing.assert_close(grid[:, 4, 3] - _pixel_centres(8, 8)[4, 3], shift)
+    assert float(shift.abs().max()) <= 0.2 + 1e-6
+    assert bool((shift.amax(dim=0) > 0.18).all())
+    assert bool((shift.amin(dim=0) < -0.18).all())
+
+
+def test_affine_rotation_keeps_pixel_distances_on_a_non_square_image() -> None:
+    """The rotation acts on pixels, not on [-1, 1] coordinates: on an 8 x 16 image a sampled
+    point is as far from the centre, in pixels, as its output pixel."""
+    H, W, N = 8, 16, 200
+    aug = CLIPAugment(n_patch=1, degrees=30.0, translate=0.0, distortion=0.0, output_size=8)
+    grid, _ = aug.sampling_grid(N, H, W, generator=torch.Generator().manual_seed(24))
+    pixels = torch.tensor([W / 2, H / 2])
+    i, j = 2, 10  # 1.5 px above and 2.5 px right of the centre: never clamped (radius < 4)
+    radius = (_pixel_centres(H, W)[i, j] * pixels).norm()
+    torch.testing.assert_close((grid[:, i, j] * pixels).norm(dim=-1), radius.expand(N))
+
+
+def test_affine_border_padding_stays_inside_the_patch() -> None:
+    """In patch mode the affine map's border padding clamps to the crop, so no sampled point
+    leaves it: the extent of the samples never exceeds the crop's area (here 0.1 of the image)."""
+    aug = CLIPAugment(
+        n_patch=1, patch=True, patch_min=0.1, patch_max=0.1, patch_size=16, distortion=0.0
+    )
+    grid, _ = aug.sampling_grid(128, 64, 64, generator=torch.Generator().manual_seed(25))
+    lo, hi = grid.amin(dim=(1, 2)), grid.amax(dim=(1, 2))
+    area = ((hi - lo) / 2).prod(dim=-1)  # fraction of the image's area
+    assert float(area.max()) <= 0.1 + 1e-5
+    assert float(area.min()) > 0.05
+
+
+def test_patch_aspect_ratios_lie_in_three_quarters_to_four_thirds() -> None:
+    """Crops have width/height log-uniform in [3/4, 4/3] (torchvision's RandomResizedCrop),
+    measured on the pixel grid of a non-square image."""
+    H, W, n = 100, 140, 16
+    aug = CLIPAugment(n_patch=1, patch=True, patch_min=0.05, patch_max=0.2, p=0.0, patch_size=n)
+    grid, _ = aug.sampling_grid(512, H, W, generator=torch.Generator().manual_seed(26))
+    span = grid.amax(dim=(1, 2)) - grid.amin(dim=(1, 2))  # (N, 2); the same n / (n - 1) inset
+    ratio = span[:, 0] * W / (span[:, 1] * H)
+    assert float(ratio.min()) >= 0.75 - 1e-4
+    assert float(ratio.max()) <= 4 / 3 + 1e-4
+    assert float(ratio.min()) < 0.78
+    assert float(ratio.max()) > 1.28
+    assert abs(float(ratio.log().median())) < 0.05  # log-uniform: symmetric about 1
+
+
+def test_perspective_keeps_the_expected_area() -> None:
+    """Corners move inward by U(0, distortion) of the half-size per axis (torchvision's
+    RandomPerspective): the warped image always covers the central square ``|x|, |y| <= 1 - d``
+    and, its area being bilinear in independent corner coordinates, ``(1 - d/2)^2`` of the
+    output on average."""
+    d = 0.6
+    aug = CLIPAugment(n_patch=1, degrees=0.0, translate=0.0, distortion=d, output_size=64)
+    _, inside = aug.sampling_grid(512, 64, 64, generator=torch.Generator().manual_seed(27))
+    covered = inside.mean(dim=(1, 2, 3))
+    centres = _pixel_centres(64, 64)
+    core = (centres.abs() <= 1 - d).all(dim=-1)  # the square every moved corner leaves free
+    assert bool(inside[:, 0][:, core].all())
+    assert float(covered.mean()) == pytest.approx((1 - d / 2) ** 2, abs=0.02)
+
+
+def test_a_text_direction_at_rounding_level_is_refused(encoder: CLIPEncoder) -> None:
+    """Embeddings that differ by float rounding (4e-7 of the norm) give no text direction, only
+    noise to normalise: refused like equal texts, not just an exactly zero difference."""
+    e = encoder.encode_text(["a photo"])[0]
+    near = e.clone()
+    near[0] += 4e-7 * float(e.norm())
+    assert not torch.equal(near, e)
+    with pytest.raises(IVE, match="target_text: expected another text"):
+        CLIPDirectionalLoss(encoder, e, near, variant="zecon")

@@ -587,3 +587,45 @@ def test_bad_unet_extractor() -> None:
         UNetEncoderFeatures(
             type("Odd", (), {"encoder_channels": (), "encoder_features": NoMaps.encoder_features})()
         )
+
+
+def test_gather_patches_refuses_negative_positions() -> None:
+    """Flat positions are in ``[0, h w)``: a negative one (which torch would index from the end)
+    is refused, not wrapped around."""
+    fmap = torch.randn(1, 2, 3, 3)
+    with pytest.raises(InputValueError, match=r"positions: expected flat positions in \[0, 8\]"):
+        gather_patches(fmap, torch.tensor([0, -1]))
+
+
+def test_concat_condition_must_match_the_images_spatially() -> None:
+    """The channel-concatenated condition has the images' height and width, checked by name."""
+    net = _small_unet(in_channels=6)
+    x = torch.randn(2, 3, 16, 16)
+    with pytest.raises(InputValueError, match=r"concat: expected shape \(2, C, 16, 16\)"):
+        UNetEncoderFeatures(net, concat=torch.randn(2, 3, 8, 8))(x)
+
+
+def test_gamma_level_keeps_the_sample_precision() -> None:
+    """For a gamma net the clean level is given in the sample's precision (at least float32):
+    a float64 sample gets the float64 value of ``t``."""
+    extractor = UNetEncoderFeatures(_small_unet(noise_conditioning="gamma"), t=0.9999)
+    t64 = extractor.timesteps(torch.zeros(2, 3, 4, 4, dtype=torch.float64))
+    assert t64.dtype == torch.float64
+    assert t64.tolist() == [0.9999, 0.9999]
+    t16 = extractor.timesteps(torch.zeros(1, 3, 4, 4, dtype=torch.float16))
+    assert t16.dtype == torch.float32
+
+
+def test_float64_images_run_through_a_float32_unet() -> None:
+    """A float64 sampler state is cast to the net's float32 (differentiably): the maps equal those
+    of the float32 images, and the gradient reaches the float64 input."""
+    extractor = UNetEncoderFeatures(_small_unet())
+    x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(13))
+    x64 = x.double().requires_grad_(True)
+    maps64 = extractor(x64)
+    for got, want in zip(maps64, extractor(x), strict=True):
+        torch.testing.assert_close(got, want)
+    sum(m.sum() for m in maps64).backward()  # type: ignore[union-attr]
+    assert x64.grad is not None
+    assert x64.grad.dtype == torch.float64
+    assert float(x64.grad.abs().max()) > 0.0

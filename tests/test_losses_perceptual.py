@@ -7,6 +7,7 @@ heads are the ones in the lpips wheel (no network).
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 
@@ -524,3 +525,60 @@ def test_vgg_bad_input() -> None:
     torch.testing.assert_close(loss(x, y.double()), loss(x, y))
     with pytest.raises(InputTypeError, match="x: expected a floating-point tensor"):
         loss(x.long(), y.long())
+
+
+def test_pixel_losses_refuse_empty_tensors() -> None:
+    """An empty input has no mean (it would be NaN): MSE and the range loss refuse it by name."""
+    empty = torch.zeros(0, 3, 4, 4)
+    with pytest.raises(InputValueError, match="x: expected a non-empty tensor"):
+        mse_loss(empty, empty.clone())
+    with pytest.raises(InputValueError, match="x0_hat: expected a non-empty tensor"):
+        range_loss(empty)
+    with pytest.raises(InputValueError, match="x0_hat: expected a non-empty tensor"):
+        range_loss(torch.zeros(2, 0))
+
+
+def test_lpips_from_lpips_refuses_a_spatial_model() -> None:
+    """A spatial LPIPS model gives a distance map, not one distance per image: refused."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        spatial = lpips.LPIPS(
+            pretrained=True, pnet_rand=True, net="squeeze", spatial=True, verbose=False
+        )
+    with pytest.raises(
+        InputValueError, match=r"model: expected an lpips\.LPIPS built with spatial"
+    ):
+        LPIPSLoss.from_lpips(spatial)
+
+
+def test_lpips_refuses_a_backbone_file_with_wrong_shapes(tmp_path: Path) -> None:
+    """Every key of the file fits, but one tensor has another shape: refused by name, listing it."""
+    state = torchvision.models.alexnet(weights=None).state_dict()
+    state["features.3.weight"] = torch.zeros(192, 64, 3, 3)  # torchvision's conv2 is 5x5
+    file = tmp_path / "alexnet-bad.pth"
+    torch.save(state, file)
+    with pytest.raises(
+        InputValueError, match=r"wrong shapes \['slice2\.3\.weight: \(192, 64, 3, 3\)"
+    ):
+        LPIPSLoss("alex", weights_path=file, offline=True)
+
+
+def test_lpips_checks_both_sides_and_the_batch() -> None:
+    """The minimum size applies to the width as well as the height; an empty batch is refused."""
+    loss = LPIPSLoss.from_lpips(_lpips_reference("squeeze"))
+    narrow = torch.zeros(1, 3, 32, 16)
+    with pytest.raises(InputValueError, match=r"x: LPIPS\(squeeze\) needs images at least 17x17"):
+        loss(narrow, narrow)
+    empty = torch.zeros(0, 3, 32, 32)
+    with pytest.raises(InputValueError, match="x: expected a non-empty batch"):
+        loss(empty, empty)
+
+
+def test_vgg_random_init_is_torchvisions_kaiming_fan_out() -> None:
+    """``pretrained=False`` draws conv weights N(0, 2 / fan_out), ``fan_out = C_out 3 3``, as
+    torchvision's VGG does (not fan-in)."""
+    torch.manual_seed(0)
+    feats = VGGFeatures((5,), pretrained=False)
+    for index, c_out in ((0, 64), (2, 64), (5, 128)):
+        w = feats.features[index].weight
+        assert float(w.std()) == pytest.approx(math.sqrt(2.0 / (c_out * 9)), rel=0.05), index

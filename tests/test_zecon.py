@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
+import math
 import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -14,7 +17,16 @@ from torch import Tensor
 import imgdiff
 from imgdiff import ZeConConfig, zecon_edit
 from imgdiff.clip import CLIPEncoder, load_clip, register_clip_config, tiny_clip_config
-from imgdiff.losses import UNetEncoderFeatures, ZeroShotContrastiveLoss, mse_loss
+from imgdiff.loss_guidance import GuidanceInputs, LossTerm
+from imgdiff.losses import (
+    CLIPAugment,
+    CLIPDirectionalLoss,
+    CLIPGlobalLoss,
+    UNetEncoderFeatures,
+    ZeroShotContrastiveLoss,
+    mse_loss,
+    range_loss,
+)
 from imgdiff.nets import UNet, UNetConfig
 from imgdiff.samplers.step import StepContext
 
@@ -207,3 +219,178 @@ def test_example_runs_and_reports_each_term_per_step(tmp_path: Path) -> None:
     for name in ("clip_global_patch", "clip_dir_patch", "zecon", "vgg", "range"):
         assert all(name in line for line in steps), name
     assert (tmp_path / "zecon.png").stat().st_size > 500
+
+
+def test_diffuse_inversion_starts_from_q_sample_at_the_first_kept_step() -> None:
+    """``inversion="diffuse"``: the edit starts from ``sqrt(ab) x_src + sqrt(1 - ab) noise`` at
+    the first kept timestep, the noise drawn from ``generator``; without active guidance it is
+    DDIM sampling from there over the kept steps."""
+    model = imgdiff.GaussianDenoiser(SCHED, std=0.2)
+    source = _source(2).double() * 0.5
+    config = ZeConConfig(clip_dir_patch=0.0, range=50.0, num_steps=10, skip=4)
+    encoder = object.__new__(CLIPEncoder)  # never called: no CLIP term has weight
+    torch.manual_seed(123)  # the global generator must not matter
+    out = zecon_edit(
+        imgdiff.DDIM(SCHED),
+        model,
+        source,
+        clip=encoder,
+        source_text="a",
+        target_text="b",
+        config=config,
+        inversion="diffuse",
+        generator=torch.Generator().manual_seed(3),
+        progress=False,
+    )
+    kept = list(imgdiff.DDIM(SCHED).timesteps(10))[4:]
+    noise = torch.randn(
+        source.shape, generator=torch.Generator().manual_seed(3), dtype=source.dtype
+    )
+    ab = float(SCHED.alphas_cumprod[kept[0]])
+    start = math.sqrt(ab) * source + math.sqrt(1 - ab) * noise
+    expected = imgdiff.DDIM(SCHED).sample(model, start, timesteps=kept, progress=False)
+    torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"final_alpha_bar": "first"},
+        {"spacing": "trailing"},
+        {"spacing": "leading", "steps_offset": 1},
+    ],
+)
+def test_ddim_inversion_uses_the_samplers_plan_settings(settings: dict[str, Any]) -> None:
+    """The DDIM inversion runs with the sampler's own settings (final level, spacing, offset):
+    without active guidance the edit is that sampler's inversion then its sampling."""
+    model = imgdiff.GaussianDenoiser(SCHED, std=0.2)
+    source = _source(2).double() * 0.5
+    config = ZeConConfig(clip_dir_patch=0.0, range=50.0, num_steps=10, skip=4)
+    encoder = object.__new__(CLIPEncoder)  # never called: no CLIP term has weight
+    sampler = imgdiff.DDIM(SCHED, **settings)
+    out = zecon_edit(
+        sampler,
+        model,
+        source,
+        clip=encoder,
+        source_text="a",
+        target_text="b",
+        config=config,
+        progress=False,
+    )
+    start = sampler.invert(model, source, num_steps=10, strength=0.6, progress=False)
+    expected = sampler.sample(model, start, num_steps=10, strength=0.6, progress=False)
+    torch.testing.assert_close(out, expected)
+
+
+class _BuiltError(Exception):
+    """Raised by a stand-in LossGuidance to hand back what zecon_edit built."""
+
+    def __init__(self, terms: list[LossTerm], kwargs: dict[str, Any]) -> None:
+        super().__init__("built")
+        self.terms = {term.name: term for term in terms}
+        self.kwargs = kwargs
+
+
+def test_every_term_is_the_documented_loss(
+    clip: CLIPEncoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each weight of the config guides with its loss (spec 7.4-7.7): spherical CLIP distance to
+    the target over whole-image or patch augmentations (the config's ``n_patch``, patch area,
+    CLIP's input size), ZeCon's directional loss (raw embeddings, source image, both texts), the
+    contrastive loss with the edit's generator, MSE below 700, VGG below 800, LPIPS, and the
+    range loss on ``x0_hat``."""
+
+    def stand_in(terms: list[LossTerm], **kwargs: Any) -> None:
+        raise _BuiltError(terms, kwargs)
+
+    monkeypatch.setattr(importlib.import_module("imgdiff.zecon"), "LossGuidance", stand_in)
+    config = ZeConConfig(
+        clip_global=2.0,
+        clip_global_patch=3.0,
+        clip_dir=4.0,
+        clip_dir_patch=5.0,
+        zecon=6.0,
+        mse=7.0,
+        vgg=8.0,
+        lpips=9.0,
+        range=10.0,
+        n_patch=2,
+        patch_min=0.1,
+        patch_max=0.3,
+        gate_on="respaced_index",
+    )
+    contrastive = ZeroShotContrastiveLoss(lambda img: [img], num_patches=8)
+    vgg = lambda a, b: (a - b).abs().mean()  # noqa: E731 - any pair losses
+    lpips = lambda a, b: (a - b).abs().amax()  # noqa: E731
+    g = torch.Generator()
+    source = torch.rand(1, 3, 48, 48, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with pytest.raises(_BuiltError) as built:
+        zecon_edit(
+            imgdiff.DDIM(SCHED),
+            imgdiff.GaussianDenoiser(SCHED),
+            source,
+            clip=clip,
+            source_text="photo",
+            target_text="sketch",
+            config=config,
+            contrastive=contrastive,
+            vgg=vgg,
+            lpips=lpips,
+            generator=g,
+            progress=False,
+        )
+    terms, kwargs = built.value.terms, built.value.kwargs
+    assert kwargs["gate_on"] == "respaced_index"
+    assert kwargs["generator"] is g
+    assert kwargs["source"] is source
+    weights = {name: term.weight for name, term in terms.items()}
+    assert weights == {
+        "clip_global": 2.0,
+        "clip_global_patch": 3.0,
+        "clip_dir": 4.0,
+        "clip_dir_patch": 5.0,
+        "zecon": 6.0,
+        "mse": 7.0,
+        "vgg": 8.0,
+        "lpips": 9.0,
+        "range": 10.0,
+    }
+    gates = {name: term.max_timestep for name, term in terms.items()}
+    assert gates == {**dict.fromkeys(terms), "mse": 700, "vgg": 800}
+    inputs = {name: term.input for name, term in terms.items()}
+    assert inputs == {**dict.fromkeys(terms, "blend"), "range": "x0_hat"}
+
+    x = torch.rand(1, 3, 48, 48, generator=torch.Generator().manual_seed(2)) * 2.4 - 1.2
+    y = torch.rand(1, 3, 48, 48, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    v = GuidanceInputs(x, y, x, torch.full((1,), 500), 500)
+
+    def aug(patch: bool) -> CLIPAugment:
+        return CLIPAugment(
+            n_patch=2, patch=patch, patch_min=0.1, patch_max=0.3, output_size=clip.image_size
+        )
+
+    def seeded() -> torch.Generator:
+        return torch.Generator().manual_seed(11)
+
+    expected = {
+        "clip_global": CLIPGlobalLoss(clip, "sketch", augment=aug(False))(x, generator=seeded()),
+        "clip_global_patch": CLIPGlobalLoss(clip, "sketch", augment=aug(True))(
+            x, generator=seeded()
+        ),
+        "clip_dir": CLIPDirectionalLoss(
+            clip, "photo", "sketch", variant="zecon", augment=aug(False)
+        )(x, y, generator=seeded()),
+        "clip_dir_patch": CLIPDirectionalLoss(
+            clip, "photo", "sketch", variant="zecon", augment=aug(True)
+        )(x, y, generator=seeded()),
+        "zecon": contrastive(x, y, generator=seeded()),
+        "mse": mse_loss(x, y),
+        "vgg": vgg(x, y),
+        "lpips": lpips(x, y),
+        "range": range_loss(x),
+    }
+    assert float(expected["range"]) > 0
+    for name, want in expected.items():
+        g.manual_seed(11)
+        torch.testing.assert_close(terms[name].loss(v), want, msg=name)
