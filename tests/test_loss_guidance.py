@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -58,6 +59,16 @@ def test_gradient_is_minus_the_loss_gradient_through_the_blend() -> None:
     torch.testing.assert_close(g, -2 * w * k * (k * x.detach() - c))
 
 
+def _spy(name: str, *, seen: dict[str, GuidanceInputs]) -> LossTerm:
+    """A term on input view ``name`` that records what it sees (its loss: the view's sum)."""
+
+    def loss(v: GuidanceInputs) -> Tensor:
+        seen[name] = v
+        return v.x.sum()
+
+    return LossTerm(name, loss, input=name)  # type: ignore[arg-type]
+
+
 def test_views_of_the_sample_and_the_source() -> None:
     B = 2
     x = torch.randn(B, 3, 4, 4, dtype=torch.float64, requires_grad=True)
@@ -65,13 +76,7 @@ def test_views_of_the_sample_and_the_source() -> None:
     src = torch.randn(B, 3, 4, 4, dtype=torch.float64)
     sigma = 0.4
     seen: dict[str, GuidanceInputs] = {}
-
-    def spy(name: str) -> LossTerm:
-        def loss(v: GuidanceInputs) -> Tensor:
-            seen[name] = v
-            return v.x.sum()
-
-        return LossTerm(name, loss, input=name)  # type: ignore[arg-type]
+    spy = functools.partial(_spy, seen=seen)
 
     guidance = LossGuidance(
         [spy("blend"), spy("x0_hat"), spy("x_t")],
@@ -250,13 +255,7 @@ def _seen_views(sigma: float | Tensor, inputs: tuple[str, ...]) -> dict[str, Gui
     x = torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     src = torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
     seen: dict[str, GuidanceInputs] = {}
-
-    def spy(name: str) -> LossTerm:
-        def loss(v: GuidanceInputs) -> Tensor:
-            seen[name] = v
-            return v.x.sum()
-
-        return LossTerm(name, loss, input=name)  # type: ignore[arg-type]
+    spy = functools.partial(_spy, seen=seen)
 
     guidance = LossGuidance(
         [spy(name) for name in inputs], source=src, generator=torch.Generator().manual_seed(7)

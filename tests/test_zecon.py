@@ -108,9 +108,11 @@ def test_edit_reports_every_term_and_gates_by_timestep(clip: CLIPEncoder, net: U
         assert names == expected, t
 
 
-def test_edit_without_active_guidance_is_ddim_inversion_and_reconstruction() -> None:
-    """Only the range loss, on an x0_hat that stays in [-1, 1]: no guidance, so the edit is the
-    DDIM inversion of the source to the first kept level followed by DDIM sampling back."""
+def _edit_without_active_guidance(
+    **kwargs: Any,
+) -> tuple[imgdiff.GaussianDenoiser, torch.Tensor, torch.Tensor]:
+    """``(model, source, edit)``: 10 steps, skip 4, only the range loss on an ``x0_hat`` that
+    stays in [-1, 1] (so no guidance acts), a CLIP encoder that is never called."""
     model = imgdiff.GaussianDenoiser(SCHED, std=0.2)
     source = _source(2).double() * 0.5
     config = ZeConConfig(clip_dir_patch=0.0, range=50.0, num_steps=10, skip=4)
@@ -124,7 +126,15 @@ def test_edit_without_active_guidance_is_ddim_inversion_and_reconstruction() -> 
         target_text="b",
         config=config,
         progress=False,
+        **kwargs,
     )
+    return model, source, out
+
+
+def test_edit_without_active_guidance_is_ddim_inversion_and_reconstruction() -> None:
+    """Only the range loss, on an x0_hat that stays in [-1, 1]: no guidance, so the edit is the
+    DDIM inversion of the source to the first kept level followed by DDIM sampling back."""
+    model, source, out = _edit_without_active_guidance()
     ddim = imgdiff.DDIM(SCHED)
     start = ddim.invert(model, source, num_steps=10, strength=0.6, progress=False)
     expected = ddim.sample(model, start, num_steps=10, strength=0.6, progress=False)
@@ -225,22 +235,9 @@ def test_diffuse_inversion_starts_from_q_sample_at_the_first_kept_step() -> None
     """``inversion="diffuse"``: the edit starts from ``sqrt(ab) x_src + sqrt(1 - ab) noise`` at
     the first kept timestep, the noise drawn from ``generator``; without active guidance it is
     DDIM sampling from there over the kept steps."""
-    model = imgdiff.GaussianDenoiser(SCHED, std=0.2)
-    source = _source(2).double() * 0.5
-    config = ZeConConfig(clip_dir_patch=0.0, range=50.0, num_steps=10, skip=4)
-    encoder = object.__new__(CLIPEncoder)  # never called: no CLIP term has weight
     torch.manual_seed(123)  # the global generator must not matter
-    out = zecon_edit(
-        imgdiff.DDIM(SCHED),
-        model,
-        source,
-        clip=encoder,
-        source_text="a",
-        target_text="b",
-        config=config,
-        inversion="diffuse",
-        generator=torch.Generator().manual_seed(3),
-        progress=False,
+    model, source, out = _edit_without_active_guidance(
+        inversion="diffuse", generator=torch.Generator().manual_seed(3)
     )
     kept = list(imgdiff.DDIM(SCHED).timesteps(10))[4:]
     noise = torch.randn(
