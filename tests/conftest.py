@@ -102,3 +102,19 @@ def network_attempts(monkeypatch: pytest.MonkeyPatch) -> list[object]:
     monkeypatch.setattr(socket.socket, "connect_ex", refuse)
     monkeypatch.setattr(socket, "create_connection", lambda *a, **k: refuse(None, a, **k))
     return attempts
+
+
+def tiny_cross_attention_unet() -> torch.nn.Module:
+    """A small random diffusers ``UNet2DConditionModel``: 4 channels, 8x8, context width 12."""
+    import diffusers
+
+    return diffusers.UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=12,
+        norm_num_groups=8,
+        layers_per_block=1,
+        attention_head_dim=8,
+    )

@@ -42,6 +42,8 @@ from imgdiff.losses import (
 )
 from imgdiff.metrics import psnr, ssim
 
+from .conftest import tiny_cross_attention_unet
+
 IVE = imgdiff.InputValueError
 ITE = imgdiff.InputTypeError
 META = "meta"
@@ -361,20 +363,11 @@ def test_attention_blocks_validate_at_construction_and_call() -> None:
 
 
 def test_diffusers_adapter_checks_the_context() -> None:
-    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("diffusers")
     from imgdiff.nets import DiffusersUNet
 
     torch.manual_seed(0)
-    cond = diffusers.UNet2DConditionModel(
-        sample_size=8,
-        block_out_channels=(16, 32),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=12,
-        norm_num_groups=8,
-        layers_per_block=1,
-        attention_head_dim=8,
-    )
+    cond = tiny_cross_attention_unet()
     text = DiffusersUNet(cond)
     z, t = torch.randn(2, 4, 8, 8), torch.tensor([5, 9])
     for bad in (torch.randn(2, 3, 8), torch.randn(1, 5, 12)):

@@ -292,3 +292,24 @@ def test_null_half_comes_first_in_the_doubled_batch() -> None:
     assert torch.equal(seen[0][3:], cond["label"])
     want = -x + 3.0 * (x * cond["label"].reshape(-1, 1, 1, 1) + x)
     torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+
+
+def test_batch_one_per_sample_keywords_reach_the_model_with_the_doubled_batch() -> None:
+    """A per-sample keyword of batch 1 (shared by the samples) is broadcast to the doubled batch
+    2B, like one of batch B: both give the same guided output."""
+    x, t, cond = _inputs()
+    shapes: list[tuple[int, ...]] = []
+
+    def model(
+        x: torch.Tensor, t: torch.Tensor, *, label: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        shapes.append(tuple(mask.shape))
+        return Recorder()(x, t, label=label, mask=mask)
+
+    null = {"label": torch.zeros(1, dtype=torch.float64)}
+    guided = ClassifierFreeGuidance(model, 2.0, null)
+    mask = torch.rand(1, 1, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    one = guided(x, t, mask=mask, **cond)
+    full = guided(x, t, mask=mask.expand(3, 1, 4, 4).clone(), **cond)
+    assert shapes == [(6, 1, 4, 4), (6, 1, 4, 4)]
+    torch.testing.assert_close(one, full, rtol=0, atol=0)

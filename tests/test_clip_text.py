@@ -474,3 +474,230 @@ def test_encoder_on_cuda(encoder: CLIPTextEncoder) -> None:
     torch.testing.assert_close(
         out.pooled.cpu(), encoder.encode(PROMPTS).pooled, atol=1e-4, rtol=1e-4
     )
+
+
+# -- the image side's preprocessing (spec 7.1) -------------------------------------------------
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _normalised(x01: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    m = torch.tensor(mean, dtype=x01.dtype).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=x01.dtype).view(1, 3, 1, 1)
+    return (x01 - m) / s
+
+
+def test_preprocess_uses_the_models_stats_and_falls_back_to_clips() -> None:
+    """(x + 1) / 2 normalised with the model's own preprocess_cfg mean and std (mean = std = 0.5
+    makes it the identity); without one, with spec 7.1's CLIP constants per channel."""
+    from imgdiff.clip import CLIPEncoder
+
+    register_clip_config(TINY, tiny_clip_config())
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    half = load_clip(TINY, seed=0)
+    half.model.visual.preprocess_cfg = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+    torch.testing.assert_close(CLIPEncoder(half).preprocess(x), x, rtol=0, atol=1e-6)
+    bare = load_clip(TINY, seed=0)
+    del bare.model.visual.preprocess_cfg
+    torch.testing.assert_close(
+        CLIPEncoder(bare).preprocess(x), _normalised((x + 1) / 2, CLIP_MEAN, CLIP_STD)
+    )
+
+
+def test_preprocess_centre_crop_offsets_round_half_to_even(clip: LoadedCLIP) -> None:
+    """An image whose short side is already S is not resampled, only centre-cropped at offset
+    int(round((side - S) / 2)) as torchvision's CenterCrop: 35 -> 32 crops from 2 (round(1.5)),
+    39 -> 32 from 4 (round(3.5)), 37 -> 32 from 2 (round(2.5)), in both directions."""
+    from imgdiff.clip import CLIPEncoder
+
+    encoder = CLIPEncoder(clip)
+    assert encoder.image_size == 32
+    g = torch.Generator().manual_seed(1)
+    cases = {(35, 32): (2, 0), (32, 39): (0, 4), (37, 32): (2, 0), (32, 37): (0, 2)}
+    for (H, W), (top, left) in cases.items():
+        x = torch.rand(1, 3, H, W, generator=g) * 2 - 1
+        want = _normalised((x[..., top : top + 32, left : left + 32] + 1) / 2, CLIP_MEAN, CLIP_STD)
+        torch.testing.assert_close(encoder.preprocess(x), want, rtol=0, atol=1e-6)
+
+
+def test_preprocess_pool_is_average_pooling_without_a_crop(clip: LoadedCLIP) -> None:
+    """resize="pool" average-pools the whole image to S x S (64 -> 32: 2 x 2 means; a 64 x 96
+    image: 2 x 3 means, nothing cropped)."""
+    from imgdiff.clip import CLIPEncoder
+
+    encoder = CLIPEncoder(clip, resize="pool")
+    g = torch.Generator().manual_seed(2)
+    for H, W in ((64, 64), (64, 96)):
+        x = torch.rand(2, 3, H, W, generator=g) * 2 - 1
+        pooled = torch.nn.functional.avg_pool2d((x + 1) / 2, (H // 32, W // 32))
+        torch.testing.assert_close(
+            encoder.preprocess(x), _normalised(pooled, CLIP_MEAN, CLIP_STD), rtol=0, atol=1e-6
+        )
+
+
+def test_preprocess_keeps_float64_and_checks_channels(clip: LoadedCLIP) -> None:
+    """float64 images are preprocessed in float64 (to float64 accuracy); other floating dtypes in
+    float32; images without 3 channels are refused by name."""
+    from imgdiff.clip import CLIPEncoder
+
+    encoder = CLIPEncoder(clip)
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    out = encoder.preprocess(x * 2 - 1)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, _normalised(x, CLIP_MEAN, CLIP_STD), rtol=0, atol=1e-12)
+    assert encoder.preprocess(x.half()).dtype == torch.float32
+    for channels in (1, 4):
+        with pytest.raises(IVE, match=r"^images: expected 3 \(RGB\) channels"):
+            encoder.preprocess(torch.zeros(1, channels, 32, 32))
+
+
+def test_text_embedding_templates_need_exactly_one_placeholder(clip: LoadedCLIP) -> None:
+    """Each template has exactly one ``{}``: none or two are refused, naming the template."""
+    from imgdiff.clip import CLIPEncoder
+
+    encoder = CLIPEncoder(clip)
+    assert encoder.text_embedding("cat", ["a photo of a {}."]).shape == (32,)
+    for bad in ("a photo", "a {} and a {}"):
+        with pytest.raises(IVE, match=r"^templates\[1\]: expected exactly one '\{\}' placeholder"):
+            encoder.text_embedding("cat", ["a photo of a {}.", bad])
+
+
+# -- which weights are loaded ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("files", "chosen"),
+    [
+        (("a.bin", "c.pth", "b.safetensors"), "b.safetensors"),
+        (
+            ("open_clip_pytorch_model.safetensors", "open_clip_model.safetensors"),
+            "open_clip_model.safetensors",
+        ),
+        (
+            ("model.safetensors", "open_clip_pytorch_model.bin", "a.safetensors"),
+            "open_clip_pytorch_model.bin",
+        ),
+    ],
+    ids=["unranked", "both-open-clip-names", "ranked-bin-before-safetensors"],
+)
+def test_local_dir_reports_the_checkpoint_open_clip_loads(
+    clip: LoadedCLIP, tmp_path: Path, files: tuple[str, ...], chosen: str
+) -> None:
+    """With several checkpoints in a ``local-dir:`` folder, the reported checkpoint is the one
+    open_clip picks (its preferred names in order, else a .safetensors file before a .bin or
+    .pth), and the loaded weights are that file's."""
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    from open_clip.factory import _find_checkpoint_in_dir
+
+    other = load_clip(TINY, seed=123)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": tiny_clip_config()}))
+    for name in files:
+        state = _state_dict(clip if name == chosen else other)
+        if name.endswith(".safetensors"):
+            safetensors_torch.save_file(
+                {k: v.contiguous() for k, v in state.items()}, str(folder / name)
+            )
+        else:
+            torch.save(state, folder / name)
+    assert _find_checkpoint_in_dir(folder) == str(folder / chosen)
+    loaded = load_clip(f"local-dir:{folder}")
+    assert loaded.checkpoint == str(folder / chosen)
+    for key, value in clip.model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[key], value), key
+
+
+def test_torchscript_checkpoint_must_match_the_architecture_exactly(
+    clip: LoadedCLIP, tmp_path: Path
+) -> None:
+    """A TorchScript archive is loaded strictly: one with a weight missing (here a 1-d tower of
+    another depth) is refused with WeightsUnavailableError instead of leaving random weights."""
+    config = tiny_clip_config()
+    config["text_cfg"]["layers"] = 2
+    register_clip_config(TINY + "-deeper", config)
+    deeper = load_clip(TINY + "-deeper", seed=0)
+    path = tmp_path / "tiny-jit.pt"
+    _save_torchscript(clip, path)  # one text layer: the second layer's weights are missing
+    with pytest.raises(WeightsUnavailableError, match="could not be loaded into the CLIP model"):
+        load_clip(TINY + "-deeper", path)
+    assert deeper.model.state_dict().keys() > clip.model.state_dict().keys()
+
+
+def test_text_embedding_tokens_must_match_the_context(encoder: CLIPTextEncoder) -> None:
+    """``tokens`` is ``None`` or ``(B, L)`` like the context's first two dimensions."""
+    context, pooled = torch.zeros(2, 77, 8), torch.zeros(2, 8)
+    assert TextEmbedding(context, pooled, torch.zeros(2, 77, dtype=torch.int64)).batch_size == 2
+    for bad in (torch.zeros(2, 10, dtype=torch.int64), torch.zeros(3, 77, dtype=torch.int64)):
+        with pytest.raises(IVE, match=r"^tokens: expected None or shape \(2, 77\)"):
+            TextEmbedding(context, pooled, bad)
+    emb = encoder.encode(PROMPTS)
+    assert emb.tokens is not None
+    assert emb.tokens.shape == emb.context.shape[:2]
+
+
+def test_hub_tag_prefers_the_safetensors_file_as_open_clip_does(
+    clip: LoadedCLIP,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    network_attempts: list[object],
+) -> None:
+    """A hub tag whose cache holds both the .bin file and its .safetensors alternative loads the
+    .safetensors one (open_clip's download_pretrained_from_hf tries the safe alternative first)."""
+    import open_clip
+
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    tags = {"bothtag": {"hf_hub": "imgdiff/tiny-both/", "url": ""}}
+    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, TINY, tags)
+    safe = tmp_path / "safe.safetensors"
+    safetensors_torch.save_file(
+        {k: v.contiguous() for k, v in _state_dict(clip).items()}, str(safe)
+    )
+    other = load_clip(TINY, seed=123)
+    cache = tmp_path / "hub"
+    _hf_cache(
+        cache,
+        "imgdiff/tiny-both",
+        {
+            "open_clip_pytorch_model.bin": _checkpoint_bytes(other, tmp_path),
+            "open_clip_model.safetensors": safe.read_bytes(),
+        },
+    )
+    loaded = load_clip(TINY, "bothtag", cache_dir=cache, offline=True)
+    assert loaded.checkpoint is not None
+    assert loaded.checkpoint.endswith("open_clip_model.safetensors")
+    for key, value in clip.model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[key], value), key
+    assert network_attempts == []
+
+
+def test_torchscript_non_weight_entries_are_dropped(clip: LoadedCLIP, tmp_path: Path) -> None:
+    """OpenAI's archives also hold ``input_resolution``, ``context_length`` and ``vocab_size``
+    (not weights, as open_clip's load_openai_model drops them): such an archive loads the
+    weights exactly."""
+    model = load_clip(TINY, seed=0).model
+    for name, value in (("input_resolution", 32), ("context_length", 77), ("vocab_size", 49408)):
+        if hasattr(model, name):  # open_clip keeps these as int attributes, OpenAI as tensors
+            delattr(model, name)
+        model.register_buffer(name, torch.tensor(value))
+    path = tmp_path / "openai-like.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.* is deprecated in torch >= 2.9
+        torch.jit.save(torch.jit.script(model), str(path))
+    loaded = load_clip(TINY, path, seed=123)
+    assert loaded.model.state_dict().keys() == clip.model.state_dict().keys()
+    for key, value in clip.model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("name", ["missing.pt", "missing.safetensors", "missing.bin"])
+def test_a_bare_checkpoint_file_name_is_a_path_not_a_tag(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A value ending in a checkpoint suffix is a (missing) file, even without a directory: the
+    error says no checkpoint file is there, not that the tag is unknown."""
+    register_clip_config(TINY, tiny_clip_config())
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(WeightsUnavailableError, match=r"no checkpoint file at"):
+        load_clip(TINY, name)

@@ -15,6 +15,7 @@ from imgdiff.conditioning import (
     ConcatConditioning,
     KnownRegion,
     NoiseLevelConditioning,
+    check_mask,
     drop_conditions,
     sd_inpaint_input,
 )
@@ -368,3 +369,95 @@ def test_noise_level_gamma_keeps_float32_for_half_samples() -> None:
     assert float(seen[0][0]) == float(torch.tensor(float(s.alphas_cumprod[0]), dtype=torch.float32))
     assert float(seen[0][0]) < 1.0
     assert float(seen[0][1]) == 1.0
+
+
+def test_sd_inpaint_input_checks_the_masked_latents_shape() -> None:
+    """The masked-image latents must have the latents' shape: another channel count would shift
+    every channel after the mask, so it is refused rather than concatenated."""
+    z, m = torch.randn(2, 4, 8, 8), torch.ones(2, 1, 8, 8)
+    for bad in (torch.randn(2, 3, 8, 8), torch.randn(1, 4, 8, 8), torch.randn(2, 4, 4, 4)):
+        with pytest.raises(
+            imgdiff.InputValueError,
+            match=r"^masked_image_latents: expected shape \(2, 4, 8, 8\) like latents",
+        ):
+            sd_inpaint_input(z, m, bad)
+
+
+def test_condition_dropout_draws_each_sample_from_its_own_generator() -> None:
+    """With one generator per sample, sample i is dropped iff the first uniform of its own
+    generator is below p: the decision does not depend on the other samples' generators."""
+    seeds, p = [3, 11, 5, 8, 0, 42, 7, 19], 0.5
+    cond = {"label": torch.arange(1, len(seeds) + 1)}
+    null = {"label": torch.zeros(1, dtype=torch.int64)}
+    want = torch.tensor(
+        [float(torch.rand((), generator=torch.Generator().manual_seed(s))) < p for s in seeds]
+    )
+    assert 0 < int(want.sum()) < len(seeds)  # the seeds give both outcomes
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    out, dropped = drop_conditions(cond, null, p, batch=len(seeds), generator=gens)
+    assert torch.equal(dropped, want)
+    assert torch.equal(out["label"], torch.where(want, 0, cond["label"]))
+    # reversing the generators reverses the decisions
+    rev = [torch.Generator().manual_seed(s) for s in reversed(seeds)]
+    _, dropped_rev = drop_conditions(cond, null, p, batch=len(seeds), generator=rev)
+    assert torch.equal(dropped_rev, want.flip(0))
+
+
+def test_condition_dropout_refuses_a_null_that_only_broadcasts() -> None:
+    """The null value has the condition's per-sample shape and batch 1 or B: a null that would
+    merely broadcast (fewer dimensions, a size-1 axis) or has another batch is refused."""
+    B = 4
+    cond = {"context": torch.randn(B, 2, 3)}
+    for bad in (
+        torch.zeros(1, 1, 3),
+        torch.zeros(1, 3),
+        torch.zeros(2, 2, 3),
+        torch.zeros(3, 2, 3),
+    ):
+        with pytest.raises(
+            imgdiff.InputValueError,
+            match=r"^null\['context'\]: expected shape \(1 or 4, 2, 3\) like cond\['context'\]",
+        ):
+            drop_conditions(cond, {"context": bad}, 0.5, batch=B)
+    # batch 1 and batch B are both fine
+    for good in (torch.zeros(1, 2, 3), torch.zeros(B, 2, 3)):
+        out, _ = drop_conditions(cond, {"context": good}, 1.0, batch=B)
+        assert torch.equal(out["context"], torch.zeros(B, 2, 3))
+
+
+def test_check_mask_refuses_another_batch() -> None:
+    """A hole mask has batch 1 (shared) or the images' batch B; any other batch is refused, also
+    by KnownRegion at construction."""
+    like = torch.zeros(2, 3, 4, 4)
+    assert check_mask("mask", torch.ones(1, 1, 4, 4), like).shape == (1, 1, 4, 4)
+    assert check_mask("mask", torch.ones(2, 1, 4, 4), like).shape == (2, 1, 4, 4)
+    for batch in (3, 4):
+        with pytest.raises(imgdiff.InputValueError, match=r"^mask: expected shape \(2, 1, 4, 4\)"):
+            check_mask("mask", torch.ones(batch, 1, 4, 4), like)
+        with pytest.raises(imgdiff.InputValueError, match=r"^mask: expected shape \(2, 1, 4, 4\)"):
+            KnownRegion(like, torch.ones(batch, 1, 4, 4))
+
+
+def test_concat_casts_the_source_to_the_samples_dtype() -> None:
+    """A float64 condition image joins a float32 sample as float32 (the network's input dtype
+    is the sample's), with the source still first."""
+    seen: list[torch.Tensor] = []
+
+    def net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        seen.append(x)
+        return x[:, 3:]
+
+    source = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    x_t = torch.randn(2, 3, 4, 4)
+    ConcatConditioning(net)(x_t, torch.tensor([1, 2]), source=source)
+    assert seen[0].dtype == torch.float32
+    assert torch.equal(seen[0], torch.cat([source.float(), x_t], dim=1))
+
+
+def test_check_mask_refuses_several_channels() -> None:
+    """A hole mask has one channel (shared by the image's channels): a per-channel mask
+    ``(B, C, H, W)`` is refused."""
+    like = torch.zeros(2, 3, 4, 4)
+    for channels in (2, 3):
+        with pytest.raises(imgdiff.InputValueError, match=r"^mask: expected shape \(2, 1, 4, 4\)"):
+            check_mask("mask", torch.ones(2, channels, 4, 4), like)

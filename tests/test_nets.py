@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
 
 import imgdiff
-from imgdiff.nets import CrossAttention, DiffusersUNet, UNet, UNetConfig, sinusoidal_embedding
+from imgdiff.nets import (
+    CrossAttention,
+    DiffusersUNet,
+    TimestepEmbedding,
+    UNet,
+    UNetConfig,
+    sinusoidal_embedding,
+)
+
+from .conftest import tiny_cross_attention_unet
 
 
 def test_cond6_timestep_embedding() -> None:
@@ -146,7 +157,8 @@ def test_unet_rejects_bad_input() -> None:
     with pytest.raises(imgdiff.InputValueError, match=r"^class_labels: expected"):
         net(torch.randn(1, 6, 16, 16), torch.tensor([1]))
     with pytest.raises(
-        imgdiff.InputValueError, match=r"^groups: expected a divisor of every level.s channels .*got 8 for a level of 12"
+        imgdiff.InputValueError,
+        match=r"^groups: expected a divisor of every level.s channels .*got 8 for a level of 12",
     ):
         UNetConfig(base_channels=12)
     with pytest.raises(imgdiff.InputValueError, match=r"^noise_conditioning: expected one of"):
@@ -247,16 +259,7 @@ def test_diffusers_unet_adapter() -> None:
         imgdiff.InputValueError, match=r"^context: UNet2DModel has no cross-attention"
     ):
         model(x, torch.tensor([5, 9]), context=torch.randn(2, 3, 4))
-    cond = diffusers.UNet2DConditionModel(
-        sample_size=8,
-        block_out_channels=(16, 32),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=12,
-        norm_num_groups=8,
-        layers_per_block=1,
-        attention_head_dim=8,
-    )
+    cond = tiny_cross_attention_unet()
     text = DiffusersUNet(cond)
     assert text.takes_context
     assert not model.takes_context
@@ -267,3 +270,270 @@ def test_diffusers_unet_adapter() -> None:
     )
     with pytest.raises(imgdiff.InputValueError, match=r"^context: expected \(B, L, d\) text"):
         text(z, torch.tensor([5, 9]))
+
+
+def test_timestep_embedding_is_the_scaled_sinusoid_through_the_mlp() -> None:
+    """TimestepEmbedding(t) = W_2 SiLU(W_1 emb(scale t; max_period) + b_1) + b_2, written out with
+    the module's own weights and a hand-coded sinusoid (cos first)."""
+    torch.manual_seed(0)
+    dim, scale, max_period = 8, 250.0, 50.0
+    module = TimestepEmbedding(dim, scale=scale, max_period=max_period).double()
+    t = torch.tensor([0.0, 0.1, 0.37, 1.0], dtype=torch.float64)
+    half = dim // 2
+    freqs = max_period ** (-torch.arange(half, dtype=torch.float64) / half)
+    args = (t * scale)[:, None] * freqs
+    emb = torch.cat([args.cos(), args.sin()], dim=1)
+    hidden = emb @ module.linear_1.weight.T + module.linear_1.bias
+    hidden = hidden * torch.sigmoid(hidden)
+    want = hidden @ module.linear_2.weight.T + module.linear_2.bias
+    # the sinusoid is computed in float32 inside, hence the tolerance
+    torch.testing.assert_close(module(t), want, rtol=0, atol=1e-4)
+    assert module.out_dim == 4 * dim
+
+
+def _filled(net: UNet) -> UNet:
+    """``net`` with its zero-initialised layers given random weights (so every input matters)."""
+    for p in net.parameters():
+        if bool((p == 0).all()):
+            torch.nn.init.normal_(p, std=0.1)
+    return net.eval()
+
+
+def test_unet_noise_input_is_scaled_by_gamma_scale_only_for_gamma() -> None:
+    """A gamma UNet embeds ``gamma_scale * gamma``: nets sharing weights with gamma_scale 1000 and
+    500 agree at gamma 0.25 and 0.5 (both embed 250); a timestep UNet ignores gamma_scale."""
+    torch.manual_seed(0)
+    base: dict[str, Any] = {"base_channels": 16, "channel_mults": (1, 2), "attention_levels": (1,)}
+    a = _filled(UNet(UNetConfig(noise_conditioning="gamma", gamma_scale=1000.0, **base)))
+    b = UNet(UNetConfig(noise_conditioning="gamma", gamma_scale=500.0, **base)).eval()
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        out = a(x, torch.tensor([0.25, 0.25]))
+        torch.testing.assert_close(out, b(x, torch.tensor([0.5, 0.5])), rtol=0, atol=0)
+        assert not torch.allclose(out, a(x, torch.tensor([0.5, 0.5])))
+        steps = _filled(UNet(UNetConfig(gamma_scale=1000.0, **base)))
+        other = UNet(UNetConfig(gamma_scale=3.0, **base)).eval()
+        other.load_state_dict(steps.state_dict())
+        t = torch.tensor([7, 420])
+        torch.testing.assert_close(steps(x, t), other(x, t), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("scale_shift", [True, False], ids=["scale-shift", "bias"])
+@pytest.mark.parametrize("cin", [8, 16])
+def test_res_block_is_the_documented_formula(scale_shift: bool, cin: int) -> None:
+    """ResBlock written out with functional ops and its own weights: ``h = conv(SiLU(GN(x)))``;
+    ADM: ``GN(h) (1 + scale) + shift`` with ``[scale, shift] = Linear(SiLU(emb))``, DDPM:
+    ``GN(h + e)``; output ``skip(x) + conv(SiLU(.))`` with zero padding and an identity (or 1x1)
+    skip. Freshly built (zero output convolution) it is the skip alone."""
+    import torch.nn.functional as F  # noqa: N812 - torch's conventional alias
+
+    from imgdiff.nets.unet import ResBlock
+
+    torch.manual_seed(0)
+    cout, emb_dim, groups = 16, 12, 4
+    block = ResBlock(cin, cout, emb_dim, 0.0, groups, scale_shift).double().eval()
+    x = torch.randn(2, cin, 6, 6, dtype=torch.float64)
+    emb = torch.randn(2, emb_dim, dtype=torch.float64)
+    skip = x if cin == cout else F.conv2d(x, block.skip.weight, block.skip.bias)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x, emb), skip, rtol=0, atol=0)  # identity branch at init
+        for p in block.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+        gn_in, conv_in = block.in_layers[0], block.in_layers[2]
+        h = F.conv2d(
+            F.silu(F.group_norm(x, groups, gn_in.weight, gn_in.bias)),
+            conv_in.weight,
+            conv_in.bias,
+            padding=1,
+        )
+        lin = block.emb[1]
+        e = (F.silu(emb) @ lin.weight.T + lin.bias)[:, :, None, None]
+        gn = block.out_norm
+        if scale_shift:
+            scale, shift = e[:, :cout], e[:, cout:]
+            h = F.group_norm(h, groups, gn.weight, gn.bias) * (1 + scale) + shift
+        else:
+            h = F.group_norm(h + e, groups, gn.weight, gn.bias)
+        conv_out = block.out_layers[2]
+        skip = x if cin == cout else F.conv2d(x, block.skip.weight, block.skip.bias)
+        want = skip + F.conv2d(F.silu(h), conv_out.weight, conv_out.bias, padding=1)
+        torch.testing.assert_close(block(x, emb), want, rtol=0, atol=1e-12)
+
+
+def test_unet_wiring_skips_downsampling_and_nearest_upsampling() -> None:
+    """The encoder maps chain (each is its block applied to the previous one: a stride-2 conv for
+    a downsample, res then attention otherwise); the middle is res, attention, res; every decoder
+    block gets ``cat([h, skip])`` with the encoder maps popped deepest first; upsampling is
+    nearest (each pixel a 2x2 block); the head is GroupNorm, SiLU, conv."""
+    torch.manual_seed(0)
+    net = _filled(
+        UNet(UNetConfig(base_channels=16, channel_mults=(1, 2, 2), attention_levels=(1,)))
+    )
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 700])
+    seen: dict[str, list[torch.Tensor]] = {"res": [], "upsample": [], "head": []}
+
+    def record(name: str) -> Callable[..., None]:
+        return lambda _module, args: seen[name].append(args[0])
+
+    hooks = [
+        block[name].register_forward_pre_hook(record(name))
+        for block in net.up
+        for name in ("res", "upsample")
+        if name in block
+    ]
+    hooks.append(net.output.register_forward_pre_hook(record("head")))
+    with torch.no_grad():
+        feats = net.encoder_features(x, t)
+        out = net(x, t)
+        emb = net.time_embed(t)
+        for hook in hooks:
+            hook.remove()
+        # middle: res, attention, res on the deepest map; it leads the first decoder input
+        middle = net.middle["res1"](feats[-1], emb)
+        middle = net.middle["res2"](net.middle["attn"](middle, None), emb)
+        torch.testing.assert_close(seen["res"][0][:, : middle.shape[1]], middle, rtol=0, atol=1e-6)
+        # output head: GroupNorm, SiLU, conv
+        norm, conv = net.output[0], net.output[2]
+        h = seen["head"][0]
+        head = torch.nn.functional.conv2d(
+            torch.nn.functional.silu(
+                torch.nn.functional.group_norm(h, norm.num_groups, norm.weight, norm.bias)
+            ),
+            conv.weight,
+            conv.bias,
+            padding=1,
+        )
+        torch.testing.assert_close(out, head, rtol=0, atol=1e-6)
+        assert len(feats) == 1 + len(net.down) == len(net.encoder_channels)
+        torch.testing.assert_close(feats[0], net.input_conv(x), rtol=0, atol=0)
+        for j, block in enumerate(net.down, start=1):
+            if "downsample" in block:
+                want = torch.nn.functional.conv2d(
+                    feats[j - 1],
+                    block["downsample"].weight,
+                    block["downsample"].bias,
+                    stride=2,
+                    padding=1,
+                )
+            else:
+                want = block["res"](feats[j - 1], emb)
+                if "attn" in block:
+                    want = block["attn"](want, None)
+            torch.testing.assert_close(feats[j], want, rtol=0, atol=1e-6)
+    assert len(seen["res"]) == len(feats)
+    for i, inp in enumerate(seen["res"]):
+        skip = feats[-1 - i]
+        assert torch.equal(inp[:, -skip.shape[1] :], skip), i
+    assert len(seen["upsample"]) == len(net.config.channel_mults) - 1
+    for up in seen["upsample"]:
+        corner = up[..., ::2, ::2]
+        for di, dj in ((0, 1), (1, 0), (1, 1)):
+            assert torch.equal(up[..., di::2, dj::2], corner)
+
+
+def test_unet_refuses_palette_null_without_a_palette_embedding() -> None:
+    """``palette_null`` belongs to the palette embedding: a UNet configured without one refuses
+    the flags instead of ignoring them (as it refuses ``palette`` itself)."""
+    net = UNet(UNetConfig(base_channels=16, channel_mults=(1, 2), attention_levels=(1,)))
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([1, 2])
+    with pytest.raises(
+        imgdiff.InputValueError, match=r"^palette_null: this UNet was not configured"
+    ):
+        net(x, t, palette_null=torch.tensor([True, False]))
+
+
+def test_spatial_attention_is_pre_normalised_residual_and_pixel_equivariant() -> None:
+    """SpatialAttention = x + SelfAttn(GN(x)), then + CrossAttn(LN(tokens), c), over the H W pixel
+    tokens: with zero output projections it is the identity; it commutes with any permutation of
+    the pixels (no positional information); and it equals that formula."""
+    import torch.nn.functional as F  # noqa: N812 - torch's conventional alias
+
+    from imgdiff.nets import SpatialAttention
+
+    torch.manual_seed(0)
+    B, C, H, W = 2, 16, 3, 5
+    block = SpatialAttention(C, heads=4, context_dim=6, groups=4).double().eval()
+    x = torch.randn(B, C, H, W, dtype=torch.float64)
+    c = torch.randn(B, 7, 6, dtype=torch.float64)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+        out = block(x, c)
+        perm = torch.randperm(H * W)
+        permuted = block(x.flatten(2)[..., perm].reshape(B, C, H, W), c)
+        torch.testing.assert_close(
+            permuted, out.flatten(2)[..., perm].reshape(B, C, H, W), rtol=0, atol=1e-12
+        )
+        tokens = x.flatten(2).transpose(1, 2)
+        gn = block.norm
+        normed = F.group_norm(x, 4, gn.weight, gn.bias).flatten(2).transpose(1, 2)
+        tokens = tokens + block.attn(normed)
+        ln = block.cross_norm
+        tokens = tokens + block.cross(F.layer_norm(tokens, (C,), ln.weight, ln.bias), c)
+        want = tokens.transpose(1, 2).reshape(B, C, H, W)
+        torch.testing.assert_close(out, want, rtol=0, atol=1e-12)
+        for attn in (block.attn, block.cross):
+            attn.to_out.weight.zero_()
+            attn.to_out.bias.zero_()
+        torch.testing.assert_close(block(x, c), x, rtol=0, atol=0)
+
+
+def test_unet_has_self_attention_exactly_at_the_configured_levels() -> None:
+    """Level l (resolution H / 2^l) has attention in its down and up blocks iff l is in
+    ``attention_levels``; the middle block always has it."""
+    from imgdiff.nets import SpatialAttention
+
+    cfg = UNetConfig(base_channels=16, channel_mults=(1, 2, 2), attention_levels=(0, 2))
+    net = UNet(cfg)
+    feats = net.encoder_features(torch.randn(1, 3, 16, 16), torch.tensor([5]))
+    res_blocks = [b for b in net.down if "res" in b]
+    res_sizes = [f.shape[-1] for f, b in zip(feats[1:], net.down, strict=True) if "res" in b]
+    assert len(res_blocks) == len(cfg.channel_mults) * cfg.num_res_blocks
+    for block, size in zip(res_blocks, res_sizes, strict=True):
+        level = {16: 0, 8: 1, 4: 2}[size]
+        assert ("attn" in block) == (level in cfg.attention_levels), level
+    up_levels = [
+        level
+        for level in reversed(range(len(cfg.channel_mults)))
+        for _ in range(cfg.num_res_blocks + 1)
+    ]
+    for block, level in zip(net.up, up_levels, strict=True):
+        assert ("attn" in block) == (level in cfg.attention_levels), level
+    assert isinstance(net.middle["attn"], SpatialAttention)
+
+
+class _StubUNet(torch.nn.Module):
+    """A diffusers-like stand-in: ``forward(x, t, **kw)`` returns ``2 x`` and records ``kw``."""
+
+    def __init__(self, config: object = None) -> None:
+        super().__init__()
+        if config is not None:
+            self.config = config
+        self.seen: list[dict[str, object]] = []
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **kw: object) -> torch.Tensor:
+        self.seen.append(kw)
+        return 2 * x
+
+
+def test_diffusers_adapter_reads_cross_attention_dim_from_any_config() -> None:
+    """``takes_context`` is whether the config names a ``cross_attention_dim``, read from a dict
+    config or an attribute config; without a config (or with ``None``) the UNet takes no context,
+    and with one the context arrives as ``encoder_hidden_states``."""
+    from types import SimpleNamespace
+
+    x, t, context = torch.randn(2, 3, 4, 4), torch.tensor([1, 2]), torch.randn(2, 5, 8)
+    for config in ({"cross_attention_dim": 8}, SimpleNamespace(cross_attention_dim=8)):
+        stub = _StubUNet(config)
+        model = DiffusersUNet(stub)
+        assert model.takes_context
+        torch.testing.assert_close(model(x, t, context=context), 2 * x)
+        assert stub.seen[-1].keys() == {"encoder_hidden_states"}
+        assert stub.seen[-1]["encoder_hidden_states"] is context
+    for config in (None, {"cross_attention_dim": None}, SimpleNamespace(in_channels=3)):
+        stub = _StubUNet(config)
+        model = DiffusersUNet(stub)
+        assert not model.takes_context
+        torch.testing.assert_close(model(x, t, class_labels=t), 2 * x)
+        assert stub.seen[-1].keys() == {"class_labels"}

@@ -341,3 +341,36 @@ def test_embedding_feeds_the_mlp_the_normalised_colour_major_palette() -> None:
         torch.testing.assert_close(emb(palette), emb.mlp(flat))
         # a raw (un-normalised) palette would give another output: the scale is part of the contract
         assert not torch.allclose(emb(palette), emb.mlp(palette.reshape(3, 18)), atol=1e-3)
+
+
+def test_palette_order_breaks_ties_by_lightness_then_a_then_b() -> None:
+    """Equal cluster sizes are ordered by L, then a, then b, all descending (extract_palette's
+    documented rule), checked on hand-made centres where L ties and a and b disagree."""
+    from imgdiff.conditioning.palette import _palette_order
+
+    centres = torch.tensor(
+        [
+            [
+                [50.0, -10.0, 50.0],  # same L as the next; smaller a, larger b
+                [50.0, 10.0, -50.0],
+                [50.0, 10.0, 20.0],  # same L and a as the previous; larger b
+                [70.0, -80.0, -80.0],  # lighter: first among the equal counts
+                [20.0, 90.0, 90.0],  # darkest
+                [10.0, 0.0, 0.0],  # largest cluster: first whatever its colour
+            ]
+        ],
+        dtype=torch.float64,
+    )
+    counts = torch.tensor([[5.0, 5.0, 5.0, 5.0, 5.0, 9.0]], dtype=torch.float64)
+    assert _palette_order(centres, counts).tolist() == [[5, 3, 2, 1, 0, 4]]
+
+
+def test_weights_count_exactly_max_pixels_sampled_pixels() -> None:
+    """With more pixels than ``max_pixels`` exactly ``max_pixels`` are clustered, so the weights
+    are multiples of 1 / max_pixels summing to 1; with fewer, of 1 / (H W)."""
+    images, _ = toy_shapes(2, 16, seed=1)  # 256 pixels each
+    for max_pixels, n in ((37, 37), (50, 50), (1000, 256)):
+        _, weights = extract_palette(images, k=4, max_pixels=max_pixels, return_weights=True)
+        counts = weights.double() * n
+        torch.testing.assert_close(counts, counts.round(), rtol=0, atol=1e-4)
+        torch.testing.assert_close(weights.sum(dim=1), torch.ones(2), rtol=0, atol=1e-6)
