@@ -109,16 +109,17 @@ def test_edit_reports_every_term_and_gates_by_timestep(clip: CLIPEncoder, net: U
 
 
 def _edit_without_active_guidance(
-    **kwargs: Any,
+    sampler: imgdiff.DDIM | None = None, **kwargs: Any
 ) -> tuple[imgdiff.GaussianDenoiser, torch.Tensor, torch.Tensor]:
     """``(model, source, edit)``: 10 steps, skip 4, only the range loss on an ``x0_hat`` that
-    stays in [-1, 1] (so no guidance acts), a CLIP encoder that is never called."""
+    stays in [-1, 1] (so no guidance acts), a CLIP encoder that is never called; DDIM by
+    default."""
     model = imgdiff.GaussianDenoiser(SCHED, std=0.2)
     source = _source(2).double() * 0.5
     config = ZeConConfig(clip_dir_patch=0.0, range=50.0, num_steps=10, skip=4)
     encoder = object.__new__(CLIPEncoder)  # never called: no CLIP term has weight
     out = zecon_edit(
-        imgdiff.DDIM(SCHED),
+        sampler if sampler is not None else imgdiff.DDIM(SCHED),
         model,
         source,
         clip=encoder,
@@ -260,21 +261,8 @@ def test_diffuse_inversion_starts_from_q_sample_at_the_first_kept_step() -> None
 def test_ddim_inversion_uses_the_samplers_plan_settings(settings: dict[str, Any]) -> None:
     """The DDIM inversion runs with the sampler's own settings (final level, spacing, offset):
     without active guidance the edit is that sampler's inversion then its sampling."""
-    model = imgdiff.GaussianDenoiser(SCHED, std=0.2)
-    source = _source(2).double() * 0.5
-    config = ZeConConfig(clip_dir_patch=0.0, range=50.0, num_steps=10, skip=4)
-    encoder = object.__new__(CLIPEncoder)  # never called: no CLIP term has weight
     sampler = imgdiff.DDIM(SCHED, **settings)
-    out = zecon_edit(
-        sampler,
-        model,
-        source,
-        clip=encoder,
-        source_text="a",
-        target_text="b",
-        config=config,
-        progress=False,
-    )
+    model, source, out = _edit_without_active_guidance(sampler)
     start = sampler.invert(model, source, num_steps=10, strength=0.6, progress=False)
     expected = sampler.sample(model, start, num_steps=10, strength=0.6, progress=False)
     torch.testing.assert_close(out, expected)
