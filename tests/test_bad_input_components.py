@@ -74,9 +74,9 @@ EMPTY_CASES: list[tuple[Callable[[], object], str]] = [
     (lambda: psnr(_z(0, 3, 8, 8), _z(0, 3, 8, 8)), r"^preds: expected a non-empty"),
     (lambda: psnr(_z(1, 3, 0, 8), _z(1, 3, 0, 8)), r"^preds: expected a non-empty"),
     (lambda: ssim(_z(1, 0, 8, 8), _z(1, 0, 8, 8)), r"^preds: expected a non-empty"),
-    (lambda: patch_nce_loss(_z(0, 4, 8), _z(0, 4, 8)), r"^query: expected at least one image"),
+    (lambda: patch_nce_loss(_z(0, 4, 8), _z(0, 4, 8)), r"^query: expected a non-empty tensor"),
     (lambda: CLIPAugment(n_patch=2)(_z(1, 3, 0, 8)), r"^x: expected a non-empty"),
-    (lambda: image_grid(_z(2, 3, 0, 4)), r"^images: expected at least one image of at least 1x1"),
+    (lambda: image_grid(_z(2, 3, 0, 4)), r"^images: expected a non-empty tensor"),
 ]
 
 
@@ -169,12 +169,12 @@ def test_guidance_and_noise_level_wrappers_check_x_and_t() -> None:
     x = torch.zeros(2, 3, 4, 4)
     with pytest.raises(ITE, match=r"^t: expected a torch.Tensor, got 5 \(int\)"):
         cfg(x, 5, c=torch.ones(2, 3))  # type: ignore[arg-type]
-    with pytest.raises(IVE, match=r"^t: expected shape \(2,\) to match the batch of x"):
+    with pytest.raises(IVE, match=r"^t: expected shape \(2,\) to match the batch, got \(3,\)"):
         cfg(x, torch.tensor([1, 2, 3]), c=torch.ones(2, 3))
     with pytest.raises(IVE, match=r"^t: expected a tensor with 1 dimensions"):
         cfg(x, torch.tensor(3), c=torch.ones(2, 3))
     level = NoiseLevelConditioning(net, S)
-    with pytest.raises(IVE, match=r"^t: expected shape \(2,\) to match the batch of x"):
+    with pytest.raises(IVE, match=r"^t: expected shape \(2,\) to match the batch, got \(3,\)"):
         level(x, torch.tensor([10, 20, 30]))
     torch.testing.assert_close(level(x, torch.tensor([10, 20])), x)
 
@@ -216,7 +216,7 @@ def test_clip_losses_refuse_a_zero_direction_or_target(encoder: CLIPEncoder) -> 
         CLIPDirectionalLoss(encoder, e, e.clone())
     with pytest.raises(IVE, match=r"^target: expected a non-zero embedding"):
         CLIPGlobalLoss(encoder, torch.zeros(encoder.embed_dim))
-    with pytest.raises(IVE, match=r"^x: expected images of at least 1x1 pixels"):
+    with pytest.raises(IVE, match=r"^x: expected a non-empty tensor"):
         CLIPGlobalLoss(encoder, "a dog")(_z(1, 3, 0, 32))
 
 
@@ -277,12 +277,12 @@ def test_unet_refuses_inputs_it_would_crash_on_or_broadcast() -> None:
         assert net(x.bfloat16(), t).shape == x.shape
     palette_net = _unet(palette_colors=6)
     for batch in (1, 3):
-        with pytest.raises(IVE, match=r"^palette: expected one palette per sample, batch 2"):
+        with pytest.raises(IVE, match=r"^palette: expected batch 2 \(batch_size"):
             palette_net(x, t, palette=torch.rand(batch, 6, 3))
     text_net = _unet(context_dim=4, attention_levels=(1,))
     with pytest.raises(ITE, match=r"^context: expected a torch.Tensor"):
         text_net(x, t, context=[[1.0]])
-    with pytest.raises(IVE, match=r"^context: expected a non-empty"):
+    with pytest.raises(IVE, match=r"^context: expected shape \(2, L, 4\) with L >= 1"):
         text_net(x, t, context=torch.randn(2, 0, 4))
     with pytest.raises(ITE, match=r"^context: expected dtype torch.float32"):
         text_net(x, t, context=torch.randn(2, 5, 4, dtype=torch.float64))

@@ -217,7 +217,10 @@ def test_rescale_guidance_bad_input() -> None:
     g = torch.randn(2, 3, 4, 4)
     with pytest.raises(imgdiff.InputValueError, match=r"^phi: expected a float <= 1"):
         rescale_guidance(g, g, 5.0)
-    with pytest.raises(imgdiff.InputValueError, match=r"^cond: expected the shape of guided"):
+    with pytest.raises(
+        imgdiff.InputValueError,
+        match=r"^cond: expected shape \(2, 3, 4, 4\) \(the shape of guided\), got \(1, 3, 4, 4\)",
+    ):
         rescale_guidance(g, g[:1], 0.5)
     with pytest.raises(imgdiff.InputValueError, match=r"^guided: expected shape \(B, ...\) with"):
         rescale_guidance(torch.randn(2, 1), torch.randn(2, 1), 0.5)

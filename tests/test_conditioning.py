@@ -378,7 +378,7 @@ def test_sd_inpaint_input_checks_the_masked_latents_shape() -> None:
     for bad in (torch.randn(2, 3, 8, 8), torch.randn(1, 4, 8, 8), torch.randn(2, 4, 4, 4)):
         with pytest.raises(
             imgdiff.InputValueError,
-            match=r"^masked_image_latents: expected shape \(2, 4, 8, 8\) like latents",
+            match=r"^masked_image_latents: expected shape \(2, 4, 8, 8\) \(the shape of latents\)",
         ):
             sd_inpaint_input(z, m, bad)
 

@@ -118,7 +118,7 @@ def test_images_refuse_non_finite_values_and_an_empty_batch(tmp_path: Path) -> N
     assert not (tmp_path / "bad.png").exists()
     with pytest.raises(
         InputValueError,
-        match=r"^images: expected at least one image of at least 1x1 pixels and one channel, got shape \(0, 3, 4, 4\)",
+        match=r"^images: expected a non-empty tensor \(no dimension of size 0\), got shape \(0, 3, 4, 4\)",
     ):
         image_grid(torch.zeros(0, 3, 4, 4))
     assert image_grid(images, nrow=1, padding=0).shape == (8, 4, 3)

@@ -382,9 +382,13 @@ def test_bad_input(encoder: CLIPEncoder) -> None:
     with pytest.raises(IVE, match="target: expected a finite embedding"):
         CLIPGlobalLoss(encoder, torch.full((32,), float("nan")))
     loss = CLIPGlobalLoss(encoder, "cat")
-    with pytest.raises(IVE, match=r"x: expected a non-empty batch \(B >= 1\)"):
+    with pytest.raises(
+        IVE, match=r"x: expected a non-empty tensor \(no dimension of size 0\), got shape \(0, 3"
+    ):
         loss(torch.zeros(0, 3, 32, 32))
-    with pytest.raises(IVE, match=r"x: expected a non-empty batch"):
+    with pytest.raises(
+        IVE, match=r"x: expected a non-empty tensor \(no dimension of size 0\), got shape \(0, 3"
+    ):
         CLIPDirectionalLoss(encoder, "a", "b")(torch.zeros(0, 3, 32, 32), torch.zeros(0, 3, 32, 32))
     with pytest.raises(IVE, match=r"x: expected \(B, 3, H, W\)"):
         loss(torch.zeros(1, 1, 32, 32))

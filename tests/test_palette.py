@@ -299,7 +299,7 @@ def test_bad_input_messages() -> None:
         ),
         (IVE, "emb_dim: expected an int >= 1", lambda: PaletteEmbedding(0)),
         (IVE, "batch_size: expected the batch size", lambda: PaletteEmbedding(4)(None)),
-        (IVE, "batch_size: expected 2", lambda: PaletteEmbedding(4)(good, batch_size=3)),
+        (IVE, "palette: expected batch 3", lambda: PaletteEmbedding(4)(good, batch_size=3)),
         (IVE, "null: expected shape \\(2,\\)", lambda: PaletteEmbedding(4)(good, torch.zeros(3))),
         (
             IVE,

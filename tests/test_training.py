@@ -614,7 +614,7 @@ def test_trainer_refuses_bad_arguments_by_name() -> None:
     with pytest.raises(imgdiff.InputValueError, match=r"^config.noise_level: expected 'timestep'"):
         Trainer(unet, s, make, TrainingConfig(steps=1, noise_level="gamma"))
     trainer = Trainer(_Recorder(), s, make, TrainingConfig(steps=1))
-    with pytest.raises(imgdiff.InputValueError, match=r"^batch.x0: expected dtype torch.float32"):
+    with pytest.raises(imgdiff.InputTypeError, match=r"^batch.x0: expected dtype torch.float32"):
         trainer.loss(TrainingBatch(x0.double()))
 
 

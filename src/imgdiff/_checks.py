@@ -110,6 +110,33 @@ def check_seed(name: str, value: object) -> int:
     return check_int(name, value, min=SEED_RANGE[0], max=SEED_RANGE[1])
 
 
+def check_batch_timesteps(t: object, x: Tensor, name: str = "t") -> Tensor:
+    """``t`` as a ``(B,)`` tensor for the batch of ``x`` ``(B, ...)``; its values are not read."""
+    t = check_tensor(name, t, ndim=1)
+    if t.shape[0] != x.shape[0]:
+        raise InputValueError(
+            f"{name}: expected shape ({x.shape[0]},) to match the batch, got {tuple(t.shape)}"
+        )
+    return t
+
+
+def check_input_dtype(name: str, value: Tensor, dtype: torch.dtype) -> None:
+    """Refuse a network input of another dtype than its weights' ``dtype``, outside autocast
+    (where torch casts both; imgdiff's samplers cast the sample to the network's dtype)."""
+    if value.dtype != dtype and not torch.is_autocast_enabled(value.device.type):
+        raise InputTypeError(
+            f"{name}: expected dtype {dtype}, that of the network's weights (cast it, or the "
+            f"network, or run under torch.autocast), got {value.dtype}"
+        )
+
+
+def set_checked(obj: object, **values: object) -> None:
+    """Store checked values on a frozen dataclass from its ``__post_init__``: the checks' results
+    (plain ``int``/``float`` for numpy scalars, tuples for lists) replace what was passed."""
+    for name, value in values.items():
+        object.__setattr__(obj, name, value)
+
+
 def check_bool(name: str, value: object) -> bool:
     """A Python bool (not a truthy stand-in such as ``"no"`` or ``1``)."""
     if not isinstance(value, bool):

@@ -29,7 +29,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from imgdiff._checks import SEED_RANGE, check_choice, check_float, check_int, describe
+from imgdiff._checks import (
+    SEED_RANGE,
+    check_choice,
+    check_float,
+    check_int,
+    describe,
+    set_checked,
+)
 from imgdiff.conditioning import ConcatConditioning, KnownRegion, NoiseLevelConditioning
 from imgdiff.data import toy_shapes
 from imgdiff.degradations import TASKS, Task, make_pairs, sample_tasks, with_luma
@@ -93,8 +100,7 @@ class DemoConfig:
         check_choice("prediction", self.prediction, PREDICTION_TYPES)
         # held-out images use seed + 1000, the tasks seed + 0..3
         checked["seed"] = check_int("seed", self.seed, min=SEED_RANGE[0], max=SEED_RANGE[1] - 1000)
-        for name, value in checked.items():
-            object.__setattr__(self, name, value)
+        set_checked(self, **checked)
 
     @classmethod
     def quick(cls) -> DemoConfig:

@@ -36,12 +36,7 @@ def image_grid(images: Tensor, *, nrow: int = 8, padding: int = 2) -> np.ndarray
     """
     nrow = check_int("nrow", nrow, min=1)
     padding = check_int("padding", padding, min=0)
-    check_tensor("images", images, ndim=4, floating=True)
-    if images.numel() == 0:
-        raise InputValueError(
-            f"images: expected at least one image of at least 1x1 pixels and one channel, "
-            f"got shape {tuple(images.shape)}"
-        )
+    check_tensor("images", images, ndim=4, floating=True, nonempty=True)
     arr = to_uint8(images)
     B, H, W, C = arr.shape
     cols = min(nrow, B)

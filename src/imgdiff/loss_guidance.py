@@ -26,7 +26,14 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from imgdiff._checks import check_choice, check_float, check_int, check_tensor, describe
+from imgdiff._checks import (
+    check_choice,
+    check_float,
+    check_generator,
+    check_int,
+    check_tensor,
+    describe,
+)
 from imgdiff._ops import Scalar
 from imgdiff.errors import InputTypeError, InputValueError
 from imgdiff.guidance import ModelGuidance
@@ -144,10 +151,7 @@ class LossGuidance(ModelGuidance):
         if self.source is not None:
             check_tensor("source", self.source, min_ndim=2, floating=True)
         check_choice("gate_on", self.gate_on, _GATES)
-        if self.generator is not None and not isinstance(self.generator, torch.Generator):
-            raise InputTypeError(
-                f"generator: expected None or a torch.Generator, got {describe(self.generator)}"
-            )
+        check_generator(self.generator)
         if self.on_terms is not None and not callable(self.on_terms):
             raise InputTypeError(f"on_terms: expected a callable, got {describe(self.on_terms)}")
 

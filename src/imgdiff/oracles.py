@@ -12,7 +12,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from imgdiff._checks import check_choice, check_float, check_tensor, check_timestep_tensor
+from imgdiff._checks import (
+    check_batch_timesteps,
+    check_choice,
+    check_float,
+    check_tensor,
+    check_timestep_tensor,
+)
 from imgdiff._ops import per_sample
 from imgdiff.errors import InputValueError
 from imgdiff.prediction import PREDICTION_TYPES, PredictionType, convert_prediction
@@ -42,11 +48,7 @@ def _levels(schedule: NoiseSchedule, x: Tensor, t: Tensor) -> Tensor:
 
     Validates ``t`` (a host read): these oracles are test and demo models, not fast networks.
     """
-    check_tensor("t", t, ndim=1)
-    if t.shape[0] != x.shape[0]:
-        raise InputValueError(
-            f"t: expected shape ({x.shape[0]},) to match the batch, got {tuple(t.shape)}"
-        )
+    check_batch_timesteps(t, x)
     idx = check_timestep_tensor(
         "t", t, batch=x.shape[0], num_train_timesteps=len(schedule), device=x.device
     )

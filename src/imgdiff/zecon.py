@@ -17,7 +17,14 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from imgdiff._checks import check_choice, check_float, check_int, check_tensor, describe
+from imgdiff._checks import (
+    check_choice,
+    check_float,
+    check_generator,
+    check_int,
+    check_tensor,
+    describe,
+)
 from imgdiff.clip.encoder import CLIPEncoder
 from imgdiff.errors import InputTypeError, InputValueError
 from imgdiff.loss_guidance import GateOn, GuidanceInputs, LossGuidance, LossTerm, TermCallback
@@ -181,10 +188,7 @@ def zecon_edit(
     if not isinstance(cfg, ZeConConfig):
         raise InputTypeError(f"config: expected a ZeConConfig, got {describe(cfg)}")
     check_choice("inversion", inversion, _INVERSIONS)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise InputTypeError(
-            f"generator: expected None or a torch.Generator, got {describe(generator)}"
-        )
+    generator = check_generator(generator)
     for name, weight, loss in (
         ("contrastive", cfg.zecon, contrastive),
         ("vgg", cfg.vgg, vgg),

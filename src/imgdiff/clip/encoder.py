@@ -170,9 +170,8 @@ class CLIPEncoder:
         patch embedding or the ResNet stem). open_clip keeps some parameters, such as positional
         embeddings, in float32 when it casts a model to half precision."""
         visual: nn.Module = self.clip.model.visual  # type: ignore[assignment]
-        params = list(visual.parameters())
-        conv = next((p for p in params if p.ndim == 4), None)
-        return (conv if conv is not None else params[0]).dtype
+        conv = next((p for p in visual.parameters() if p.ndim == 4), None)
+        return (conv if conv is not None else next(visual.parameters())).dtype
 
     def encode_text(self, prompts: str | Sequence[str]) -> Tensor:
         """``B`` prompts -> ``(B, D)`` float32 text embeddings (no gradients)."""

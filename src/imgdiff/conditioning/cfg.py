@@ -18,7 +18,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from imgdiff._checks import check_device, check_float, check_int, check_tensor, describe
+from imgdiff._checks import (
+    check_batch_timesteps,
+    check_float,
+    check_int,
+    check_same_shape,
+    check_tensor,
+    describe,
+)
 from imgdiff.errors import InputTypeError, InputValueError
 from imgdiff.models import Model
 
@@ -33,14 +40,8 @@ def rescale_guidance(guided: Tensor, cond: Tensor, phi: float) -> Tensor:
     whose ``guided`` is constant (standard deviation 0, the ratio undefined) is left as it is.
     """
     check_float("phi", phi, min=0.0, max=1.0)
-    for name, value in (("guided", guided), ("cond", cond)):
-        if not isinstance(value, Tensor) or not value.dtype.is_floating_point:
-            raise InputTypeError(f"{name}: expected a floating-point tensor, got {describe(value)}")
-    if cond.shape != guided.shape:
-        raise InputValueError(
-            f"cond: expected the shape of guided {tuple(guided.shape)}, got {tuple(cond.shape)}"
-        )
-    check_device("cond", cond, "guided", guided)
+    check_tensor("guided", guided, floating=True)
+    check_same_shape("cond", check_tensor("cond", cond, floating=True), "guided", guided)
     if guided.ndim < 2 or guided[0].numel() < 2:
         raise InputValueError(
             "guided: expected shape (B, ...) with at least two elements per sample (a standard "
@@ -125,11 +126,7 @@ class ClassifierFreeGuidance:
         """One batched forward of ``[null, cond]``; returns the guided output ``(B, ...)``."""
         x = check_tensor("x", x, min_ndim=1, floating=True)
         B = x.shape[0]
-        t = check_tensor("t", t, ndim=1)
-        if t.shape[0] != B:
-            raise InputValueError(
-                f"t: expected shape ({B},) to match the batch of x, got {tuple(t.shape)}"
-            )
+        t = check_batch_timesteps(t, x)
         missing = set(self.null) - set(cond)
         if missing:
             raise InputValueError(

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from imgdiff._checks import check_device, check_int, check_tensor, describe
+from imgdiff._checks import check_device, check_int, check_same_shape, check_tensor, describe
 from imgdiff.errors import InputTypeError, InputValueError
 from imgdiff.models import Model
 
@@ -76,17 +76,13 @@ def sd_inpaint_input(latents: Tensor, mask: Tensor, masked_image_latents: Tensor
     check_tensor("latents", latents, ndim=4, floating=True)
     check_tensor("mask", mask, ndim=4, floating=True)
     check_tensor("masked_image_latents", masked_image_latents, ndim=4, floating=True)
-    B, C, h, w = latents.shape
+    B, _, h, w = latents.shape
     if tuple(mask.shape) != (B, 1, h, w):
         raise InputValueError(
             f"mask: expected shape {(B, 1, h, w)} (latent resolution), got {tuple(mask.shape)}"
         )
-    if tuple(masked_image_latents.shape) != (B, C, h, w):
-        raise InputValueError(
-            f"masked_image_latents: expected shape {(B, C, h, w)} like latents, got {tuple(masked_image_latents.shape)}"
-        )
+    check_same_shape("masked_image_latents", masked_image_latents, "latents", latents)
     check_device("mask", mask, "latents", latents)
-    check_device("masked_image_latents", masked_image_latents, "latents", latents)
     return torch.cat(
         [latents, mask.to(latents.dtype), masked_image_latents.to(latents.dtype)], dim=1
     )

@@ -133,8 +133,7 @@ class KnownRegion:
         return self._paste("x", x, timestep)
 
     def _paste(self, name: str, x: Tensor, timestep: int) -> Tensor:
-        if not isinstance(x, Tensor) or not x.dtype.is_floating_point:
-            raise InputTypeError(f"{name}: expected a floating-point tensor, got {describe(x)}")
+        check_tensor(name, x, floating=True)
         if x.shape != self.known.shape:
             raise InputValueError(
                 f"{name}: expected shape {tuple(self.known.shape)} like known, got {tuple(x.shape)}"

@@ -8,7 +8,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from imgdiff._checks import check_tensor, check_timestep_tensor, describe, is_integer_dtype
+from imgdiff._checks import (
+    check_batch_timesteps,
+    check_tensor,
+    check_timestep_tensor,
+    describe,
+    is_integer_dtype,
+)
 from imgdiff.errors import InputTypeError, InputValueError
 from imgdiff.models import Model, wrapped
 from imgdiff.schedules import NoiseSchedule, check_schedule
@@ -75,12 +81,9 @@ class NoiseLevelConditioning:
     def __call__(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
         """The network's output at noise level ``alpha_bar_t`` (in at least float32)."""
         x = check_tensor("x", x, min_ndim=1, floating=True)
-        t = check_tensor("t", t, ndim=1)
-        if t.shape[0] != x.shape[0]:
-            raise InputValueError(
-                f"t: expected shape ({x.shape[0]},) to match the batch of x, got {tuple(t.shape)}"
-            )
-        gamma = self.gamma(t).to(torch.promote_types(x.dtype, torch.float32))
+        gamma = self.gamma(check_batch_timesteps(t, x)).to(
+            torch.promote_types(x.dtype, torch.float32)
+        )
         out: Tensor = self.net(x, gamma, **cond)
         return out
 

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from imgdiff._checks import (
+    check_bool,
     check_finite,
     check_float,
     check_int,
@@ -216,8 +217,7 @@ def extract_palette(
     num_iters = check_int("num_iters", num_iters, min=1)
     tol = check_float("tol", tol, min=0.0)
     seed = check_seed("seed", seed)
-    if not isinstance(return_weights, bool):
-        raise InputTypeError(f"return_weights: expected a bool, got {describe(return_weights)}")
+    return_weights = check_bool("return_weights", return_weights)
 
     check_finite("images", x)
     B = x.shape[0]

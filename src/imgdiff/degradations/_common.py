@@ -12,12 +12,11 @@ import math
 import torch
 from torch import Tensor
 
-from imgdiff._checks import check_generator, check_tensor, describe
+from imgdiff._checks import check_tensor, describe
 from imgdiff.errors import InputTypeError, InputValueError
 
 __all__ = [
     "MIN_SIZE",
-    "check_generator",
     "check_images",
     "check_size",
     "check_unit_interval",

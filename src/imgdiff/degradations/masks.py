@@ -17,9 +17,8 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
-from imgdiff._checks import check_choice, check_float
+from imgdiff._checks import check_choice, check_float, check_generator
 from imgdiff.degradations._common import (
-    check_generator,
     check_size,
     check_unit_interval,
     draw_int,

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from imgdiff._checks import check_device, check_tensor, describe, is_integer_dtype
+from imgdiff._checks import check_same_shape, check_tensor, describe, is_integer_dtype
 from imgdiff.degradations._common import check_images
 from imgdiff.errors import InputTypeError, InputValueError
 
@@ -69,12 +69,7 @@ def with_luma(images: Tensor, gray: Tensor) -> Tensor:
     g = check_tensor("gray", gray, ndim=4, floating=True)
     if x.shape[1] != 3:
         raise InputValueError(f"images: expected (B, 3, H, W) RGB images, got {tuple(x.shape)}")
-    if g.shape != x.shape:
-        raise InputValueError(
-            f"gray: expected the shape of images {tuple(x.shape)} (a grayscale image replicated "
-            f"to 3 channels), got {tuple(g.shape)}"
-        )
-    check_device("gray", g, "images", x)
+    check_same_shape("gray", g, "images", x)  # a grayscale image replicated to 3 channels
     return x + (g.to(x.dtype) - luma(x))
 
 

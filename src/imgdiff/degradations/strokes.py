@@ -21,9 +21,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from imgdiff._checks import check_int, describe
+from imgdiff._checks import check_generator, check_int, describe
 from imgdiff.degradations._common import (
-    check_generator,
     check_size,
     check_unit_interval,
     draw_int,

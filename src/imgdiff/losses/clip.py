@@ -123,16 +123,7 @@ def _check_images(name: str, x: Tensor) -> Tensor:
     check_tensor(name, x, ndim=4, floating=True)
     if x.shape[1] != 3:
         raise InputValueError(f"{name}: expected (B, 3, H, W) RGB images, got {tuple(x.shape)}")
-    if x.shape[0] == 0:
-        raise InputValueError(
-            f"{name}: expected a non-empty batch (B >= 1) of (B, 3, H, W) images, got "
-            f"{tuple(x.shape)}"
-        )
-    if x.numel() == 0:
-        raise InputValueError(
-            f"{name}: expected images of at least 1x1 pixels, got {tuple(x.shape)}"
-        )
-    return x
+    return check_tensor(name, x, nonempty=True)  # B >= 1 images of at least 1x1 pixels
 
 
 @dataclass(frozen=True, eq=False)

@@ -99,18 +99,8 @@ def patch_nce_loss(
 
     Computed in at least float32 (half-precision features are upcast).
     """
-    check_tensor("query", query, ndim=3, floating=True)
-    check_tensor("key", key, ndim=3, floating=True)
-    if key.shape != query.shape:
-        raise InputValueError(
-            f"key: expected shape {tuple(query.shape)} (the shape of query: (B, P, C)), "
-            f"got {tuple(key.shape)}"
-        )
-    if query.numel() == 0:
-        raise InputValueError(
-            f"query: expected at least one image, one patch and one channel (B, P, C), "
-            f"got shape {tuple(query.shape)}"
-        )
+    check_tensor("query", query, ndim=3, floating=True, nonempty=True)
+    check_same_shape("key", check_tensor("key", key, ndim=3, floating=True), "query", query)
     temperature = check_float("temperature", temperature, min=0.0, min_open=True)
     diagonal_fill = check_float("diagonal_fill", diagonal_fill)
     if not isinstance(cross_batch_negatives, bool):

@@ -5,10 +5,28 @@ from __future__ import annotations
 from torch import Tensor, nn
 from torch.nn.functional import scaled_dot_product_attention
 
-from imgdiff._checks import check_int, check_tensor
+from imgdiff._checks import check_device, check_int, check_tensor
 from imgdiff.errors import InputValueError
 
-__all__ = ["CrossAttention", "SpatialAttention"]
+__all__ = ["CrossAttention", "SpatialAttention", "check_context"]
+
+
+def check_context(context: object, x: Tensor, width: int | None, *, ref_name: str = "x") -> Tensor:
+    """``context`` as ``(B, L, width)`` tokens (``L >= 1``; any width for ``None``) for the batch
+    of ``x`` ``(B, ...)``, on its device; cross-attention's keys and values."""
+    c = check_tensor("context", context, floating=True)
+    if (
+        c.ndim != 3
+        or c.shape[0] != x.shape[0]
+        or c.shape[1] < 1
+        or (width is not None and c.shape[2] != width)
+    ):
+        raise InputValueError(
+            f"context: expected shape ({x.shape[0]}, L, {width if width is not None else 'd'}) "
+            f"with L >= 1 ({ref_name}'s batch), got {tuple(c.shape)}"
+        )
+    check_device("context", c, ref_name, x)
+    return c
 
 
 class CrossAttention(nn.Module):
@@ -48,12 +66,7 @@ class CrossAttention(nn.Module):
                 )
             c = h
         else:
-            c = check_tensor("context", context, floating=True, nonempty=True)
-            if c.ndim != 3 or c.shape[-1] != self.context_dim or c.shape[0] != h.shape[0]:
-                raise InputValueError(
-                    f"context: expected shape ({h.shape[0]}, L, {self.context_dim}), "
-                    f"got {tuple(c.shape)}"
-                )
+            c = check_context(context, h, self.context_dim, ref_name="h")
         B, N, _ = h.shape
         q = self.to_q(h).reshape(B, N, self.heads, -1).transpose(1, 2)
         k = self.to_k(c).reshape(B, c.shape[1], self.heads, -1).transpose(1, 2)
@@ -79,7 +92,6 @@ class SpatialAttention(nn.Module):
             raise InputValueError(
                 f"groups: expected a divisor of channels {channels}, got {groups}"
             )
-        self.channels = channels
         self.norm = nn.GroupNorm(groups, channels)
         self.attn = CrossAttention(channels, heads=heads)
         self.cross: CrossAttention | None = None
@@ -91,10 +103,9 @@ class SpatialAttention(nn.Module):
         """``(B, C, H, W)`` -> ``(B, C, H, W)``; ``context`` ``(B, L, d_c)`` when configured."""
         check_tensor("x", x, ndim=4, floating=True, nonempty=True)
         B, C, H, W = x.shape
-        if self.channels != C:
+        if self.norm.num_channels != C:
             raise InputValueError(
-                f"x: expected {self.channels} channels (B, {self.channels}, H, W), got shape "
-                f"{tuple(x.shape)}"
+                f"x: expected {self.norm.num_channels} channels, got shape {tuple(x.shape)}"
             )
         if self.cross is None and context is not None:
             raise InputValueError(

@@ -7,8 +7,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from imgdiff._checks import check_device, check_tensor, describe
+from imgdiff._checks import check_tensor, describe
 from imgdiff.errors import InputTypeError, InputValueError
+from imgdiff.nets.attention import check_context
 
 __all__ = ["DiffusersUNet"]
 
@@ -45,19 +46,23 @@ class DiffusersUNet:
 
     def __call__(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
         """The UNet's ``.sample`` at ``(x, t)``."""
+        check_tensor("x", x, min_ndim=2, floating=True)
         context = cond.pop("context", None)
-        if self.takes_context:
+        dim = _cross_attention_dim(self.unet)
+        if dim is not None:
             if context is None:
                 raise InputValueError(
                     f"context: expected (B, L, d) text embeddings for a {type(self.unet).__name__} "
                     "with cross-attention, got None"
                 )
-            cond["encoder_hidden_states"] = _checked_context(context, x, self.unet)
+            # an int width is checked here; per-block widths (a tuple) are diffusers' to check
+            cond["encoder_hidden_states"] = check_context(
+                context, x, dim if isinstance(dim, int) else None
+            )
         elif context is not None:
             raise InputValueError(
                 f"context: {type(self.unet).__name__} has no cross-attention; got a context"
             )
-        check_tensor("x", x, min_ndim=2, floating=True)
         out = self.unet(x, t, **cond)
         sample = getattr(out, "sample", out)
         if not isinstance(sample, Tensor):
@@ -74,17 +79,3 @@ def _cross_attention_dim(unet: nn.Module) -> object:
     if dim is None:
         dim = getattr(config, "cross_attention_dim", None)
     return dim
-
-
-def _checked_context(context: object, x: Tensor, unet: nn.Module) -> Tensor:
-    """``context`` as ``(B, L, d)`` text embeddings for ``x``'s batch, on its device."""
-    c = check_tensor("context", context, ndim=3, floating=True, nonempty=True)
-    dim = _cross_attention_dim(unet)
-    width = dim if isinstance(dim, int) else None  # a tuple: per-block widths, checked by diffusers
-    if c.shape[0] != x.shape[0] or (width is not None and c.shape[2] != width):
-        raise InputValueError(
-            f"context: expected shape ({x.shape[0]}, L, {width if width is not None else 'd'}) "
-            f"(x's batch, the UNet's cross_attention_dim), got {tuple(c.shape)}"
-        )
-    check_device("context", c, "x", x)
-    return c

@@ -98,7 +98,8 @@ class PaletteEmbedding(nn.Module):
         B = p.shape[0]
         if batch_size is not None and check_int("batch_size", batch_size, min=0) != B:
             raise InputValueError(
-                f"batch_size: expected {B} (the palette's batch) or None, got {batch_size}"
+                f"palette: expected batch {batch_size} (batch_size, e.g. the sample's), got "
+                f"shape {tuple(p.shape)}"
             )
         weight = self.null_embedding
         lab = (p / p.new_tensor(LAB_SCALE)).reshape(B, 3 * self.num_colors)  # B = 0 too

@@ -18,16 +18,19 @@ import torch
 from torch import Tensor, nn
 
 from imgdiff._checks import (
+    check_batch_timesteps,
     check_bool,
     check_choice,
     check_float,
+    check_input_dtype,
     check_int,
     check_tensor,
     describe,
     is_integer_dtype,
+    set_checked,
 )
 from imgdiff.errors import InputTypeError, InputValueError
-from imgdiff.nets.attention import SpatialAttention
+from imgdiff.nets.attention import SpatialAttention, check_context
 from imgdiff.nets.embeddings import TimestepEmbedding
 from imgdiff.nets.palette_embedding import PaletteEmbedding
 
@@ -86,33 +89,38 @@ class UNetConfig:
     def __post_init__(self) -> None:
         # the checked values are stored: numpy scalars become ints and floats (config_dict()
         # is saved as JSON next to the weights)
-        def store(name: str, value: object) -> None:
-            object.__setattr__(self, name, value)
-
-        store("in_channels", check_int("in_channels", self.in_channels, min=1))
-        store("out_channels", check_int("out_channels", self.out_channels, min=1))
-        # the timestep embedding has base_channels sinusoids: one cosine and one sine at least
-        store("base_channels", check_int("base_channels", self.base_channels, min=2))
+        set_checked(
+            self,
+            in_channels=check_int("in_channels", self.in_channels, min=1),
+            out_channels=check_int("out_channels", self.out_channels, min=1),
+            # the time embedding has base_channels sinusoids: one cosine and one sine at least
+            base_channels=check_int("base_channels", self.base_channels, min=2),
+        )
         mults = _int_tuple("channel_mults", self.channel_mults, min=1)
         if not mults:
             raise InputValueError(
                 f"channel_mults: expected a non-empty tuple of ints >= 1, got {self.channel_mults!r}"
             )
         levels = _int_tuple("attention_levels", self.attention_levels, min=0, max=len(mults) - 1)
-        object.__setattr__(self, "channel_mults", mults)  # lists become tuples (hashable, frozen)
-        object.__setattr__(self, "attention_levels", levels)
-        store("num_res_blocks", check_int("num_res_blocks", self.num_res_blocks, min=1))
-        store("heads", check_int("heads", self.heads, min=1))
-        store("dropout", check_float("dropout", self.dropout, min=0.0, max=1.0, max_open=True))
-        check_choice("noise_conditioning", self.noise_conditioning, NOISE_CONDITIONINGS)
-        store("gamma_scale", check_float("gamma_scale", self.gamma_scale, min=0.0, min_open=True))
-        store("groups", check_int("groups", self.groups, min=1))
+        set_checked(
+            self,
+            channel_mults=mults,  # lists become tuples (hashable, frozen)
+            attention_levels=levels,
+            num_res_blocks=check_int("num_res_blocks", self.num_res_blocks, min=1),
+            heads=check_int("heads", self.heads, min=1),
+            dropout=check_float("dropout", self.dropout, min=0.0, max=1.0, max_open=True),
+            noise_conditioning=check_choice(
+                "noise_conditioning", self.noise_conditioning, NOISE_CONDITIONINGS
+            ),
+            gamma_scale=check_float("gamma_scale", self.gamma_scale, min=0.0, min_open=True),
+            groups=check_int("groups", self.groups, min=1),
+            learned_variance=check_bool("learned_variance", self.learned_variance),
+            scale_shift=check_bool("scale_shift", self.scale_shift),
+        )
         for name in ("num_classes", "palette_colors", "context_dim"):
             value = getattr(self, name)
             if value is not None:
-                store(name, check_int(name, value, min=1))
-        store("learned_variance", check_bool("learned_variance", self.learned_variance))
-        store("scale_shift", check_bool("scale_shift", self.scale_shift))
+                set_checked(self, **{name: check_int(name, value, min=1)})
         for m in self.channel_mults:
             ch = self.base_channels * m
             for name, value in (("groups", self.groups), ("heads", self.heads)):
@@ -126,16 +134,6 @@ class UNetConfig:
     def downsampling(self) -> int:
         """The factor by which the input size must be divisible."""
         return 1 << (len(self.channel_mults) - 1)
-
-
-def _check_dtype(name: str, value: Tensor, weight: Tensor) -> None:
-    """Refuse an input of another dtype than the network's weights, outside autocast (where
-    torch casts both; imgdiff's samplers cast the sample to the network's dtype themselves)."""
-    if value.dtype != weight.dtype and not torch.is_autocast_enabled(value.device.type):
-        raise InputTypeError(
-            f"{name}: expected dtype {weight.dtype}, that of the network's weights (cast it, or "
-            f"the network, or run under torch.autocast), got {value.dtype}"
-        )
 
 
 def _int_tuple(name: str, value: object, *, min: int, max: int | None = None) -> tuple[int, ...]:
@@ -329,7 +327,7 @@ class UNet(nn.Module):
         """Checks the inputs; the ``(B, emb_dim)`` timestep (+ class, palette) embedding."""
         cfg = self.config
         check_tensor("x", x, ndim=4, floating=True, nonempty=True)
-        _check_dtype("x", x, self.input_conv.weight)
+        check_input_dtype("x", x, self.input_conv.weight.dtype)
         B, C, H, W = x.shape
         if cfg.in_channels != C:
             raise InputValueError(
@@ -339,11 +337,7 @@ class UNet(nn.Module):
             raise InputValueError(
                 f"x: expected height and width divisible by {cfg.downsampling}, got {H}x{W}"
             )
-        check_tensor("t", t, ndim=1)
-        if t.shape[0] != B:
-            raise InputValueError(
-                f"t: expected shape ({B},) to match the batch, got {tuple(t.shape)}"
-            )
+        check_batch_timesteps(t, x)
         if t.dtype.is_complex or t.dtype == torch.bool:
             raise InputTypeError(f"t: expected real timesteps or noise levels, got dtype {t.dtype}")
         if cfg.noise_conditioning == "gamma":
@@ -392,26 +386,15 @@ class UNet(nn.Module):
                 )
             emb = emb + self.class_embed(class_labels)
         if self.palette_embed is not None:
-            if isinstance(palette, Tensor) and palette.ndim and palette.shape[0] != B:
-                raise InputValueError(
-                    f"palette: expected one palette per sample, batch {B} like x, got shape "
-                    f"{tuple(palette.shape)}"
-                )
             emb = emb + self.palette_embed(
                 palette,
                 palette_null,
-                batch_size=None if palette is not None else B,
+                batch_size=B,
                 null_name="palette_null",
             )
         if context is not None:
-            check_tensor("context", context, floating=True)
-            if context.ndim != 3 or context.shape[0] != B or context.shape[2] != cfg.context_dim:
-                raise InputValueError(
-                    f"context: expected shape ({B}, L, {cfg.context_dim}) with L >= 1, got "
-                    f"{tuple(context.shape)}"
-                )
-            check_tensor("context", context, nonempty=True)
-            _check_dtype("context", context, self.input_conv.weight)
+            check_context(context, x, cfg.context_dim)
+            check_input_dtype("context", context, self.input_conv.weight.dtype)
         return emb
 
     def _encode(self, x: Tensor, emb: Tensor, context: Tensor | None) -> list[Tensor]:

@@ -21,7 +21,6 @@ from torch import Tensor
 
 from imgdiff import kernels
 from imgdiff._checks import (
-    check_device,
     check_same_shape,
     check_tensor,
     check_timestep_tensor,
@@ -272,31 +271,14 @@ class DenoisingSampler(Sampler[Tensor, DCoeffT]):
             C = x.shape[1]
             x0_hat = coeffs.raw_x0_hat(xg, out if out.shape[1] == C else out[:, :C])
             grad = guidance.gradient_from_estimate(xg, x0_hat, ctx, coeffs.sqrt_one_minus_alpha_bar)
-        if not isinstance(grad, Tensor) or grad.shape != x.shape:
-            raise InputValueError(
-                f"guidance: expected a gradient of the sample's shape {tuple(x.shape)}, "
-                f"got {describe(grad)}"
-            )
-        return out.detach(), grad.detach().to(x.dtype)
+        return out.detach(), _checked_gradient(grad, x).detach()
 
     @staticmethod
     def guidance_gradient(guidance: Guidance, model: BoundModel, x: Tensor, t: Tensor) -> Tensor:
         """``guidance.gradient`` at ``x`` ``(B, C, ...)`` cast to the model's dtype, checked, and
         returned in ``x``'s dtype."""
         xm = x if x.dtype == model.model_dtype else x.to(model.model_dtype)
-        grad = guidance.gradient(xm, t)
-        if not isinstance(grad, Tensor) or grad.shape != x.shape:
-            raise InputValueError(
-                f"guidance: expected a gradient of the sample's shape {tuple(x.shape)}, "
-                f"got {describe(grad)}"
-            )
-        if not grad.dtype.is_floating_point:
-            raise InputTypeError(f"guidance: expected a floating-point gradient, got {grad.dtype}")
-        if grad.device != x.device:
-            raise InputValueError(
-                f"guidance: expected a gradient on the sample's device {x.device}, got {grad.device}"
-            )
-        return grad if grad.dtype == x.dtype else grad.to(x.dtype)
+        return _checked_gradient(guidance.gradient(xm, t), x)
 
     def guided_update(
         self, x: Tensor, out: Tensor, coeffs: DCoeffT, noise: Tensor | None, grad: Tensor
@@ -391,7 +373,22 @@ class DenoisingSampler(Sampler[Tensor, DCoeffT]):
             noise = randn(x.shape, generator=generator, device=x.device, dtype=dtype)
         elif noise is not None:
             check_tensor("noise", noise, floating=True)
-            check_same_shape("noise", noise, "x", x)
-            check_device("noise", noise, "x", x)
+            check_same_shape("noise", noise, "x", x)  # and its device
             noise = noise.to(dtype)  # straight to the state dtype, not through x's
         return self.update(x.to(dtype), model_output.to(dtype), coeffs, noise)
+
+
+def _checked_gradient(grad: object, x: Tensor) -> Tensor:
+    """A guidance gradient of the sample ``x``'s shape, floating and on its device, in its dtype."""
+    if not isinstance(grad, Tensor) or grad.shape != x.shape:
+        raise InputValueError(
+            f"guidance: expected a gradient of the sample's shape {tuple(x.shape)}, "
+            f"got {describe(grad)}"
+        )
+    if not grad.dtype.is_floating_point:
+        raise InputTypeError(f"guidance: expected a floating-point gradient, got {grad.dtype}")
+    if grad.device != x.device:
+        raise InputValueError(
+            f"guidance: expected a gradient on the sample's device {x.device}, got {grad.device}"
+        )
+    return grad if grad.dtype == x.dtype else grad.to(x.dtype)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from imgdiff import kernels
-from imgdiff._checks import check_device, check_float, check_same_shape, check_tensor, describe
+from imgdiff._checks import check_float, check_same_shape, check_tensor, describe
 from imgdiff._ops import Scalar, fusable, lincomb
 from imgdiff._warnings import warn_user
 from imgdiff.buffers import exclusive, out_like
@@ -438,8 +438,7 @@ class EDICT(Sampler[EDICTState, EDICTCoefficients]):
                 )
             x = check_tensor(f"{name}[0]", value[0], floating=True, min_ndim=2)
             y = check_tensor(f"{name}[1]", value[1], floating=True, min_ndim=2)
-            check_same_shape(f"{name}[1]", y, f"{name}[0]", x)
-            check_device(f"{name}[1]", y, f"{name}[0]", x)
+            check_same_shape(f"{name}[1]", y, f"{name}[0]", x)  # and its device
         else:
             x = y = check_tensor(name, value, floating=True, min_ndim=2)
         dtype = self.state_dtype(x)

@@ -24,10 +24,12 @@ from imgdiff._checks import (
     check_bool,
     check_choice,
     check_float,
+    check_input_dtype,
     check_int,
     check_seed,
     check_tensor,
     describe,
+    set_checked,
 )
 from imgdiff.conditioning.dropout import drop_conditions
 from imgdiff.conditioning.masks import check_mask
@@ -43,7 +45,7 @@ from imgdiff.losses.denoising import (
     min_snr_weight_from_alpha_bar,
     vlb_term,
 )
-from imgdiff.models import Model
+from imgdiff.models import Model, infer_model_dtype
 from imgdiff.prediction import PREDICTION_TYPES, PredictionType
 from imgdiff.schedules import NoiseSchedule, check_schedule
 from imgdiff.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -131,31 +133,35 @@ class TrainingConfig:
     def __post_init__(self) -> None:
         # the checked values are stored: a numpy scalar becomes the int or float it stands for
         # (the config goes into checkpoints as JSON, and the seed into torch.Generator)
-        checked: dict[str, object] = {
-            "steps": check_int("steps", self.steps, min=1),
-            "lr": check_float("lr", self.lr, min=0.0, min_open=True),
-            "warmup_steps": check_int("warmup_steps", self.warmup_steps, min=0),
-            "prediction": check_choice("prediction", self.prediction, PREDICTION_TYPES),
-            "norm": check_choice("norm", self.norm, LOSS_NORMS),
-            "mask_normalization": check_choice(
+        set_checked(
+            self,
+            steps=check_int("steps", self.steps, min=1),
+            lr=check_float("lr", self.lr, min=0.0, min_open=True),
+            warmup_steps=check_int("warmup_steps", self.warmup_steps, min=0),
+            prediction=check_choice("prediction", self.prediction, PREDICTION_TYPES),
+            norm=check_choice("norm", self.norm, LOSS_NORMS),
+            mask_normalization=check_choice(
                 "mask_normalization", self.mask_normalization, MASK_NORMALIZATIONS
             ),
-            "noise_level": check_choice("noise_level", self.noise_level, _NOISE_LEVELS),
-            "ema_decay": check_float("ema_decay", self.ema_decay, min=0.0, max=1.0, max_open=True),
-            "checkpoint_every": check_int("checkpoint_every", self.checkpoint_every, min=0),
-            "seed": check_seed("seed", self.seed),
-            "log_every": check_int("log_every", self.log_every, min=1),
-            "p_uncond": check_float("p_uncond", self.p_uncond, min=0.0, max=1.0),
-            "vlb_weight": check_float("vlb_weight", self.vlb_weight, min=0.0),
-        }
+            noise_level=check_choice("noise_level", self.noise_level, _NOISE_LEVELS),
+            ema_decay=check_float("ema_decay", self.ema_decay, min=0.0, max=1.0, max_open=True),
+            checkpoint_every=check_int("checkpoint_every", self.checkpoint_every, min=0),
+            seed=check_seed("seed", self.seed),
+            log_every=check_int("log_every", self.log_every, min=1),
+            p_uncond=check_float("p_uncond", self.p_uncond, min=0.0, max=1.0),
+            vlb_weight=check_float("vlb_weight", self.vlb_weight, min=0.0),
+        )
         if self.grad_clip is not None:
-            checked["grad_clip"] = check_float("grad_clip", self.grad_clip, min=0.0, min_open=True)
-        if self.min_snr_gamma is not None:
-            checked["min_snr_gamma"] = check_float(
-                "min_snr_gamma", self.min_snr_gamma, min=0.0, min_open=True
+            set_checked(
+                self, grad_clip=check_float("grad_clip", self.grad_clip, min=0.0, min_open=True)
             )
-        for name, value in checked.items():
-            object.__setattr__(self, name, value)
+        if self.min_snr_gamma is not None:
+            set_checked(
+                self,
+                min_snr_gamma=check_float(
+                    "min_snr_gamma", self.min_snr_gamma, min=0.0, min_open=True
+                ),
+            )
 
 
 class Trainer:
@@ -238,9 +244,6 @@ class Trainer:
         self.losses: list[float] = []  # mean loss of every step so far (flushed from _pending)
         self._pending: list[Tensor] = []
         self._mask_values_checked = False
-        self._param_dtype = next(
-            (p.dtype for p in net.parameters() if p.dtype.is_floating_point), None
-        )
         if resume and self.checkpoint is not None and self.checkpoint.is_file():
             self.load(self.checkpoint)
 
@@ -257,11 +260,9 @@ class Trainer:
         if not isinstance(batch, TrainingBatch):
             raise InputTypeError(f"batch: expected a TrainingBatch, got {describe(batch)}")
         x0 = check_tensor("batch.x0", batch.x0, ndim=4, floating=True)
-        if self._param_dtype is not None and x0.dtype != self._param_dtype:
-            raise InputValueError(
-                f"batch.x0: expected dtype {self._param_dtype}, that of the network's parameters, "
-                f"got {x0.dtype}"
-            )
+        weights = infer_model_dtype(self.net)
+        if weights is not None:
+            check_input_dtype("batch.x0", x0, weights)
         B, C = x0.shape[:2]
         g = self.generator
         noise = torch.randn(x0.shape, generator=g, dtype=x0.dtype).to(x0.device)
