@@ -6,6 +6,7 @@ No weights are downloaded: pretrained weights are exercised with checkpoints the
 
 from __future__ import annotations
 
+import collections
 import json
 import subprocess
 import sys
@@ -609,6 +610,22 @@ def test_local_dir_reports_the_checkpoint_open_clip_loads(
         assert torch.equal(loaded.model.state_dict()[key], value), key
 
 
+def test_unreadable_checkpoint_is_named_without_unsafe_advice(
+    clip: LoadedCLIP, tmp_path: Path
+) -> None:
+    """A corrupt file, or one pickling an arbitrary object, is refused with the unpickler's
+    reason and never with torch's advice to retry with ``weights_only=False``."""
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    objects = tmp_path / "objects.pt"
+    torch.save({"weights": _state_dict(clip), "loader": collections.OrderedDict.fromkeys}, objects)
+    for path in (garbage, objects):
+        with pytest.raises(WeightsUnavailableError, match=r"torch\.load\(weights_only=True\)") as e:
+            load_clip(TINY, path)
+        assert "weights_only=False" not in str(e.value)
+        assert str(path) in str(e.value)
+
+
 def test_torchscript_checkpoint_must_match_the_architecture_exactly(
     clip: LoadedCLIP, tmp_path: Path
 ) -> None:
@@ -670,6 +687,28 @@ def test_hub_tag_prefers_the_safetensors_file_as_open_clip_does(
     for key, value in clip.model.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[key], value), key
     assert network_attempts == []
+
+
+@pytest.mark.parametrize(
+    "filename",
+    [
+        "open_clip_pytorch_model.bin",
+        "open_clip_model.safetensors",
+        "epoch_32.pt",
+        "model.pth",
+        "weights.bin",
+        "model.safetensors",
+        "model.ckpt",
+    ],
+)
+def test_safetensors_alternatives_are_open_clips(filename: str) -> None:
+    """The .safetensors files tried before a hub file are those of open_clip's own hub download
+    (none for a .pt or .safetensors file, the same stem for .bin/.pth, its default's pair)."""
+    from open_clip import pretrained
+
+    from imgdiff.clip.weights import _safe_alternatives
+
+    assert _safe_alternatives(filename) == list(pretrained._get_safe_alternatives(filename))
 
 
 def test_torchscript_non_weight_entries_are_dropped(clip: LoadedCLIP, tmp_path: Path) -> None:

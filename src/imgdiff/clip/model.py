@@ -7,6 +7,7 @@ import importlib
 import json
 import logging
 import os
+import pickle
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -246,6 +247,15 @@ def load_clip(
             )
         if scripted is not None:
             _load_openai_state_dict(model, scripted)
+    except pickle.UnpicklingError as exc:
+        if checkpoint is None:
+            raise
+        raise WeightsUnavailableError(
+            f"the checkpoint {checkpoint} could not be read with torch.load(weights_only=True) "
+            f"({_unpickler_detail(exc)}): the file is corrupt, or it pickles more than tensors. "
+            "imgdiff never unpickles arbitrary objects; re-save a checkpoint you trust as a state "
+            "dict (torch.save(model.state_dict(), path)) or as .safetensors."
+        ) from exc
     except Exception as exc:
         if checkpoint is None:
             raise
@@ -265,6 +275,14 @@ def load_clip(
         ) from exc
     label = None if pretrained is None else os.fspath(pretrained)
     return LoadedCLIP(model, tokenizer, model_name, label, checkpoint)
+
+
+def _unpickler_detail(exc: pickle.UnpicklingError) -> str:
+    """The reason in torch's weights-only refusal, without its advice to unpickle anyway."""
+    text = str(exc)
+    _, found, after = text.partition("WeightsUnpickler error:")
+    lines = [line.strip() for line in after.splitlines() if line.strip()] if found else []
+    return lines[0] if lines else type(exc).__name__
 
 
 class _DropRandomInitWarning(logging.Filter):

@@ -110,6 +110,16 @@ def _resolve_pretrained(
     return _fetch_tag(open_clip, arch, value, tag_cfg, cache, offline), options
 
 
+def _safe_alternatives(filename: str) -> list[str]:
+    """The ``.safetensors`` files tried before a hub file ``filename``, as open_clip's
+    ``download_pretrained_from_hf``: its default name's, or the same name for a ``.bin``/``.pth``."""
+    if filename == _HF_BIN:
+        return [_HF_SAFE]
+    if filename.endswith((".bin", ".pth")):
+        return [filename[:-4] + ".safetensors"]
+    return []
+
+
 def _fetch_tag(
     open_clip: ModuleType,
     arch: str,
@@ -128,10 +138,7 @@ def _fetch_tag(
     if cfg.get("hf_hub"):
         repo, filename = os.path.split(cfg["hf_hub"])
         filename = filename or _HF_BIN
-        alternative = {_HF_BIN: _HF_SAFE}.get(
-            filename, os.path.splitext(filename)[0] + ".safetensors"
-        )
-        hf_files = [alternative, filename] if alternative != filename else [filename]
+        hf_files = [*_safe_alternatives(filename), filename]
     url = cfg.get("url", "")
     url_file = Path(cache or "~/.cache/clip").expanduser() / os.path.basename(url) if url else None
 
