@@ -94,7 +94,7 @@ def test_bad_input() -> None:
     null = {"label": torch.zeros(1, dtype=torch.float64)}
     with pytest.raises(
         imgdiff.InputValueError,
-        match=r"^cond: expected a conditional value for every null key \['label'\]",
+        match=r"^cond: expected a conditional value for every key of null \['label'\]",
     ):
         ClassifierFreeGuidance(Recorder(), 2.0, null)(x, t)
     with pytest.raises(

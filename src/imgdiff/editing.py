@@ -10,7 +10,7 @@ from torch import Tensor
 
 from imgdiff._checks import check_float, describe
 from imgdiff.conditioning.cfg import ClassifierFreeGuidance
-from imgdiff.errors import InputTypeError, InputValueError
+from imgdiff.errors import InputTypeError
 from imgdiff.models import Model
 from imgdiff.samplers.edict import EDICT
 from imgdiff.samplers.step import Callback
@@ -64,12 +64,7 @@ def edict_edit(
             raise InputTypeError(
                 f"{name}: expected a mapping of keyword conditions, got {describe(cond)}"
             )
-        missing = set(null) - set(cond)
-        if missing:
-            raise InputValueError(
-                f"{name}: expected a conditional value for every key of null {sorted(null)}, "
-                f"missing {sorted(missing)}"
-            )
+        guided.check_conditions(name, cond)
     pair = sampler.invert(
         guided,
         x0,

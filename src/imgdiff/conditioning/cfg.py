@@ -127,12 +127,7 @@ class ClassifierFreeGuidance:
         x = check_tensor("x", x, min_ndim=1, floating=True)
         B = x.shape[0]
         t = check_batch_timesteps(t, x)
-        missing = set(self.null) - set(cond)
-        if missing:
-            raise InputValueError(
-                f"cond: expected a conditional value for every null key {sorted(self.null)}, "
-                f"missing {sorted(missing)}"
-            )
+        self.check_conditions("cond", cond)
         doubled: dict[str, Any] = {}
         for key, value in cond.items():
             if key in self.null:
@@ -154,6 +149,15 @@ class ClassifierFreeGuidance:
         if self.rescale > 0:
             guided = rescale_guidance(guided, c, self.rescale)
         return guided if k is None else torch.cat([guided, out_c[:, k:]], dim=1)
+
+    def check_conditions(self, name: str, cond: Mapping[str, Any]) -> None:
+        """Refuse keyword conditions ``cond`` (named ``name`` in the error) lacking a key of ``null``."""
+        missing = set(self.null) - set(cond)
+        if missing:
+            raise InputValueError(
+                f"{name}: expected a conditional value for every key of null {sorted(self.null)}, "
+                f"missing {sorted(missing)}"
+            )
 
     def _guided(self, x: Tensor, out: Tensor) -> int | None:
         """How many leading output channels to guide (``None``: all of them)."""

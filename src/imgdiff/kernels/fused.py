@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import Any
 
 import torch
 import triton
@@ -202,6 +203,12 @@ def _on(x: Tensor) -> contextlib.AbstractContextManager[object]:
     return _NO_GUARD
 
 
+def _launch(kernel: Any, x: Tensor, *args: object, **meta: object) -> None:
+    """``kernel(x, *args)`` over ``x.numel()`` elements in blocks of ``BLOCK``, on ``x``'s device."""
+    with _on(x):
+        kernel[_grid(x.numel())](x, *args, BLOCK=BLOCK, **meta)
+
+
 def lincomb3(
     x: Tensor,
     a: float,
@@ -220,22 +227,20 @@ def lincomb3(
         noise = None  # as the reference: c = 0 reads no noise (nor its infs)
     n = x if noise is None else aligned_to(noise, x, fmt)
     out = x if in_place else torch.empty_like(x)
-    numel = x.numel()
-    with _on(x):
-        _lincomb3_kernel[_grid(numel)](
-            x,
-            y,
-            n,
-            out,
-            numel,
-            float(a),
-            float(b),
-            float(c),
-            0 if seed is None else int(seed),
-            HAS_NOISE=noise is not None,
-            RANDOM=seed is not None,
-            BLOCK=BLOCK,
-        )
+    _launch(
+        _lincomb3_kernel,
+        x,
+        y,
+        n,
+        out,
+        x.numel(),
+        float(a),
+        float(b),
+        float(c),
+        0 if seed is None else int(seed),
+        HAS_NOISE=noise is not None,
+        RANDOM=seed is not None,
+    )
     return out
 
 
@@ -259,25 +264,23 @@ def inpaint_blend(
     m, mode = mask_operand(mask, x, fmt)
     reuse = into_noise and noise is not None and n.dtype == x.dtype
     out = n if reuse else torch.empty_like(x)
-    numel = x.numel()
-    with _on(x):
-        _inpaint_kernel[_grid(numel)](
-            x,
-            known,
-            m,
-            n,
-            out,
-            numel,
-            C,
-            plane,
-            float(known_scale),
-            float(noise_scale),
-            0 if seed is None else int(seed),
-            MASK_MODE=mode,
-            HAS_NOISE=noise is not None and float(noise_scale) != 0.0,  # as the reference: skip it
-            RANDOM=seed is not None,
-            BLOCK=BLOCK,
-        )
+    _launch(
+        _inpaint_kernel,
+        x,
+        known,
+        m,
+        n,
+        out,
+        x.numel(),
+        C,
+        plane,
+        float(known_scale),
+        float(noise_scale),
+        0 if seed is None else int(seed),
+        MASK_MODE=mode,
+        HAS_NOISE=noise is not None and float(noise_scale) != 0.0,  # as the reference: skip it
+        RANDOM=seed is not None,
+    )
     return out
 
 
@@ -286,11 +289,16 @@ def mix_pair(u: Tensor, v: Tensor, alpha: float, beta: float) -> tuple[Tensor, T
     ``v' = alpha v + beta u'`` for ``u``, ``v`` ``(B, ...)``: both outputs in one pass."""
     _, u, (v,) = aligned(u, v, cast=True)
     u_out, v_out = torch.empty_like(u), torch.empty_like(u)
-    numel = u.numel()
-    with _on(u):
-        _edict_mix_kernel[_grid(numel)](
-            u, v, u_out, v_out, numel, float(alpha), float(beta), BLOCK=BLOCK
-        )
+    _launch(
+        _edict_mix_kernel,
+        u,
+        v,
+        u_out,
+        v_out,
+        u.numel(),
+        float(alpha),
+        float(beta),
+    )
     return u_out, v_out
 
 
@@ -310,22 +318,20 @@ def edict_substep_mix(
     the sequence not moved by the sub-step is overwritten; see :func:`imgdiff.kernels.cpu`'s)."""
     _, x, (y, eps) = aligned(x, y, eps, cast=True)
     x_out, y_out = substep_mix_outputs(x, y, update_x, in_place, torch.empty_like)
-    numel = x.numel()
-    with _on(x):
-        _edict_substep_mix_kernel[_grid(numel)](
-            x,
-            y,
-            eps,
-            x_out,
-            y_out,
-            numel,
-            float(a),
-            float(b),
-            float(c),
-            float(p),
-            UPDATE_X=bool(update_x),
-            BLOCK=BLOCK,
-        )
+    _launch(
+        _edict_substep_mix_kernel,
+        x,
+        y,
+        eps,
+        x_out,
+        y_out,
+        x.numel(),
+        float(a),
+        float(b),
+        float(c),
+        float(p),
+        UPDATE_X=bool(update_x),
+    )
     return x_out, y_out
 
 
@@ -347,24 +353,22 @@ def ddpm_learned_step(
     has_noise = noise is not None and noise_mask != 0.0
     n = noise.contiguous() if noise is not None and has_noise else x
     y = torch.empty_like(x)
-    numel = x.numel()
-    with _on(x):
-        _ddpm_learned_kernel[_grid(numel)](
-            x,
-            out,
-            n,
-            y,
-            numel,
-            numel // x.shape[0],
-            float(x_coef),
-            float(out_coef),
-            float(log_beta),
-            float(log_beta_tilde),
-            float(noise_mask),
-            HAS_NOISE=has_noise,
-            LEARNED_RANGE=learned_range,
-            BLOCK=BLOCK,
-        )
+    _launch(
+        _ddpm_learned_kernel,
+        x,
+        out,
+        n,
+        y,
+        x.numel(),
+        x.numel() // x.shape[0],
+        float(x_coef),
+        float(out_coef),
+        float(log_beta),
+        float(log_beta_tilde),
+        float(noise_mask),
+        HAS_NOISE=has_noise,
+        LEARNED_RANGE=learned_range,
+    )
     return y
 
 
@@ -373,9 +377,12 @@ def threshold_apply(x0: Tensor, s: Tensor) -> Tensor:
     x0 = x0.contiguous()
     s = s.float().contiguous()
     y = torch.empty_like(x0)
-    numel = x0.numel()
-    with _on(x0):
-        _threshold_kernel[_grid(numel)](
-            x0, s, y, numel, max(1, numel // max(1, x0.shape[0])), BLOCK=BLOCK
-        )
+    _launch(
+        _threshold_kernel,
+        x0,
+        s,
+        y,
+        x0.numel(),
+        max(1, x0.numel() // max(1, x0.shape[0])),
+    )
     return y
