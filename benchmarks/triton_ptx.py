@@ -5,8 +5,8 @@ combination: noise read or drawn in the kernel, the three mask modes, both EDICT
 learned-variance forms; float32, bfloat16 and float16 states) for NVIDIA targets (default sm_90,
 the H100/H200, and sm_80, the A100), through Triton's own launch specialization (the signature
 and the 16-byte alignment facts a real launch derives from the same arguments), down to cubin
-with the ``ptxas`` Triton ships. Then reads the PTX: each kernel's global loads and stores by
-width. A memory-bound kernel near the copy bandwidth reads each operand once and writes each
+with the ``ptxas`` Triton ships (whose ``-v`` gives registers and spills). Then reads the PTX:
+each kernel's global loads and stores by width. A memory-bound kernel near the copy bandwidth reads each operand once and writes each
 output once, in 128-bit accesses (``ld.global.v4.b32`` / ``st.global.v4.b32``); the count
 expected per thread is ``BLOCK / (32 num_warps)`` elements times the operand's item size over
 16 bytes. Gathers the kernels make on purpose (a ``(B, 1, H, W)`` mask against channels-last
@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import re
+import subprocess
 import sys
 import tempfile
 from collections import Counter
@@ -97,6 +98,8 @@ class Variant:
     loads: dict[str, int]
     stores: dict[str, int]
     cubin_bytes: int
+    registers: int
+    spilled_bytes: int
     expected_loads: dict[str, int]
     expected_stores: dict[str, int]
     expected_gathers: int
@@ -202,6 +205,28 @@ def _memory_ops(ptx: str) -> tuple[Counter[str], Counter[str]]:
     return loads, stores
 
 
+def _ptxas_usage(ptx: str, sm: int) -> tuple[int, int]:
+    """Registers per thread and spilled bytes (stores + loads) of ``ptx``, from the ``ptxas -v``
+    Triton itself uses for ``sm``."""
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    with tempfile.TemporaryDirectory() as folder:
+        src = Path(folder) / "kernel.ptx"
+        src.write_text(ptx)
+        arch, out = f"-arch={sm_arch_from_capability(sm)}", str(Path(folder) / "kernel.cubin")
+        run = subprocess.run(
+            [get_ptxas(sm).path, arch, "-v", str(src), "-o", out],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    registers = re.search(r"Used (\d+) registers", run.stderr)
+    spills = re.findall(r"(\d+) bytes spill (?:stores|loads)", run.stderr)
+    if registers is None or len(spills) != 2:
+        raise RuntimeError(f"unexpected ptxas -v output: {run.stderr!r}")
+    return int(registers.group(1)), sum(int(n) for n in spills)
+
+
 def analyse(targets: list[int]) -> list[Variant]:
     """Compile every variant for every target and read its PTX."""
     variants = []
@@ -228,6 +253,7 @@ def analyse(targets: list[int]) -> list[Variant]:
             for sm in targets:
                 compiled = _compile(kernel, args, kwargs, GPUTarget("cuda", sm, 32))
                 loads, stores = _memory_ops(compiled.asm["ptx"])
+                registers, spilled = _ptxas_usage(compiled.asm["ptx"], sm)
                 warps = compiled.metadata.num_warps
                 per_thread = kwargs["BLOCK"] // (32 * warps)
                 reads, gathers, writes = ROLES[kernel.__name__](meta)
@@ -245,6 +271,8 @@ def analyse(targets: list[int]) -> list[Variant]:
                         loads=dict(loads),
                         stores=dict(stores),
                         cubin_bytes=len(compiled.asm["cubin"]),
+                        registers=registers,
+                        spilled_bytes=spilled,
                         expected_loads=_accesses("ld", per_thread, [itemsize[r] for r in reads]),
                         expected_stores=_accesses("st", per_thread, [itemsize[w] for w in writes]),
                         expected_gathers=per_thread * len(gathers),
@@ -273,16 +301,17 @@ def report(variants: list[Variant]) -> str:
         "128-bit accesses, or one 64-bit access for 8 bytes (aligned dense operands, here "
         "(2, 4, 8, 8)); gathers (channels-last mask, per-sample threshold scale) are scalar.",
         "",
-        f"| kernel | constexprs | operand dtypes | warps | loads (sm_{first}) | stores | expected "
-        "vector loads / stores | one pass, vector accesses |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| kernel | constexprs | operand dtypes | warps | registers, spills | loads (sm_{first}) | "
+        "stores | expected vector loads / stores | one pass, vector accesses |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for v in rows:
         meta = ", ".join(f"{k}={int(x) if isinstance(x, bool) else x}" for k, x in v.meta.items())
         lines.append(
             f"| {v.kernel.strip('_').removesuffix('_kernel')} | {meta or '-'} | "
             f"{', '.join([v.dtype, *(f'{k} {d}' for k, d in v.other_dtypes.items())])} | "
-            f"{v.num_warps} | {_fmt_ops(v.loads)} | {_fmt_ops(v.stores)} | "
+            f"{v.num_warps} | {v.registers}, {v.spilled_bytes} B | {_fmt_ops(v.loads)} | "
+            f"{_fmt_ops(v.stores)} | "
             f"{_fmt_ops(v.expected_loads)} / {_fmt_ops(v.expected_stores)} | "
             f"{'yes' if v.one_pass_wide else '**no**'} |"
         )
