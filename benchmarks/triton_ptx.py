@@ -197,11 +197,10 @@ def _memory_ops(ptx: str) -> tuple[Counter[str], Counter[str]]:
     """Global loads and stores by instruction, without the libdevice ``cos`` table's loads."""
     loads: Counter[str] = Counter()
     stores: Counter[str] = Counter(re.findall(r"\bst\.global[\w.]*", ptx))
-    table = {m.group(1) for m in re.finditer(r"mov\.b64\s+(%rd\d+),\s*__cudart_i2opi_f", ptx)}
-    for line in ptx.splitlines():
-        found = re.search(r"\bld\.global[\w.]*", line)
-        if found and not (table and ".nc." in found.group(0)):
-            loads[found.group(0)] += 1
+    table = "__cudart_i2opi_f" in ptx  # the only read-only (.nc) global the kernels load
+    for op in re.findall(r"\bld\.global[\w.]*", ptx):
+        if not (table and ".nc." in op):
+            loads[op] += 1
     return loads, stores
 
 

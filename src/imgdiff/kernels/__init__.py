@@ -203,9 +203,8 @@ def fused_lincomb3(
     tensor the loop owns and no one else uses; see :func:`imgdiff.buffers.exclusive`)."""
     if impl == "cpu":
         z = noise if seed is None else _torch_noise(x, seed)
-        if seed is not None and z is not None and z.dtype != x.dtype:
-            # the C kernels take operands in x's dtype: the float32 draw would be rounded first
-            return reference.lincomb3(x, a, y, b, z, c)
+        if z is not None and z.dtype != x.dtype:  # a seed's float32 draw with a half x:
+            return reference.lincomb3(x, a, y, b, z, c)  # the C kernels would round it first
         return cpu.lincomb3(x, a, y, b, z, c, in_place=in_place)
     from imgdiff.kernels import fused
 
@@ -275,7 +274,7 @@ def fused_inpaint_blend(
     ``noise`` (a fresh draw the caller owns) where its layout and dtype allow."""
     if impl == "cpu":
         z = noise if seed is None else _torch_noise(x, seed)
-        if seed is not None and z is not None and z.dtype != x.dtype:  # as fused_lincomb3's
+        if z is not None and z.dtype != x.dtype:  # as fused_lincomb3's
             return reference.inpaint_blend(
                 x, known, mask, known_scale=known_scale, noise=z, noise_scale=noise_scale
             )
