@@ -39,6 +39,15 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(1)
 
 
+def child_env() -> dict[str, str]:
+    """The environment for a child Python process: one intra-op thread when this test runs in a
+    pytest worker beside others (as :func:`pytest_configure` gives each worker), else as is."""
+    env = dict(os.environ)
+    if env.get("PYTEST_XDIST_WORKER"):
+        env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
 def device_for(backend: str) -> str:
     """Where a test runs ``backend``: Triton on the GPU where there is one (it runs on CPU tensors
     only under its interpreter, which this file turns on where there is no GPU), the rest on the

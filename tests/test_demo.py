@@ -19,6 +19,8 @@ from imgdiff.images import image_grid, save_image_grid, to_uint8
 from imgdiff.metrics import psnr, ssim
 from imgdiff.training import load_checkpoint
 
+from .conftest import child_env
+
 
 def test_quick_demo_writes_grids_and_metrics(tmp_path: Path) -> None:
     """Trains, samples every task with DDPM and DDIM, writes one PNG per task and metrics.json."""
@@ -36,7 +38,10 @@ def test_quick_demo_writes_grids_and_metrics(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         check=True,
-        timeout=120,
+        # a guard against a hang, not a timing: the quick demo takes under a minute alone, but
+        # several minutes on a 2-core machine beside other test workers
+        timeout=900,
+        env=child_env(),
     )
     assert "trained 40 steps" in out.stdout
     summary = json.loads((tmp_path / "metrics.json").read_text())

@@ -532,9 +532,11 @@ def test_bad_input() -> None:
         EDICT(s)  # the defaults warn about nothing
 
 
-def test_lambda_wrapped_float32_unet_uses_the_input_dtype() -> None:
-    """A network wrapped in a lambda (no parameters to read) runs in the input's dtype, not the
-    float64 state's; the round trip stays exact to the state's rounding."""
+def test_wrapped_float32_unet_runs_in_its_own_dtype() -> None:
+    """A float32 network wrapped in a function (its parameters found through the closure) runs
+    in float32, not the float64 state's dtype; the round trip stays exact to the state's
+    rounding (a float64 call would fail in its float32 layers). A callable with no network to
+    find falls back to the input's dtype: test_a_parameterless_model_runs_in_the_input_dtype."""
     unet = _tiny_unet()
     x0 = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(4))  # float32 input
 

@@ -14,6 +14,8 @@ import torch
 
 import imgdiff
 
+from .conftest import child_env
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -40,7 +42,8 @@ def test_quickstart_runs_and_writes_its_grid(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         check=True,
-        timeout=300,
+        timeout=900,  # a guard against a hang, not a timing
+        env=child_env(),
     )
     assert (tmp_path / "samples.png").stat().st_size > 1000
     lines = {line.split(":")[0]: line for line in out.stdout.splitlines()}
@@ -106,7 +109,8 @@ def test_edict_example_runs(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         check=True,
-        timeout=300,
+        timeout=900,  # a guard against a hang, not a timing
+        env=child_env(),
     )
     lines = out.stdout.splitlines()
     errors = {

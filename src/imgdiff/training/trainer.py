@@ -441,7 +441,8 @@ class Trainer:
                 if name.startswith("optim."):
                     _, index, key = name.split(".", 2)
                     state.setdefault(int(index), {})[key] = value
-            self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+            groups = _with_tuples_of(self.optimizer.param_groups, meta["param_groups"])
+            self.optimizer.load_state_dict({"state": state, "param_groups": groups})
             self.generator.set_state(tensors["rng.generator"])
             torch.set_rng_state(tensors["rng.torch"])
             step = int(meta["step"])
@@ -476,3 +477,22 @@ class Trainer:
                 f"({'; '.join(diffs)}); resume with the same TrainingConfig (only steps, "
                 "log_every and checkpoint_every may change) or pass resume=False to start afresh"
             )
+
+
+def _with_tuples_of(current: list[dict[str, Any]], saved: object) -> object:
+    """``saved`` param groups (read back from JSON, where tuples became lists) with each option
+    that is a tuple in the optimiser's ``current`` groups (Adam's ``betas``) a tuple again."""
+    if not isinstance(saved, list):
+        return saved
+    restored: list[object] = []
+    for index, group in enumerate(saved):
+        like = current[index] if index < len(current) else {}
+        if isinstance(group, dict):
+            group = {
+                key: tuple(value)
+                if isinstance(value, list) and isinstance(like.get(key), tuple)
+                else value
+                for key, value in group.items()
+            }
+        restored.append(group)
+    return restored
