@@ -6,10 +6,14 @@ import itertools
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from imgdiff import DDIM, DDPM, Clip, DynamicThreshold, GaussianDenoiser, NoiseSchedule
+from imgdiff.thresholding import _row_quantile
 
 from .conftest import TanhModel, TimeOnlyModel
+from .test_sampler_contract import _SyncCounter
 
 
 def textbook_ddim(
@@ -306,6 +310,48 @@ def test_dynamic_threshold_uses_the_quantile_of_absolute_values() -> None:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(4, 3, 5, 5, generator=g) * 2.5
     torch.testing.assert_close(th(-x), -th(x), rtol=0, atol=0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 3000),
+    q=st.one_of(st.sampled_from([0.0, 0.5, 0.995, 1.0]), st.floats(0.0, 1.0)),
+    float64=st.booleans(),
+    ties=st.booleans(),
+    nan_at=st.one_of(st.none(), st.integers(0, 2999)),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_dynamic_threshold_quantile_equals_torch_quantile(
+    n: int, q: float, float64: bool, ties: bool, nan_at: int | None, seed: int
+) -> None:
+    """The threshold's own sort-based quantile equals torch.quantile (linear interpolation) over
+    sizes, levels, ties and NaN rows: exactly in float64, to float32 rounding of the
+    interpolation weight in float32 (torch 2.11 and earlier form that weight in float32)."""
+    dtype = torch.float64 if float64 else torch.float32
+    v = torch.randn(3, n, generator=torch.Generator().manual_seed(seed), dtype=dtype) * 3
+    if ties:
+        v = v.round()
+    if nan_at is not None:
+        v[1, nan_at % n] = float("nan")
+    got = _row_quantile(v, q)
+    want = torch.quantile(v, q, dim=1)
+    assert torch.equal(got.isnan(), want.isnan())
+    assert got.isnan().any() == (nan_at is not None)
+    tol = 0.0 if float64 else 8 * torch.finfo(dtype).eps * float(v.nan_to_num().abs().max())
+    torch.testing.assert_close(got.nan_to_num(), want.nan_to_num(), rtol=0, atol=tol)
+
+
+def test_dynamic_threshold_reads_no_value_on_the_host() -> None:
+    """The quantile runs on the device with no host read (torch 2.11's quantile checked q with
+    one in every call), and on the meta device, where any host read would raise."""
+    th = DynamicThreshold(0.9, 1.5)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3)) * 2
+    with _SyncCounter() as counter:
+        th(x)
+    assert counter.count == 0
+    out = th(torch.empty(2, 3, 8, 8, device="meta"))
+    assert out.device.type == "meta"
+    assert out.shape == (2, 3, 8, 8)
 
 
 def test_sampler_strength_starts_from_a_less_noisy_level() -> None:

@@ -483,6 +483,23 @@ def test_spherical_distance_gradient_is_finite_at_opposite_directions(dtype: tor
     assert torch.isfinite(a.grad).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_spherical_distance_gradient_is_zero_at_exactly_opposite_directions(
+    dtype: torch.dtype,
+) -> None:
+    """Exactly opposite directions (half chord exactly 1): ``pi^2 / 2`` and a zero
+    gradient on every torch version (clamp_max passed the gradient at its bound, where arcsin's
+    is infinite, in torch 2.11 and earlier: NaN)."""
+    a = torch.zeros(3, 8, dtype=dtype)
+    a[0, 0], a[1, 3], a[2, :4] = 1.0, 2.0, 0.5  # unit directions in floating point: chords 2
+    a.requires_grad_(True)
+    d = spherical_distance(a, -a.detach())
+    torch.testing.assert_close(d, torch.full_like(d, math.pi**2 / 2))  # to rounding
+    d.sum().backward()
+    assert a.grad is not None
+    assert torch.equal(a.grad, torch.zeros_like(a))
+
+
 def test_nada_refuses_a_given_embedding_just_above_unit_norm(encoder: CLIPEncoder) -> None:
     """NADA's text embeddings are means of unit vectors (norm <= 1): a given embedding of norm 1
     or less is taken, one of norm 1.01 is refused."""

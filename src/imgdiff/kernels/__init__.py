@@ -18,7 +18,7 @@ write each output once; each equals its reference to float32 rounding (tested).
 * :func:`edict_mix`: EDICT's mixing pair in one pass; :func:`edict_unmix`: its exact inverse.
 * :func:`edict_substep_mix`: EDICT's second affine sub-step and the mixing pair in one pass.
 * :func:`threshold_apply`: ``clamp(x0, -s, s) / s`` with per-sample ``s`` (dynamic thresholding;
-  the quantile itself is torch's reduction).
+  the quantile itself is a torch reduction).
 * :func:`ddpm_learned_step`: a DDPM step with a learned (or learned-range) variance read from the
   model output's second half, noise included.
 

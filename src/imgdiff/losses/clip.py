@@ -74,12 +74,16 @@ def spherical_distance(a: Tensor, b: Tensor) -> Tensor:
     Equals ``theta^2 / 2`` for the angle ``theta`` between ``a`` and ``b``: 0 for equal
     directions, ``pi^2 / 8`` for orthogonal, ``pi^2 / 2`` for opposite ones (spec 7.2). The
     gradient is finite everywhere: 0 at equal directions, and also at (numerically) opposite
-    ones, where ``arcsin`` is clamped at 1 (within ~1e-4 of opposite in float32).
+    ones, where ``arcsin``'s argument is clamped at 1 (within ~1e-4 of opposite in float32) with
+    no gradient at the clamp.
     """
     a, b = _pair(a, b, "a", "b")
     chord2 = (F.normalize(a, dim=-1) - F.normalize(b, dim=-1)).pow(2).sum(dim=-1)
     tiny = torch.finfo(chord2.dtype).tiny
-    half_chord = chord2.clamp_min(tiny).sqrt().mul(0.5).clamp_max(1.0)
+    half_chord = chord2.clamp_min(tiny).sqrt().mul(0.5)
+    # min(half_chord, 1) whose gradient is 0 at 1 itself, where arcsin's is infinite: clamp_max
+    # passes the gradient at its bound in torch 2.11 and earlier (inf there, NaN upstream)
+    half_chord = torch.where(half_chord < 1.0, half_chord, torch.ones_like(half_chord))
     return half_chord.arcsin().pow(2).mul(2.0)
 
 
