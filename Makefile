@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo quickstart test lint typecheck check bench clean
+.PHONY: demo quickstart test test-compat lint typecheck check bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,24 @@ quickstart: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2
 
+# The suite again in a second environment with the GPU machines' versions (Python 3.12, torch
+# 2.11, Triton 3.6: .ci/gpu-image-versions.txt), on the CPU.
+# (a Python 3.12 that runs: on PATH, else pyenv's; else $(PYTHON))
+COMPAT_PYTHON ?= $(shell for p in python3.12 $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.12*/bin/python3; do \
+	$$p -c '' >/dev/null 2>&1 && { echo $$p; exit 0; }; done; echo $(PYTHON))
+COMPAT_VENV ?= .venv-compat
+COMPAT_STAMP := $(COMPAT_VENV)/.installed
+
+$(COMPAT_STAMP): pyproject.toml .ci/gpu-image-versions.txt
+	$(COMPAT_PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(COMPAT_VENV)/bin/python -m pip install --quiet -c .ci/gpu-image-versions.txt -e ".[dev]"
+	touch $(COMPAT_STAMP)
+
+## The tests with the GPU machines' versions (a second virtual environment, .venv-compat).
+test-compat: $(COMPAT_STAMP)
+	$(COMPAT_VENV)/bin/python -m pytest -q -n 2
+
 lint: $(STAMP)
 	$(PY) -m ruff check src tests examples benchmarks
 	$(PY) -m ruff format --check src tests examples benchmarks
@@ -41,4 +59,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/buffers.py
 
 clean:
-	rm -rf $(VENV) outputs .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(COMPAT_VENV) outputs .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import platform
+import re
 import subprocess
 import sys
 import sysconfig
@@ -20,6 +21,7 @@ from torch import Tensor
 
 import imgdiff
 from imgdiff import kernels
+from imgdiff.errors import InputValueError
 from imgdiff.kernels import reference
 
 CUDA = torch.cuda.is_available()
@@ -1141,3 +1143,42 @@ def test_the_ctypes_binding_can_be_chosen() -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ctypes"
     assert "PerformanceWarning" not in done.stderr  # asked for: nothing to warn about
+
+
+@pytest.mark.parametrize(
+    ("found", "problem"),
+    [
+        ("3.0.0", "needs triton >= 3.6 (the version its kernels are tested with); found 3.0.0"),
+        ("3.5.1", "needs triton >= 3.6 (the version its kernels are tested with); found 3.5.1"),
+        ("3.6.0", None),
+        ("3.10.0+git1a2b3c", None),
+        ("4.0.0rc1", None),
+    ],
+)
+def test_triton_older_than_the_tested_one_is_refused_by_name(
+    monkeypatch: pytest.MonkeyPatch, found: str, problem: str | None
+) -> None:
+    """backend='triton' with a Triton older than 3.6 (whose interpreter refuses the kernels) is
+    an error naming both versions; "auto" does not pick it (checked on a GPU); 3.6 and later
+    (3.10 > 3.6, as numbers) pass."""
+    import importlib.metadata
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: found)
+    monkeypatch.setattr(kernels, "_AUTO_PICKS_TRITON", True)
+    monkeypatch.setattr(kernels, "_RESOLVED", {})
+    kernels._triton_problem.cache_clear()
+    try:
+        assert kernels._triton_problem() == problem
+        x = torch.zeros(8, device="cuda" if torch.cuda.is_available() else "meta")
+        if problem is None:
+            if x.is_cuda:
+                assert kernels.resolve_backend("triton", x) == "triton"
+        else:
+            with pytest.raises(InputValueError, match=re.escape(f"backend: 'triton' {problem}")):
+                kernels.resolve_backend("triton", x)
+            if x.is_cuda:
+                assert kernels._auto(x) is None
+    finally:
+        kernels._triton_problem.cache_clear()

@@ -31,7 +31,9 @@ run as one kernel each where the backend resolves to a fused one, and as the lea
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import importlib.util
+import itertools
 import os
 from typing import Literal
 
@@ -80,9 +82,37 @@ def _interpreting() -> bool:
 _AUTO_PICKS_TRITON = False
 
 
+# The oldest Triton the kernels are tested with (CI runs 3.6 and the newest; Triton 3.0's
+# interpreter already refuses them).
+_MIN_TRITON = (3, 6)
+
+
 @functools.cache
-def _has_triton() -> bool:
-    return importlib.util.find_spec("triton") is not None
+def _triton_problem() -> str | None:
+    """Why the Triton kernels cannot run here (not installed, too old), or ``None``."""
+    if importlib.util.find_spec("triton") is None:
+        return "needs the triton package (pip install triton)"
+    try:
+        found = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:  # a source checkout: trust it
+        return None
+    if _release(found) < _MIN_TRITON:
+        want = ".".join(map(str, _MIN_TRITON))
+        return f"needs triton >= {want} (the version its kernels are tested with); found {found}"
+    return None
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """The leading numeric components of a version string: ``"3.6.0+git1a2b"`` -> ``(3, 6, 0)``."""
+    parts: list[int] = []
+    for piece in version.split("."):
+        digits = "".join(itertools.takewhile(str.isdigit, piece))
+        if not digits:
+            break
+        parts.append(int(digits))
+        if len(digits) != len(piece):
+            break
+    return tuple(parts)
 
 
 # The Triton kernels index with int32 offsets; larger tensors take the reference path (on every
@@ -130,7 +160,9 @@ def _auto(x: Tensor) -> Fused | None:
     """What ``"auto"`` picks for ``x`` (size and autograd aside)."""
     if x.is_cuda:
         return (
-            "triton" if _AUTO_PICKS_TRITON and x.dtype in _FUSED_DTYPES and _has_triton() else None
+            "triton"
+            if _AUTO_PICKS_TRITON and x.dtype in _FUSED_DTYPES and _triton_problem() is None
+            else None
         )
     if x.device.type == "cpu" and x.dtype in cpu.DTYPES and cpu.available():
         return "cpu"
@@ -176,8 +208,9 @@ def resolve_backend(backend: Backend, x: Tensor) -> Literal["torch", "triton", "
         return "cpu"
     if x.dtype not in _FUSED_DTYPES:
         return "torch"
-    if not _has_triton():
-        raise InputValueError("backend: 'triton' needs the triton package (pip install triton)")
+    problem = _triton_problem()
+    if problem is not None:
+        raise InputValueError(f"backend: 'triton' {problem}")
     if not x.is_cuda and not _interpreting():
         raise InputValueError(
             f"backend: 'triton' runs on CUDA tensors, or on the CPU under TRITON_INTERPRET=1; "
