@@ -22,6 +22,7 @@ py=${PYTHON:-python3}
 out=${OUT:-gpu-checks}
 
 # what the GPU image lacks of the dev dependencies (pyproject.toml), with what those need in turn
+# (keep these versions equal to .ci/gpu-image-versions.txt, which CI tests on the CPU)
 WHEELS=(diffusers==0.42.1 importlib_metadata==10.2.0 lazy-importer==0.1.0 open_clip_torch==3.3.0
         ftfy==6.3.1 wcwidth==0.9.4 lpips==0.1.4)
 
