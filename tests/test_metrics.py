@@ -77,19 +77,29 @@ def test_bad_input() -> None:
         ssim(z, z, k2=-0.1)
 
 
-def _ssim_oracle(x: list, y: list, low: float, high: float) -> float:
-    """Wang et al. (2004) SSIM of one image pair, one 11x11 window at a time, in float64.
+def _ssim_oracle(
+    x: list,
+    y: list,
+    low: float,
+    high: float,
+    *,
+    size: int = 11,
+    sigma: float = 1.5,
+    k1: float = 0.01,
+    k2: float = 0.03,
+) -> float:
+    """Wang et al. (2004) SSIM of one image pair, one ``size x size`` window at a time, in float64.
 
     ``x``, ``y``: nested lists ``[C][H][W]`` of values in ``[low, high]``, mapped to ``[0, 1]``
-    (L = 1). Gaussian weights exp(-d^2 / (2 sigma^2)), sigma 1.5, normalised to sum 1; weighted
-    (population) means, variances and covariance; valid windows only; mean over channels and
-    window positions (skimage's gaussian_weights=True, use_sample_covariance=False).
+    (L = 1). Gaussian weights exp(-d^2 / (2 sigma^2)) about the window centre (size - 1) / 2,
+    normalised to sum 1; weighted (population) means, variances and covariance; C1 = k1^2,
+    C2 = k2^2; valid windows only; mean over channels and window positions (skimage's
+    gaussian_weights=True, use_sample_covariance=False).
     """
-    size, sigma = 11, 1.5
     g = [math.exp(-((i - (size - 1) / 2) ** 2) / (2 * sigma**2)) for i in range(size)]
     total = sum(a * b for a in g for b in g)
     w = [[a * b / total for b in g] for a in g]
-    c1, c2 = 0.01**2, 0.03**2
+    c1, c2 = k1**2, k2**2
     values = []
     for xc, yc in zip(x, y, strict=True):
         H, W = len(xc), len(xc[0])

@@ -63,6 +63,8 @@ from imgdiff.training import (
     save_checkpoint,
 )
 
+from .test_metrics import _ssim_oracle
+
 IVE = imgdiff.InputValueError
 ITE = imgdiff.InputTypeError
 
@@ -803,36 +805,6 @@ def test_psnr_is_per_image() -> None:
     torch.testing.assert_close(psnr(y, x), want)
 
 
-def _ssim_oracle(
-    x: torch.Tensor, y: torch.Tensor, size: int, sigma: float, k1: float, k2: float
-) -> float:
-    """Wang et al. (2004) SSIM of one [0, 1] image pair ``(C, H, W)``, one window at a time:
-    Gaussian weights exp(-d^2 / (2 sigma^2)) about the window centre (size - 1) / 2, normalised
-    to 1; weighted means, variances and covariance; C1 = k1^2, C2 = k2^2; mean over channels
-    and valid positions."""
-    centre = (size - 1) / 2
-    g = [math.exp(-((i - centre) ** 2) / (2 * sigma**2)) for i in range(size)]
-    total = sum(g) ** 2
-    c1, c2 = k1**2, k2**2
-    values = []
-    for xc, yc in zip(x.tolist(), y.tolist(), strict=True):
-        for i in range(len(xc) - size + 1):
-            for j in range(len(xc[0]) - size + 1):
-                cells = [(u, v) for u in range(size) for v in range(size)]
-                w = [g[u] * g[v] / total for u, v in cells]
-                px = [xc[i + u][j + v] for u, v in cells]
-                py = [yc[i + u][j + v] for u, v in cells]
-                mx = sum(k * a for k, a in zip(w, px, strict=True))
-                my = sum(k * b for k, b in zip(w, py, strict=True))
-                vx = sum(k * (a - mx) ** 2 for k, a in zip(w, px, strict=True))
-                vy = sum(k * (b - my) ** 2 for k, b in zip(w, py, strict=True))
-                cxy = sum(k * (a - mx) * (b - my) for k, a, b in zip(w, px, py, strict=True))
-                values.append(
-                    (2 * mx * my + c1) * (2 * cxy + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
-                )
-    return sum(values) / len(values)
-
-
 @pytest.mark.parametrize(
     ("shape", "options", "size"),
     [
@@ -853,12 +825,14 @@ def test_ssim_options_against_the_per_window_oracle(shape, options, size) -> Non
     ):
         got = ssim(y01 * 2 - 1, x01 * 2 - 1, **options)
         want = _ssim_oracle(
-            y01[0],
-            x01[0],
-            size,
-            options.get("sigma", 1.5),
-            options.get("k1", 0.01),
-            options.get("k2", 0.03),
+            y01[0].tolist(),
+            x01[0].tolist(),
+            0.0,
+            1.0,
+            size=size,
+            sigma=options.get("sigma", 1.5),
+            k1=options.get("k1", 0.01),
+            k2=options.get("k2", 0.03),
         )
         torch.testing.assert_close(
             got, torch.tensor([want], dtype=torch.float64), rtol=1e-9, atol=1e-10

@@ -81,9 +81,9 @@ def _row_quantile(v: Tensor, q: float) -> Tensor:
 
     The same values as ``torch.quantile`` (the rank ``q (n - 1)`` is formed as torch 2.15 forms
     it; earlier versions form the interpolation weight in float32, so a float32 result may
-    differ from theirs in its last bits), and a row with a NaN (sorted last) gives NaN. torch 2.11 and earlier check
-    ``q`` on the host in every ``quantile`` call: a device sync in each sampling step, which
-    also breaks CUDA-graph capture.
+    differ from theirs in its last bits), and a row with a NaN (sorted last) gives NaN. torch
+    2.11 and earlier check ``q`` on the host in every ``quantile`` call: a device sync in each
+    sampling step, which also breaks CUDA-graph capture.
     """
     n = v.shape[1]
     # torch rounds q to v's dtype, then forms the rank and its weight in float64

@@ -83,7 +83,7 @@ def spherical_distance(a: Tensor, b: Tensor) -> Tensor:
     half_chord = chord2.clamp_min(tiny).sqrt().mul(0.5)
     # min(half_chord, 1) whose gradient is 0 at 1 itself, where arcsin's is infinite: clamp_max
     # passes the gradient at its bound in torch 2.11 and earlier (inf there, NaN upstream)
-    half_chord = torch.where(half_chord < 1.0, half_chord, torch.ones_like(half_chord))
+    half_chord = torch.where(half_chord < 1.0, half_chord, 1.0)
     return half_chord.arcsin().pow(2).mul(2.0)
 
 
